@@ -1,0 +1,46 @@
+"""The ``medfed`` command line: one typer app, sub-apps per area.
+
+Heavy libraries (torch, MONAI, Opacus) are imported inside the commands that need them so that
+``medfed --help`` stays instant. Every :class:`~medfed.errors.MedfedError` becomes one line on
+stderr and the error's exit code; a traceback means a bug in medfed, not a user mistake.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from medfed.cli import data_cmd, privacy_cmd, site_cmd
+from medfed.errors import MedfedError
+
+app = typer.Typer(
+    name="medfed",
+    help="Privacy-preserving federated medical image segmentation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(data_cmd.app, name="data")
+app.add_typer(privacy_cmd.app, name="privacy")
+app.add_typer(site_cmd.app, name="site")
+
+
+@app.command()
+def version() -> None:
+    """Print medfed's version."""
+    from medfed import __version__
+
+    typer.echo(__version__)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()  # standalone mode: typer reports usage errors and exits on its own
+    except MedfedError as exc:
+        print(exc.one_line(), file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

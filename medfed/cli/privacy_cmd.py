@@ -1,0 +1,154 @@
+"""`medfed privacy ...` commands: epsilon of a DP-SGD run, and the state of a site's ledger.
+
+Accounting libraries are imported only when an epsilon is computed, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from medfed.privacy.accounting import AccountantName, check_accountant
+
+app = typer.Typer(help="Privacy accounting and the site's privacy ledger.", no_args_is_help=True)
+
+_COMPARED: tuple[AccountantName, ...] = ("rdp", "prv", "pld", "rdp-classic")
+
+AccountantOption = Annotated[
+    AccountantName,
+    typer.Option(
+        "--accountant",
+        help="rdp (improved conversion), rdp-classic (older papers), prv (Opacus), pld "
+        "(dp-accounting).",
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+
+
+def _number(value: float) -> float | None:
+    """JSON has no infinity: an unbounded epsilon is written as null."""
+    return value if math.isfinite(value) else None
+
+
+@app.command()
+def epsilon(
+    sample_rate: Annotated[
+        float, typer.Option("--sample-rate", help="Poisson sampling rate q (batch / patients).")
+    ],
+    noise_multiplier: Annotated[
+        float, typer.Option("--noise-multiplier", help="Noise multiplier sigma.")
+    ],
+    steps: Annotated[int, typer.Option("--steps", help="Number of DP-SGD steps.")],
+    delta: Annotated[float, typer.Option("--delta", help="Target delta.")],
+    accountant: AccountantOption = "rdp",
+    as_json: JsonOption = False,
+) -> None:
+    """Epsilon of STEPS Poisson-subsampled Gaussian steps at DELTA."""
+    from medfed.privacy.accounting import DPSteps, compute_epsilon, conversion_of
+
+    name = check_accountant(accountant)
+    history = [DPSteps(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)]
+    value = compute_epsilon(history=history, delta=delta, accountant=name)
+    if as_json:
+        result = {
+            "epsilon": _number(value),
+            "accountant": name,
+            "conversion": conversion_of(name),
+            "delta": delta,
+            "sample_rate": sample_rate,
+            "noise_multiplier": noise_multiplier,
+            "steps": steps,
+        }
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(
+        f"epsilon = {value:.4f} at delta = {delta:g} ({steps} steps, sample rate {sample_rate:g}, "
+        f"noise multiplier {noise_multiplier:g}; {conversion_of(name)})"
+    )
+
+
+@app.command()
+def ledger(
+    config: Annotated[Path, typer.Option("--config", help="The site's site.yaml.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Verify the site's privacy ledger and show the epsilon it has spent."""
+    from medfed.config import load_site_config
+    from medfed.privacy.accounting import compute_epsilon, conversion_of
+    from medfed.privacy.budget import BudgetCap, BudgetStatus
+    from medfed.privacy.site_ledger import SiteLedger
+
+    site = load_site_config(config)
+    report = SiteLedger(
+        path=site.ledger_path, key_path=site.signing_key_path, site_id=site.site_id
+    ).verify()
+    cap = BudgetCap(epsilon=site.privacy.epsilon_cap, delta=site.privacy.delta)
+    accountant: AccountantName = site.privacy.accountant
+    names = [accountant, *(name for name in _COMPARED if name != accountant)]
+    by_accountant = {
+        name: compute_epsilon(history=report.history, delta=cap.delta, accountant=name)
+        for name in names
+    }
+    status = BudgetStatus(spent=by_accountant[accountant], cap=cap, accountant=accountant)
+    summary: dict[str, Any] = {
+        "site_id": site.site_id,
+        "ledger": str(report.path),
+        "status": "verified" if report.entries else "empty",
+        "verified": True,
+        "head_lagging": report.head_lagging,
+        "entries": len(report.entries),
+        "rounds": len(report.reservations),
+        "open_reservations": len(report.open_reservations),
+        "key_id": report.key_id,
+        "accountant": accountant,
+        "conversion": conversion_of(accountant),
+        "delta": cap.delta,
+        "spent": _number(status.spent),
+        "cap": cap.epsilon,
+        "remaining": status.remaining,
+        "exhausted": status.exhausted,
+        "epsilon_by_accountant": {name: _number(value) for name, value in by_accountant.items()},
+    }
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    _print_summary(summary, by_accountant)
+
+
+def _print_summary(summary: dict[str, Any], by_accountant: dict[AccountantName, float]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from medfed.privacy.accounting import conversion_of
+
+    status = summary["status"]
+    if summary["head_lagging"]:
+        status += " (head one entry behind: repaired at the next append)"
+    rows = [
+        ("ledger", summary["ledger"]),
+        ("status", status),
+        ("entries / rounds", f"{summary['entries']} / {summary['rounds']}"),
+        ("open reservations (counted in full)", str(summary["open_reservations"])),
+        ("signing key id", summary["key_id"] or "(none yet)"),
+        (f"spent ({summary['accountant']})", f"{by_accountant[summary['accountant']]:.4f}"),
+        ("conversion", summary["conversion"]),
+        ("cap", f"{summary['cap']:g} at delta {summary['delta']:g}"),
+        ("remaining", f"{summary['remaining']:.4f}"),
+    ]
+    rows += [
+        (f"for comparison: {name}", f"{value:.4f}  ({conversion_of(name)})")
+        for name, value in by_accountant.items()
+        if name != summary["accountant"]
+    ]
+    table = Table(title=Text(f"privacy ledger of site {summary['site_id']}"), show_header=False)
+    table.add_column("item", style="bold")
+    table.add_column("value")
+    for item, value in rows:
+        # Text, not markup: paths and ids must print as they are.
+        table.add_row(Text(item), Text(value))
+    Console().print(table)

@@ -1,0 +1,22 @@
+"""Site configuration: pydantic models and YAML loading."""
+
+from medfed.config.loading import dump_site_config, load_site_config
+from medfed.config.site import (
+    DataSection,
+    ModelSection,
+    PathsSection,
+    PrivacySection,
+    SiteConfig,
+    TrainingSection,
+)
+
+__all__ = [
+    "DataSection",
+    "ModelSection",
+    "PathsSection",
+    "PrivacySection",
+    "SiteConfig",
+    "TrainingSection",
+    "dump_site_config",
+    "load_site_config",
+]

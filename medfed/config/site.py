@@ -1,0 +1,157 @@
+"""Pydantic models of a site's configuration file (``site.yaml``).
+
+Every model forbids unknown keys so that a typo such as ``noise_multipler`` is reported instead
+of silently falling back to a default. Relative paths are resolved against the directory of the
+configuration file by :func:`medfed.config.loading.load_site_config`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Accountant = Literal["rdp", "prv", "pld"]
+# "ew" cannot train MONAI's UNet (no PReLU rule), and ghost clipping needs a per-sample loss that
+# MONAI's DiceCELoss does not give: both are left out (see benchmarks/README.md).
+GradSampleMode = Literal["hooks", "functorch"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSection(_Strict):
+    """Where the site's cases are and how they become network inputs."""
+
+    manifest: Path = Field(description="CSV or YAML manifest: patient_id, image, label[, split].")
+    classes: list[int] = Field(
+        default=[0, 1], min_length=2, description="Label values allowed in label images; 0 first."
+    )
+    patch_size: list[int] = Field(
+        default=[32, 32, 32], min_length=2, max_length=3, description="Crop/pad size (voxels)."
+    )
+    spacing: list[float] | None = Field(
+        default=None, description="Resample to this voxel spacing (mm); null keeps each scan's."
+    )
+    val_fraction: float = Field(
+        default=0.2, ge=0.0, lt=1.0, description="Validation share when the manifest has no split."
+    )
+    cache_dir: Path | None = Field(
+        default=None, description="Preprocessed-volume cache (defaults to workdir/cache)."
+    )
+    allow_empty_labels: bool = Field(
+        default=False,
+        description="Accept cases without foreground (negative cases); otherwise an error.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.classes[0] != 0 or len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes must be distinct and start with background 0, e.g. [0, 1]")
+        if any(s < 4 for s in self.patch_size):
+            raise ValueError("every patch_size entry must be at least 4 voxels")
+        if self.spacing is not None and len(self.spacing) != len(self.patch_size):
+            raise ValueError("spacing must have as many entries as patch_size")
+        if self.spacing is not None and any(s <= 0 for s in self.spacing):
+            raise ValueError("spacing entries must be positive")
+        return self
+
+
+class ModelSection(_Strict):
+    """Which segmentation network the site trains."""
+
+    network: Literal["unet", "attention_unet"] = "unet"
+    channels: list[int] = Field(default=[8, 16, 32], min_length=2)
+    strides: list[int] = Field(default=[2, 2], min_length=1)
+    num_res_units: int = Field(default=1, ge=0)
+    norm: Literal["instance", "group"] = "instance"
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if len(self.strides) != len(self.channels) - 1:
+            raise ValueError("strides must have one entry fewer than channels")
+        return self
+
+
+class TrainingSection(_Strict):
+    """Optimisation settings for local training."""
+
+    epochs: int = Field(default=5, ge=1)
+    batch_size: int = Field(
+        default=4, ge=1, description="Expected patients per step; sample rate = batch_size / N."
+    )
+    learning_rate: float = Field(default=2e-2, gt=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    device: DeviceName = "auto"
+    threads: int | None = Field(default=None, ge=1, description="CPU threads; null = all cores.")
+    seed: int = 0
+    grad_sample_mode: GradSampleMode = "hooks"
+
+
+class PrivacySection(_Strict):
+    """DP-SGD settings and the site's lifetime privacy cap."""
+
+    noise_multiplier: float | None = Field(default=None, gt=0)
+    target_epsilon_per_round: float | None = Field(default=None, gt=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    epsilon_cap: float = Field(default=8.0, gt=0, description="Lifetime cap at `delta`.")
+    accountant: Accountant = "rdp"
+    secure_mode: bool = False
+
+    @model_validator(mode="after")
+    def _one_noise_setting(self) -> Self:
+        if (self.noise_multiplier is None) == (self.target_epsilon_per_round is None):
+            raise ValueError("set exactly one of noise_multiplier or target_epsilon_per_round")
+        return self
+
+
+class PathsSection(_Strict):
+    """Where the site keeps its durable state."""
+
+    workdir: Path = Field(default=Path(".medfed"), description="Checkpoints, metrics, cache.")
+    ledger: Path | None = Field(default=None, description="Defaults to workdir/ledger.jsonl.")
+    signing_key: Path | None = Field(
+        default=None, description="Ed25519 key (PEM); defaults to workdir/keys/ledger_ed25519.pem."
+    )
+
+
+class SiteConfig(_Strict):
+    """A site's whole configuration."""
+
+    site_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    data: DataSection
+    model: ModelSection = ModelSection()
+    training: TrainingSection = TrainingSection()
+    privacy: PrivacySection = PrivacySection(noise_multiplier=1.0)
+    paths: PathsSection = PathsSection()
+
+    @model_validator(mode="after")
+    def _patch_fits_network(self) -> Self:
+        factor = math.prod(self.model.strides)
+        if any(size % factor for size in self.data.patch_size):
+            raise ValueError(
+                f"data.patch_size {self.data.patch_size} must be divisible by {factor} "
+                f"(the product of model.strides {self.model.strides})"
+            )
+        return self
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.data.patch_size)
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.paths.ledger or self.paths.workdir / "ledger.jsonl"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.paths.signing_key or self.paths.workdir / "keys" / "ledger_ed25519.pem"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data.cache_dir or self.paths.workdir / "cache"

@@ -1,0 +1,291 @@
+"""The site's side of the ledger: reserve privacy before training, commit after.
+
+Every write happens under an exclusive lock on ``<ledger>.lock`` and starts by verifying the
+whole ledger, so that nothing is ever appended to a damaged ledger and two processes of one
+site cannot both reserve the last of the budget.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from medfed.errors import LedgerError, PrivacyError
+from medfed.privacy.accounting import (
+    AccountantName,
+    DPSteps,
+    check_accountant,
+    check_delta,
+    check_steps,
+    compute_epsilon,
+)
+from medfed.privacy.budget import BudgetCap, BudgetStatus, budget_status, check_budget
+from medfed.privacy.events import GENESIS_HASH, LEDGER_VERSION, canonical_json, line_hash, sign
+from medfed.privacy.keys import key_id, load_or_create_signing_key, load_public_key, public_key_path
+from medfed.privacy.ledger import LedgerReport, verify_ledger, write_head
+from medfed.privacy.storage import append_line, head_path, locked
+
+_PACKAGES = ("medfed", "torch", "opacus", "dp-accounting")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundPlan:
+    """The DP-SGD training a site intends to run for one round."""
+
+    run_id: str
+    round: int
+    steps: int
+    sample_rate: float
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+    dataset_size: int
+    accountant: AccountantName
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.run_id, str) or not 0 < len(self.run_id) <= 256:
+            raise PrivacyError(f"run id must be 1 to 256 characters, got {self.run_id!r}")
+        if isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 0:
+            raise PrivacyError(f"round must be an integer >= 0, got {self.round!r}")
+        check_steps(self.steps)
+        if self.steps == 0:
+            raise PrivacyError("a round plan needs at least one step", hint="check epochs")
+        DPSteps(
+            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=self.steps
+        )
+        if (
+            isinstance(self.max_grad_norm, bool)
+            or not isinstance(self.max_grad_norm, int | float)
+            or not 0.0 < self.max_grad_norm < math.inf
+        ):
+            raise PrivacyError(f"max_grad_norm must be > 0, got {self.max_grad_norm!r}")
+        check_delta(self.delta)
+        if (
+            isinstance(self.dataset_size, bool)
+            or not isinstance(self.dataset_size, int)
+            or self.dataset_size < 1
+        ):
+            raise PrivacyError(f"dataset size must be an integer >= 1, got {self.dataset_size!r}")
+        check_accountant(self.accountant)
+
+    @property
+    def dp_steps(self) -> DPSteps:
+        """The plan as accountant input."""
+        return DPSteps(
+            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=self.steps
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A recorded reservation: commit it with the steps actually taken."""
+
+    seq: int
+    run_id: str
+    round: int
+    steps: int
+    epsilon_before: float
+    epsilon_after: float
+    accountant: AccountantName
+    delta: float
+
+
+@functools.cache
+def _library_versions() -> tuple[tuple[str, str], ...]:
+    versions = []
+    for name in _PACKAGES:
+        try:
+            versions.append((name, importlib.metadata.version(name)))
+        except importlib.metadata.PackageNotFoundError:
+            versions.append((name, "not installed"))
+    return tuple(versions)
+
+
+def library_versions() -> Mapping[str, str]:
+    """Versions of the packages that determine an epsilon, read without importing them."""
+    return dict(_library_versions())
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+class SiteLedger:
+    """One site's ledger file, its head, its lock and its signing key."""
+
+    def __init__(self, *, path: Path, key_path: Path, site_id: str) -> None:
+        if not isinstance(site_id, str) or not 0 < len(site_id) <= 256:
+            raise PrivacyError(f"site id must be 1 to 256 characters, got {site_id!r}")
+        self.path = Path(path)
+        self.key_path = Path(key_path)
+        self.site_id = site_id
+        self._key: Ed25519PrivateKey | None = None
+
+    def verify(self) -> LedgerReport:
+        """Verify the ledger (under a shared lock); an absent ledger is empty and valid."""
+        if not self.path.exists() and not head_path(self.path).exists():
+            known = self._existing_public_key()
+            return LedgerReport(
+                path=self.path,
+                site_id=self.site_id,
+                key_id=None if known is None else key_id(known),
+                entries=(),
+                reservations=(),
+                last_hash=GENESIS_HASH,
+            )
+        public_key = self._existing_public_key()
+        if public_key is None:
+            raise self._missing_key()
+        with locked(self.path, exclusive=False):
+            return self._verify_now(public_key)
+
+    def history(self) -> list[DPSteps]:
+        """The verified ledger's DP-SGD history (uncommitted reservations in full)."""
+        return list(self.verify().history)
+
+    def spent(self, *, delta: float, accountant: AccountantName) -> float:
+        """Epsilon spent so far, recomputed from the verified ledger."""
+        return compute_epsilon(history=self.history(), delta=delta, accountant=accountant)
+
+    def status(self, *, cap: BudgetCap, accountant: AccountantName) -> BudgetStatus:
+        """Spent and remaining epsilon against ``cap``."""
+        return budget_status(history=self.history(), cap=cap, accountant=accountant)
+
+    def reserve(self, *, plan: RoundPlan, cap: BudgetCap) -> Reservation:
+        """Record ``plan`` before training, or raise BudgetExceededError and write nothing.
+
+        The check uses the plan's accountant at the cap's delta, and runs in the same
+        critical section as the append.
+        """
+        private_key = self._signing_key()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with locked(self.path, exclusive=True):
+            report = self._verify_now(private_key.public_key())
+            check = check_budget(
+                history=report.history, planned=plan.dp_steps, cap=cap, accountant=plan.accountant
+            )
+            seq = len(report.entries)
+            self._append(
+                report,
+                private_key,
+                {
+                    "v": LEDGER_VERSION,
+                    "kind": "reserve",
+                    "seq": seq,
+                    "prev_hash": report.last_hash,
+                    "timestamp": _now(),
+                    "site_id": self.site_id,
+                    "key_id": key_id(private_key.public_key()),
+                    "run_id": plan.run_id,
+                    "round": plan.round,
+                    "steps": plan.steps,
+                    "sample_rate": float(plan.sample_rate),
+                    "noise_multiplier": float(plan.noise_multiplier),
+                    "max_grad_norm": float(plan.max_grad_norm),
+                    "delta": float(plan.delta),
+                    "dataset_size": plan.dataset_size,
+                    "accountant": plan.accountant,
+                    "library_versions": library_versions(),
+                },
+            )
+        return Reservation(
+            seq=seq,
+            run_id=plan.run_id,
+            round=plan.round,
+            steps=plan.steps,
+            epsilon_before=check.spent,
+            epsilon_after=check.would_reach,
+            accountant=plan.accountant,
+            delta=cap.delta,
+        )
+
+    def commit(self, reservation: Reservation, *, steps: int) -> None:
+        """Record the steps a reserved round actually took (at most the reserved steps).
+
+        Training must stop at the reserved steps: a larger count is refused, and the
+        reservation then keeps counting in full.
+        """
+        check_steps(steps)
+        private_key = self._signing_key()
+        with locked(self.path, exclusive=True):
+            report = self._verify_now(private_key.public_key())
+            state = next((r for r in report.reservations if r.seq == reservation.seq), None)
+            wanted = (reservation.seq, reservation.run_id, reservation.round)
+            if state is None or (state.seq, state.run_id, state.round) != wanted:
+                raise LedgerError(
+                    f"{self.path}: no reservation seq {reservation.seq} for run "
+                    f"{reservation.run_id!r} round {reservation.round}",
+                    hint="commit the Reservation returned by reserve() on this same ledger",
+                )
+            if state.committed:
+                raise LedgerError(
+                    f"{self.path}: reservation seq {state.seq} is already committed",
+                    hint="commit each reservation once",
+                )
+            if steps > state.reserved_steps:
+                raise LedgerError(
+                    f"{self.path}: cannot commit {steps} steps for reservation seq {state.seq}, "
+                    f"which reserved {state.reserved_steps}",
+                    hint="stop training at the reserved steps; reserve again before training more",
+                )
+            self._append(
+                report,
+                private_key,
+                {
+                    "v": LEDGER_VERSION,
+                    "kind": "commit",
+                    "seq": len(report.entries),
+                    "prev_hash": report.last_hash,
+                    "timestamp": _now(),
+                    "site_id": self.site_id,
+                    "key_id": key_id(private_key.public_key()),
+                    "reservation_seq": state.seq,
+                    "steps": steps,
+                },
+            )
+
+    def _append(
+        self, report: LedgerReport, private_key: Ed25519PrivateKey, entry: dict[str, Any]
+    ) -> None:
+        line = canonical_json(sign(entry, private_key))
+        append_line(self.path, line)
+        write_head(
+            self.path,
+            site_id=self.site_id,
+            count=len(report.entries) + 1,
+            last_hash=line_hash(line),
+            private_key=private_key,
+        )
+
+    def _verify_now(self, public_key: Ed25519PublicKey) -> LedgerReport:
+        return verify_ledger(self.path, public_key=public_key, site_id=self.site_id)
+
+    def _signing_key(self) -> Ed25519PrivateKey:
+        if self._key is None:
+            if not self.key_path.exists() and (self.path.exists() or head_path(self.path).exists()):
+                # A fresh key could never verify the entries already written.
+                raise self._missing_key()
+            self._key = load_or_create_signing_key(self.key_path)
+        return self._key
+
+    def _missing_key(self) -> LedgerError:
+        return LedgerError(
+            f"{self.path}: the ledger exists but its signing key {self.key_path} does not",
+            hint="restore the site's key directory from backup; a new key cannot continue "
+            "an existing ledger",
+        )
+
+    def _existing_public_key(self) -> Ed25519PublicKey | None:
+        if self.key_path.exists():
+            return self._signing_key().public_key()
+        if public_key_path(self.key_path).exists():
+            return load_public_key(public_key_path(self.key_path))
+        return None

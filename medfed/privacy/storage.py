@@ -1,0 +1,133 @@
+"""Durable file operations for the ledger: locking, appending one line, replacing the head.
+
+Every write is fsynced (and the directory too when a name changes) so that what a site
+reports after a crash is what is on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from medfed.errors import LedgerError
+
+
+def head_path(ledger_path: Path) -> Path:
+    """The signed head file kept next to a ledger: ``<ledger>.head``."""
+    return ledger_path.with_name(ledger_path.name + ".head")
+
+
+def lock_path(ledger_path: Path) -> Path:
+    """The lock file that serialises appends to a ledger: ``<ledger>.lock``."""
+    return ledger_path.with_name(ledger_path.name + ".lock")
+
+
+@contextlib.contextmanager
+def locked(ledger_path: Path, *, exclusive: bool) -> Iterator[None]:
+    """Hold ``flock`` on the ledger's lock file (exclusive to append, shared to read).
+
+    A reader that may not create the lock file (a read-only copy) reads without it.
+    """
+    try:
+        fd = os.open(lock_path(ledger_path), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        if exclusive:
+            raise LedgerError(
+                f"{lock_path(ledger_path)}: cannot create the ledger lock file",
+                hint="run as the user that owns the site's work directory",
+            ) from None
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def read_bytes(path: Path) -> bytes:
+    """A file's bytes, or empty bytes when it does not exist."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
+    except OSError as exc:
+        raise LedgerError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None when the file does not exist."""
+    data = read_bytes(path)
+    if not data and not path.exists():
+        return None
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        obj = None
+    if not isinstance(obj, dict):
+        raise LedgerError(
+            f"{path}: not a valid JSON object",
+            hint="restore the ledger and its .head file from the site's backup",
+        )
+    return obj
+
+
+def append_line(path: Path, line: bytes) -> None:
+    """Append ``line`` and a newline in one ``write`` on an O_APPEND descriptor, then fsync."""
+    if b"\n" in line:
+        raise ValueError("a ledger line cannot contain a newline")
+    created = not path.exists()
+    record = line + b"\n"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise LedgerError(f"{path}: cannot open for appending ({exc.strerror})") from None
+    try:
+        written = os.write(fd, record)
+        os.fsync(fd)
+    except OSError as exc:
+        raise LedgerError(
+            f"{path}: append failed ({exc.strerror}); the last line may be incomplete",
+            hint="free disk space, then restore the ledger from the site's backup",
+        ) from None
+    finally:
+        os.close(fd)
+    if written != len(record):
+        raise LedgerError(
+            f"{path}: only {written} of {len(record)} bytes were appended",
+            hint="free disk space, then restore the ledger from the site's backup",
+        )
+    if created:
+        fsync_dir(path.parent)
+
+
+def replace_file(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Atomically give ``path`` the content ``data`` (temporary file, fsync, rename)."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        temporary.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(temporary, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a new or renamed directory entry durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

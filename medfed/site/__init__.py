@@ -1,0 +1,1 @@
+"""Everything that happens inside one hospital: DP-SGD training and evaluation."""

@@ -1,0 +1,378 @@
+"""Local DP-SGD training at one site: plan, reserve budget, train, commit, evaluate, save.
+
+The order is the privacy contract: the ledger entry that reserves the round's steps is written
+(and fsynced) before the first noisy step, and the commit with the steps actually taken is
+written after the last one. A crash in between leaves the full reservation on the books, so a
+crash can only over-count the privacy spent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medfed.config.site import SiteConfig
+from medfed.errors import PrivacyUnitError, TrainingError
+from medfed.site.dp import (
+    DPComponents,
+    PoissonPatientSampler,
+    SamplingPlan,
+    check_one_example_per_patient,
+    make_private,
+    per_sample_gradient_rows,
+    plan_sampling,
+    prepare_empty_step,
+)
+from medfed.site.evaluate import evaluate_dice, unwrap
+
+log = logging.getLogger("medfed.site")
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What a progress display needs after each step."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    patients: int
+    loss: float | None
+    epsilon: float
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    epoch: int
+    mean_loss: float | None
+    empty_steps: int
+    epsilon: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Everything one local training round produced."""
+
+    run_id: str
+    round: int
+    site_id: str
+    train_patients: int
+    val_patients: int
+    sample_rate: float
+    noise_multiplier: float
+    steps: int
+    epochs: list[EpochReport]
+    dice_before: float
+    dice_after: float
+    epsilon_spent: float
+    epsilon_cap: float
+    delta: float
+    accountant: str
+    seconds: float
+    checkpoint: Path
+    metrics_file: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["checkpoint"] = str(self.checkpoint)
+        data["metrics_file"] = str(self.metrics_file)
+        return data
+
+
+def _loss_function() -> nn.Module:
+    from monai.losses.dice import DiceCELoss
+
+    # batch=False keeps Dice per sample, so the loss is a mean of per-patient terms and
+    # per-sample gradients are exactly each patient's own.
+    return DiceCELoss(to_onehot_y=True, softmax=True, batch=False, include_background=False)
+
+
+def _optimizer(config: SiteConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.training.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.training.learning_rate)
+    return torch.optim.SGD(params, lr=config.training.learning_rate, momentum=0.9)
+
+
+def _noise_multiplier(config: SiteConfig, plan: SamplingPlan) -> float:
+    privacy = config.privacy
+    if privacy.noise_multiplier is not None:
+        return privacy.noise_multiplier
+    from medfed.privacy import noise_for_target_epsilon
+
+    assert privacy.target_epsilon_per_round is not None
+    return noise_for_target_epsilon(
+        target_epsilon=privacy.target_epsilon_per_round,
+        sample_rate=plan.sample_rate,
+        steps=plan.steps,
+        delta=privacy.delta,
+        accountant=privacy.accountant,
+    )
+
+
+def _collate(items: list[dict[str, Any]], device: torch.device) -> dict[str, torch.Tensor]:
+    from torch.utils.data import default_collate
+
+    batch = default_collate(items)
+    return {key: torch.as_tensor(value).to(device) for key, value in batch.items()}
+
+
+def train_local(
+    *,
+    config: SiteConfig,
+    epochs: int | None = None,
+    run_id: str | None = None,
+    round_index: int = 0,
+    on_step: Callable[[StepReport], None] | None = None,
+) -> TrainResult:
+    """Train the site's network on its own data with DP-SGD and record the privacy spent."""
+    from medfed.data import build_datasets
+    from medfed.models import (
+        build_model,
+        place_model,
+        resolve_device,
+        save_checkpoint,
+        spec_from_config,
+    )
+    from medfed.privacy import BudgetCap, DPSteps, RoundPlan, SiteLedger, compute_epsilon
+
+    started = time.monotonic()
+    run_id = run_id or f"local-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    epochs = epochs or config.training.epochs
+    privacy = config.privacy
+
+    ledger = SiteLedger(
+        path=config.ledger_path, key_path=config.signing_key_path, site_id=config.site_id
+    )
+    prior = ledger.history()  # verifies the whole ledger first: a bad ledger stops the site
+
+    datasets = build_datasets(config)
+    # a different crop sequence each round, reproducible for a given seed
+    datasets.train.set_random_state(config.training.seed + round_index)
+    device = resolve_device(name=config.training.device, threads=config.training.threads)
+    torch.manual_seed(config.training.seed)
+    spec = spec_from_config(config)
+    model = place_model(model=build_model(spec=spec), spec=spec, device=device)
+    num_classes = len(config.data.classes)
+
+    def dice() -> float:
+        return evaluate_dice(
+            model=model,
+            dataset=datasets.val,
+            patch_size=config.data.patch_size,
+            num_classes=num_classes,
+            device=device,
+        )
+
+    dice_before = dice()
+    plan = plan_sampling(
+        dataset_size=len(datasets.train), batch_size=config.training.batch_size, epochs=epochs
+    )
+    noise = _noise_multiplier(config, plan)
+    dp = make_private(
+        model=model,
+        optimizer=_optimizer(config, model),
+        noise_multiplier=noise,
+        max_grad_norm=privacy.max_grad_norm,
+        expected_batch_size=plan.expected_batch_size,
+        grad_sample_mode=config.training.grad_sample_mode,
+        secure_mode=privacy.secure_mode,
+    )
+    loss_fn = _loss_function()
+    sampler = PoissonPatientSampler(
+        num_patients=plan.dataset_size, sample_rate=plan.sample_rate, secure=privacy.secure_mode
+    )
+    cap = BudgetCap(epsilon=privacy.epsilon_cap, delta=privacy.delta)
+    # Everything that can fail on bad settings has run by now; from here on steps are spent.
+    reservation = ledger.reserve(
+        plan=RoundPlan(
+            run_id=run_id,
+            round=round_index,
+            steps=plan.steps,
+            sample_rate=plan.sample_rate,
+            noise_multiplier=noise,
+            max_grad_norm=privacy.max_grad_norm,
+            delta=privacy.delta,
+            dataset_size=plan.dataset_size,
+            accountant=privacy.accountant,
+        ),
+        cap=cap,
+    )
+
+    def epsilon_after(steps: int) -> float:
+        history = [
+            *prior,
+            DPSteps(noise_multiplier=noise, sample_rate=plan.sample_rate, steps=steps),
+        ]
+        return compute_epsilon(history=history, delta=privacy.delta, accountant=privacy.accountant)
+
+    taken = _StepCounter()
+    try:
+        reports = _train_epochs(
+            dp=dp,
+            loss_fn=loss_fn,
+            dataset=datasets.train,
+            sampler=sampler,
+            plan=plan,
+            device=device,
+            taken=taken,
+            epsilon_after=epsilon_after,
+            on_step=on_step,
+        )
+    finally:
+        # Commit what was actually taken, also when training stops early; only a hard crash
+        # leaves the reservation uncommitted, and that counts in full.
+        ledger.commit(reservation, steps=taken.steps)
+    steps_done = taken.steps
+
+    dice_after = dice()
+    epsilon_spent = ledger.spent(delta=privacy.delta, accountant=privacy.accountant)
+    checkpoint_dir = config.paths.workdir / "checkpoints" / run_id
+    save_checkpoint(
+        directory=checkpoint_dir,
+        model=unwrap(dp.module),
+        spec=spec,
+        metadata={
+            "site_id": config.site_id,
+            "run_id": run_id,
+            "round": round_index,
+            "dice": dice_after,
+            "epsilon_spent": epsilon_spent,
+            "delta": privacy.delta,
+        },
+    )
+    result = TrainResult(
+        run_id=run_id,
+        round=round_index,
+        site_id=config.site_id,
+        train_patients=len(datasets.train),
+        val_patients=len(datasets.val),
+        sample_rate=plan.sample_rate,
+        noise_multiplier=noise,
+        steps=steps_done,
+        epochs=reports,
+        dice_before=dice_before,
+        dice_after=dice_after,
+        epsilon_spent=epsilon_spent,
+        epsilon_cap=privacy.epsilon_cap,
+        delta=privacy.delta,
+        accountant=privacy.accountant,
+        seconds=time.monotonic() - started,
+        checkpoint=checkpoint_dir,
+        metrics_file=config.paths.workdir / "metrics" / f"{run_id}.json",
+    )
+    _write_json(result.metrics_file, result.to_json())
+    return result
+
+
+@dataclass
+class _StepCounter:
+    steps: int = 0
+
+
+def _train_epochs(
+    *,
+    dp: DPComponents,
+    loss_fn: nn.Module,
+    dataset: Any,
+    sampler: PoissonPatientSampler,
+    plan: SamplingPlan,
+    device: torch.device,
+    taken: _StepCounter,
+    epsilon_after: Callable[[int], float],
+    on_step: Callable[[StepReport], None] | None,
+) -> list[EpochReport]:
+    reports: list[EpochReport] = []
+    with warnings.catch_warnings():
+        # Opacus' backward hooks warn when the input needs no gradient, which is always so here.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        dp.module.train()
+        for epoch in range(1, plan.epochs + 1):
+            losses: list[float] = []
+            empty = 0
+            for patients in sampler.steps(plan.steps_per_epoch):
+                loss = _dp_step(dp.module, dp.optimizer, loss_fn, dataset, patients, device)
+                taken.steps += 1
+                if loss is None:
+                    empty += 1
+                else:
+                    losses.append(loss)
+                if on_step is not None:
+                    on_step(
+                        StepReport(
+                            step=taken.steps,
+                            total_steps=plan.steps,
+                            epoch=epoch,
+                            patients=len(patients),
+                            loss=loss,
+                            epsilon=reports[-1].epsilon if reports else math.nan,
+                        )
+                    )
+            mean_loss = sum(losses) / len(losses) if losses else None
+            if mean_loss is not None and not math.isfinite(mean_loss):
+                raise TrainingError(
+                    f"training diverged in epoch {epoch} (loss {mean_loss})",
+                    hint="lower training.learning_rate or raise privacy.max_grad_norm",
+                )
+            reports.append(
+                EpochReport(
+                    epoch=epoch,
+                    mean_loss=mean_loss,
+                    empty_steps=empty,
+                    epsilon=epsilon_after(taken.steps),
+                )
+            )
+            log.info(
+                "epoch %d/%d loss %s epsilon %.3f",
+                epoch,
+                plan.epochs,
+                "n/a" if mean_loss is None else f"{mean_loss:.4f}",
+                reports[-1].epsilon,
+            )
+    return reports
+
+
+def _dp_step(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    dataset: Any,
+    patients: list[int],
+    device: torch.device,
+) -> float | None:
+    """One DP-SGD step over the sampled patients; returns the loss, or None for an empty draw."""
+    optimizer.zero_grad(set_to_none=True)
+    if not patients:
+        prepare_empty_step(module)
+        optimizer.step()
+        return None
+    batch = _collate([dataset[index] for index in patients], device)
+    check_one_example_per_patient(batch["patient"].tolist(), int(batch["image"].shape[0]))
+    loss = loss_fn(module(batch["image"]), batch["label"])
+    loss.backward()
+    rows = per_sample_gradient_rows(module)
+    if rows != len(patients):
+        raise PrivacyUnitError(
+            f"{rows} per-sample gradients for {len(patients)} sampled patients",
+            hint="the network or loss mixes examples across the batch (e.g. BatchNorm)",
+        )
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv and install medfed with everything a site node and the test suite need.
+# torch 2.13.0 goes first: it resolves to the CPU build held on these machines, and the
+# other packages then accept it instead of pulling the CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+    .venv/bin/python -m pip install --quiet "torch==2.13.0"
+fi
+.venv/bin/python -m pip install --quiet -e ".[dev]"
+echo "medfed installed in $(pwd)/.venv"

@@ -1,0 +1,151 @@
+"""Local DP training end to end: real NIfTI files, real MONAI network, real Opacus, real ledger."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medfed.config import SiteConfig, load_site_config
+from medfed.data import synthesize_site
+from medfed.errors import BudgetExceededError, LedgerError, PrivacyUnitError
+from medfed.privacy import DPSteps, SiteLedger, compute_epsilon
+from medfed.site import dp as dp_module
+from medfed.site.trainer import train_local
+
+pytestmark = pytest.mark.slow
+
+
+def _site(
+    tmp_path: Path, *, cases: int = 24, size: int = 32, seed: int = 0, **privacy: float
+) -> SiteConfig:
+    synthesize_site(out=tmp_path / "site", cases=cases, size=size, seed=seed)
+    config = load_site_config(tmp_path / "site" / "site.yaml")
+    if privacy:
+        config = config.model_copy(update={"privacy": config.privacy.model_copy(update=privacy)})
+    return config
+
+
+def _ledger(config: SiteConfig) -> SiteLedger:
+    return SiteLedger(
+        path=config.ledger_path, key_path=config.signing_key_path, site_id=config.site_id
+    )
+
+
+def test_dp_training_learns_and_records_its_privacy_cost(tmp_path: Path) -> None:
+    config = _site(tmp_path, epsilon_cap=20.0)
+    result = train_local(config=config, epochs=12)
+
+    # It learns: validation Dice clearly above the untrained network's.
+    assert result.dice_after > result.dice_before + 0.25, result
+    assert result.dice_after > 0.5, result
+
+    # The ledger holds one reservation and its commit, verifies, and epsilon is recomputed
+    # from it: the composed history of this run's steps.
+    ledger = _ledger(config)
+    report = ledger.verify()
+    assert len(report.entries) == 2
+    assert ledger.history() == [
+        DPSteps(
+            noise_multiplier=result.noise_multiplier,
+            sample_rate=result.sample_rate,
+            steps=result.steps,
+        )
+    ]
+    expected = compute_epsilon(
+        history=ledger.history(), delta=config.privacy.delta, accountant="rdp"
+    )
+    assert result.epsilon_spent == pytest.approx(expected, rel=1e-12)
+    assert result.epochs[-1].epsilon == pytest.approx(expected, rel=1e-12)
+    assert 0 < result.epsilon_spent <= config.privacy.epsilon_cap
+
+    # Checkpoint and metrics are on disk and plain.
+    metrics = json.loads(result.metrics_file.read_text())
+    assert metrics["dice_after"] == pytest.approx(result.dice_after)
+    assert (result.checkpoint / "model.safetensors").is_file()
+
+    # A second round composes with the first in one history (never summed, never reset).
+    again = train_local(config=config, epochs=2, run_id=result.run_id, round_index=1)
+    history = ledger.history()
+    assert len(history) == 2
+    composed = compute_epsilon(history=history, delta=config.privacy.delta, accountant="rdp")
+    assert again.epsilon_spent == pytest.approx(composed, rel=1e-12)
+    alone = compute_epsilon(history=history[1:], delta=config.privacy.delta, accountant="rdp")
+    assert result.epsilon_spent < composed < result.epsilon_spent + alone
+
+
+def test_a_round_past_the_cap_is_refused_and_spends_nothing(tmp_path: Path) -> None:
+    config = _site(tmp_path, cases=8, size=16, epsilon_cap=0.5)
+    with pytest.raises(BudgetExceededError):
+        train_local(config=config, epochs=1)
+    assert not config.ledger_path.exists() or _ledger(config).history() == []
+    assert not (config.paths.workdir / "checkpoints").exists()
+
+
+def test_a_tampered_ledger_stops_the_site_naming_the_entry(tmp_path: Path) -> None:
+    config = _site(tmp_path, cases=8, size=16)
+    train_local(config=config, epochs=1)
+    lines = config.ledger_path.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["noise_multiplier"] *= 2  # an edit that would halve the recorded privacy cost
+    lines[0] = json.dumps(first, sort_keys=True, separators=(",", ":"))
+    config.ledger_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(LedgerError, match=r"line 1|entry 1|seq 0"):
+        train_local(config=config, epochs=1)
+
+
+def test_every_step_gets_exactly_one_clipped_gradient_per_sampled_patient(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counts per-sample gradient rows against sampled patients in a real training run.
+
+    If a pipeline change (several crops per patient, sampling with replacement, a flattened
+    multi-sample dataset) let one patient contribute more than one clipped gradient, the rows
+    would outnumber the distinct patients and this test would fail.
+    """
+    config = _site(tmp_path, cases=10, size=16, epsilon_cap=100.0)
+    seen: list[tuple[int, int, int]] = []
+    real_rows = dp_module.per_sample_gradient_rows
+    real_draw = dp_module.PoissonPatientSampler.draw
+    drawn: list[list[int]] = []
+
+    def draw(self: dp_module.PoissonPatientSampler) -> list[int]:
+        patients = real_draw(self)
+        drawn.append(patients)
+        return patients
+
+    def rows(module: torch.nn.Module) -> int:
+        count = real_rows(module)
+        seen.append((count, len(drawn[-1]), len(set(drawn[-1]))))
+        return count
+
+    monkeypatch.setattr(dp_module.PoissonPatientSampler, "draw", draw)
+    monkeypatch.setattr("medfed.site.trainer.per_sample_gradient_rows", rows)
+    result = train_local(config=config, epochs=3)
+    assert len(drawn) == result.steps
+    assert seen, "no non-empty step was taken"
+    assert all(count == sampled == distinct for count, sampled, distinct in seen), seen
+
+
+def test_a_dataset_that_lists_each_patient_twice_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A "flattened" multi-crop pipeline: every patient appears as two examples."""
+    from medfed.data.dataset import PatientDataset
+
+    config = _site(tmp_path, cases=8, size=16, epsilon_cap=100.0)
+    # Sampling rate 1: every example is drawn, so both copies of a patient meet in one batch.
+    config = config.model_copy(
+        update={"training": config.training.model_copy(update={"batch_size": 1000})}
+    )
+    original = PatientDataset.__getitem__
+    monkeypatch.setattr(PatientDataset, "__len__", lambda self: 2 * len(self.cases))
+    monkeypatch.setattr(
+        PatientDataset, "__getitem__", lambda self, i: original(self, int(i) % len(self.cases))
+    )
+    with pytest.raises(PrivacyUnitError, match="distinct patients"):
+        train_local(config=config, epochs=1)
+    # The refusal came before any noisy update left the loop: the commit records zero steps.
+    assert _ledger(config).history()[0].steps == 0

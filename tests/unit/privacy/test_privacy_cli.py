@@ -1,0 +1,154 @@
+"""`medfed privacy epsilon` and `medfed privacy ledger` through the real command line app."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medfed.cli.app import app, main
+from medfed.errors import LedgerError, PrivacyError
+from medfed.privacy import BudgetCap, DPSteps, RoundPlan, SiteLedger, compute_epsilon
+
+runner = CliRunner()
+DELTA = 1e-5
+
+
+def _site(tmp_path: Path) -> Path:
+    config = tmp_path / "site.yaml"
+    config.write_text(
+        "site_id: a\n"
+        "data: {manifest: m.csv}\n"
+        "paths: {workdir: w}\n"
+        "privacy: {noise_multiplier: 1.0, epsilon_cap: 8.0, delta: 1e-5}\n",
+        encoding="utf-8",
+    )
+    return config
+
+
+def _site_ledger(tmp_path: Path) -> SiteLedger:
+    workdir = tmp_path / "w"
+    return SiteLedger(
+        path=workdir / "ledger.jsonl", key_path=workdir / "keys" / "ledger_ed25519.pem", site_id="a"
+    )
+
+
+def _spend(ledger: SiteLedger, steps: int = 100) -> None:
+    plan = RoundPlan(
+        run_id="run-1",
+        round=0,
+        steps=steps,
+        sample_rate=0.01,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        delta=DELTA,
+        dataset_size=100,
+        accountant="rdp",
+    )
+    ledger.reserve(plan=plan, cap=BudgetCap(epsilon=8.0, delta=DELTA))
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_epsilon_json(accountant: str) -> None:
+    args = ["privacy", "epsilon", "--sample-rate", "0.01", "--noise-multiplier", "1.1"]
+    args += ["--steps", "250", "--delta", "1e-5", "--accountant", accountant, "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    history = [DPSteps(noise_multiplier=1.1, sample_rate=0.01, steps=250)]
+    expected = compute_epsilon(history=history, delta=DELTA, accountant=accountant)  # type: ignore[arg-type]
+    assert data["epsilon"] == expected
+    assert data["accountant"] == accountant
+    assert (data["delta"], data["sample_rate"], data["noise_multiplier"], data["steps"]) == (
+        DELTA,
+        0.01,
+        1.1,
+        250,
+    )
+    assert data["conversion"].startswith("rdp-improved" if accountant == "rdp" else "pld")
+
+
+def test_epsilon_human_line() -> None:
+    args = ["privacy", "epsilon", "--sample-rate", "0.01", "--noise-multiplier", "1.0"]
+    result = runner.invoke(app, [*args, "--steps", "100", "--delta", "1e-5"])
+    assert result.exit_code == 0
+    history = [DPSteps(noise_multiplier=1.0, sample_rate=0.01, steps=100)]
+    expected = compute_epsilon(history=history, delta=DELTA, accountant="rdp")
+    assert f"epsilon = {expected:.4f}" in result.stdout
+
+
+def test_epsilon_bad_value_is_a_privacy_error(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["privacy", "epsilon", "--sample-rate", "0", "--noise-multiplier", "1.0"]
+    args += ["--steps", "100", "--delta", "1e-5"]
+    result = runner.invoke(app, args)
+    assert result.exit_code != 0
+    assert isinstance(result.exception, PrivacyError)
+    code = _run_main(args, capsys)
+    assert code == PrivacyError.exit_code
+    assert capsys.readouterr().err.startswith("error[privacy]: sample rate must be in (0, 1]")
+
+
+def test_ledger_of_a_new_site_is_empty(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["privacy", "ledger", "--config", str(_site(tmp_path)), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["status"] == "empty" and data["verified"] is True
+    assert (data["entries"], data["spent"], data["remaining"], data["cap"]) == (0, 0.0, 8.0, 8.0)
+    assert data["delta"] == DELTA and data["accountant"] == "rdp"
+
+
+def test_ledger_reports_spent_epsilon(tmp_path: Path) -> None:
+    config = _site(tmp_path)
+    ledger = _site_ledger(tmp_path)
+    _spend(ledger)
+    result = runner.invoke(app, ["privacy", "ledger", "--config", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    history = list(ledger.verify().history)
+    spent = compute_epsilon(history=history, delta=DELTA, accountant="rdp")
+    assert data["status"] == "verified" and data["verified"] is True
+    assert (data["entries"], data["rounds"], data["open_reservations"]) == (1, 1, 1)
+    assert data["spent"] == spent
+    assert data["remaining"] == pytest.approx(8.0 - spent)
+    assert set(data["epsilon_by_accountant"]) == {"rdp", "prv", "pld", "rdp-classic"}
+    pld = compute_epsilon(history=history, delta=DELTA, accountant="pld")
+    assert data["epsilon_by_accountant"]["pld"] == pld
+
+    human = runner.invoke(app, ["privacy", "ledger", "--config", str(config)])
+    assert human.exit_code == 0
+    assert "remaining" in human.stdout and f"{spent:.4f}" in human.stdout
+
+
+def test_tampered_ledger_exits_non_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _site(tmp_path)
+    ledger = _site_ledger(tmp_path)
+    _spend(ledger)
+    _spend(ledger)
+    data = ledger.path.read_bytes()
+    ledger.path.write_bytes(data.replace(b'"steps":100', b'"steps":10', 1))
+    result = runner.invoke(app, ["privacy", "ledger", "--config", str(config), "--json"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, LedgerError)
+    assert result.stdout == ""
+
+    code = _run_main(["privacy", "ledger", "--config", str(config)], capsys)
+    assert code == LedgerError.exit_code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("error[ledger]: ") and "line 1 (seq 0): bad signature" in err
+    assert "(hint: restore the ledger" in err
+
+
+def _run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> int:
+    capsys.readouterr()
+    saved = sys.argv
+    sys.argv = ["medfed", *args]
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main()
+    finally:
+        sys.argv = saved
+    return int(exited.value.code or 0)

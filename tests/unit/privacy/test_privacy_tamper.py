@@ -1,0 +1,293 @@
+"""Every way of altering a ledger is detected, and the error names the entry and the problem."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from medfed.errors import LedgerError
+from medfed.privacy import BudgetCap, RoundPlan, SiteLedger, key_id, load_or_create_signing_key
+from medfed.privacy.events import GENESIS_HASH, canonical_json, line_hash, sign
+from medfed.privacy.ledger import write_head
+
+CAP = BudgetCap(epsilon=50.0, delta=1e-5)
+
+
+def _plan(round_: int, noise: float = 1.0) -> RoundPlan:
+    return RoundPlan(
+        run_id="run-1",
+        round=round_,
+        steps=100,
+        sample_rate=0.01,
+        noise_multiplier=noise,
+        max_grad_norm=1.0,
+        delta=1e-5,
+        dataset_size=100,
+        accountant="rdp",
+    )
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> SiteLedger:
+    """Four entries: reserve (seq 0), its commit (seq 1), two open reservations (seq 2, 3)."""
+    site = SiteLedger(
+        path=tmp_path / "ledger.jsonl", key_path=tmp_path / "keys" / "site.pem", site_id="a"
+    )
+    site.commit(site.reserve(plan=_plan(0), cap=CAP), steps=60)
+    site.reserve(plan=_plan(1), cap=CAP)
+    site.reserve(plan=_plan(2, noise=1.5), cap=CAP)
+    return site
+
+
+def _lines(ledger: SiteLedger) -> list[bytes]:
+    return ledger.path.read_bytes().split(b"\n")[:-1]
+
+
+def _write(ledger: SiteLedger, lines: list[bytes]) -> None:
+    ledger.path.write_bytes(b"".join(line + b"\n" for line in lines))
+
+
+def _objects(ledger: SiteLedger) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in _lines(ledger)]
+
+
+def _rewrite_with_site_key(ledger: SiteLedger, objects: list[dict[str, Any]]) -> None:
+    """What only the key holder can do: re-chain, re-sign and re-head arbitrary entries."""
+    key = load_or_create_signing_key(ledger.key_path)
+    previous, lines = GENESIS_HASH, []
+    for obj in objects:
+        unsigned = {k: v for k, v in obj.items() if k != "signature"}
+        unsigned["prev_hash"] = previous
+        line = canonical_json(sign(unsigned, key))
+        lines.append(line)
+        previous = line_hash(line)
+    _write(ledger, lines)
+    write_head(ledger.path, site_id="a", count=len(lines), last_hash=previous, private_key=key)
+
+
+def _detected(ledger: SiteLedger, *fragments: str) -> LedgerError:
+    with pytest.raises(LedgerError) as caught:
+        ledger.verify()
+    error = caught.value
+    for fragment in fragments:
+        assert fragment in error.message, error.message
+    assert error.hint is not None and "backup" in error.hint
+    assert "never edit" in error.hint
+    return error
+
+
+def test_untouched_ledger_verifies(ledger: SiteLedger) -> None:
+    assert len(ledger.verify().entries) == 4
+
+
+def test_edited_value(ledger: SiteLedger) -> None:
+    lines = _lines(ledger)
+    assert b'"noise_multiplier":1.5' in lines[3]
+    lines[3] = lines[3].replace(b'"noise_multiplier":1.5', b'"noise_multiplier":3.0')
+    _write(ledger, lines)
+    _detected(ledger, "line 4 (seq 3)", "bad signature")
+
+
+def test_deleted_middle_line(ledger: SiteLedger) -> None:
+    lines = _lines(ledger)
+    del lines[1]
+    _write(ledger, lines)
+    _detected(ledger, "line 2 (seq 2)", "seq 2 where seq 1 was expected")
+
+
+def test_reordered_lines(ledger: SiteLedger) -> None:
+    lines = _lines(ledger)
+    lines[2], lines[3] = lines[3], lines[2]
+    _write(ledger, lines)
+    _detected(ledger, "line 3 (seq 3)", "seq 3 where seq 2 was expected")
+
+
+def test_truncated_last_line(ledger: SiteLedger) -> None:
+    _write(ledger, _lines(ledger)[:-1])
+    _detected(ledger, "head", "records 4 entries but the ledger holds 3", "cut off", "seq 3")
+
+
+def test_torn_partial_last_line(ledger: SiteLedger) -> None:
+    data = ledger.path.read_bytes()
+    ledger.path.write_bytes(data[:-40])
+    _detected(ledger, "line 4", "incomplete last line")
+
+
+def test_torn_line_in_the_middle(ledger: SiteLedger) -> None:
+    lines = _lines(ledger)
+    lines[1] = lines[1][: len(lines[1]) // 2]
+    _write(ledger, lines)
+    _detected(ledger, "line 2", "not valid JSON")
+
+
+def test_entry_signed_by_foreign_key(ledger: SiteLedger) -> None:
+    foreign = Ed25519PrivateKey.generate()
+    objects = _objects(ledger)
+    last = {k: v for k, v in objects[3].items() if k != "signature"}
+    last["key_id"] = key_id(foreign.public_key())
+    lines = _lines(ledger)
+    lines[3] = canonical_json(sign(last, foreign))
+    _write(ledger, lines)
+    error = _detected(ledger, "line 4 (seq 3)", f"signed by key {last['key_id']}")
+    assert "not by this site's key" in error.message
+
+
+def test_foreign_signature_under_site_key_id(ledger: SiteLedger) -> None:
+    objects = _objects(ledger)
+    last = {k: v for k, v in objects[3].items() if k != "signature"}
+    lines = _lines(ledger)
+    lines[3] = canonical_json(sign(last, Ed25519PrivateKey.generate()))
+    _write(ledger, lines)
+    _detected(ledger, "line 4 (seq 3)", "bad signature")
+
+
+def test_entry_appended_by_hand(ledger: SiteLedger) -> None:
+    lines = _lines(ledger)
+    forged = json.loads(lines[2])
+    forged.update(seq=4, prev_hash=line_hash(lines[3]), steps=1)
+    _write(ledger, [*lines, canonical_json(forged)])
+    _detected(ledger, "line 5 (seq 4)", "bad signature")
+
+
+def test_unsigned_entry_appended_by_hand(ledger: SiteLedger) -> None:
+    lines = _lines(ledger)
+    forged = {k: v for k, v in json.loads(lines[2]).items() if k != "signature"}
+    forged.update(seq=4, prev_hash=line_hash(lines[3]))
+    _write(ledger, [*lines, canonical_json(forged)])
+    _detected(ledger, "line 5 (seq 4)", "missing fields signature")
+
+
+def test_unknown_field(ledger: SiteLedger) -> None:
+    lines = _lines(ledger)
+    obj = json.loads(lines[0])
+    obj["comment"] = "ok"
+    lines[0] = canonical_json(obj)
+    _write(ledger, lines)
+    _detected(ledger, "line 1 (seq 0)", "unknown fields comment")
+
+
+def test_edited_chain_link(ledger: SiteLedger) -> None:
+    lines = _lines(ledger)
+    obj = json.loads(lines[2])
+    obj["prev_hash"] = "f" * 64
+    lines[2] = canonical_json(obj)
+    _write(ledger, lines)
+    _detected(ledger, "line 3 (seq 2)", "hash chain broken")
+
+
+def test_missing_head(ledger: SiteLedger) -> None:
+    ledger.path.with_name("ledger.jsonl.head").unlink()
+    _detected(ledger, "head ledger.jsonl.head", "missing while the ledger holds 4 entries")
+
+
+def test_head_signed_by_foreign_key(ledger: SiteLedger) -> None:
+    lines = _lines(ledger)
+    write_head(
+        ledger.path,
+        site_id="a",
+        count=len(lines),
+        last_hash=line_hash(lines[-1]),
+        private_key=Ed25519PrivateKey.generate(),
+    )
+    _detected(ledger, "head", "bad signature or foreign key")
+
+
+def test_deleted_ledger_with_head_left(ledger: SiteLedger) -> None:
+    ledger.path.unlink()
+    _detected(ledger, "head", "records 4 entries but the ledger holds 0")
+
+
+def test_crash_before_head_update_is_accepted_and_repaired(ledger: SiteLedger) -> None:
+    head = ledger.path.with_name("ledger.jsonl.head")
+    old_head = head.read_bytes()
+    ledger.reserve(plan=_plan(3), cap=CAP)
+    head.write_bytes(old_head)  # as if the process died between append and head update
+    report = ledger.verify()
+    assert report.head_lagging and len(report.entries) == 5
+    assert len(report.history) == 4  # the unheaded reservation still counts
+    ledger.reserve(plan=_plan(4), cap=CAP)
+    assert not ledger.verify().head_lagging
+
+
+def test_lines_added_behind_the_head(ledger: SiteLedger) -> None:
+    head = ledger.path.with_name("ledger.jsonl.head")
+    old_head = head.read_bytes()
+    ledger.reserve(plan=_plan(3), cap=CAP)
+    ledger.reserve(plan=_plan(4), cap=CAP)
+    head.write_bytes(old_head)
+    _detected(ledger, "head", "lines 5 to 6 were added without updating the head")
+
+
+def test_nothing_is_appended_to_a_damaged_ledger(ledger: SiteLedger) -> None:
+    lines = _lines(ledger)
+    del lines[1]
+    _write(ledger, lines)
+    before = ledger.path.read_bytes()
+    with pytest.raises(LedgerError, match=re.escape("line 2 (seq 2)")):
+        ledger.reserve(plan=_plan(5), cap=CAP)
+    assert ledger.path.read_bytes() == before
+
+
+# What a holder of the site key could still get wrong by writing entries outside SiteLedger:
+# the ledger's own rules are checked independently of signatures.
+
+
+def test_resigned_seq_gap(ledger: SiteLedger) -> None:
+    objects = _objects(ledger)
+    del objects[1]
+    _rewrite_with_site_key(ledger, objects)
+    _detected(ledger, "line 2 (seq 2)", "seq 2 where seq 1 was expected")
+
+
+def test_resigned_commit_beyond_reservation(ledger: SiteLedger) -> None:
+    objects = _objects(ledger)
+    objects.append({**objects[1], "seq": 4, "reservation_seq": 2, "steps": 101})
+    _rewrite_with_site_key(ledger, objects)
+    _detected(ledger, "line 5 (seq 4)", "commit of 101 steps exceeds the 100 steps reserved")
+
+
+def test_resigned_second_commit(ledger: SiteLedger) -> None:
+    objects = _objects(ledger)
+    objects.append({**objects[1], "seq": 4, "steps": 10})
+    _rewrite_with_site_key(ledger, objects)
+    _detected(ledger, "line 5 (seq 4)", "reservation seq 0 was already committed at seq 1")
+
+
+def test_resigned_commit_of_unknown_reservation(ledger: SiteLedger) -> None:
+    objects = _objects(ledger)
+    objects.append({**objects[1], "seq": 4, "reservation_seq": 1})
+    _rewrite_with_site_key(ledger, objects)
+    _detected(ledger, "line 5 (seq 4)", "commit refers to seq 1, which is no reservation")
+
+
+def test_resigned_entry_of_another_site(ledger: SiteLedger) -> None:
+    objects = _objects(ledger)
+    objects[2]["site_id"] = "b"
+    _rewrite_with_site_key(ledger, objects)
+    _detected(ledger, "line 3 (seq 2)", "entry of site 'b', expected 'a'")
+
+
+def test_resigned_missing_field(ledger: SiteLedger) -> None:
+    objects = _objects(ledger)
+    del objects[0]["round"]
+    _rewrite_with_site_key(ledger, objects)
+    _detected(ledger, "line 1 (seq 0)", "missing fields round")
+
+
+def test_resigned_bad_value(ledger: SiteLedger) -> None:
+    objects = _objects(ledger)
+    objects[2]["sample_rate"] = 0
+    _rewrite_with_site_key(ledger, objects)
+    _detected(ledger, "line 3 (seq 2)", "field 'sample_rate'", "sample rate must be in (0, 1]")
+
+
+def test_reformatted_line(ledger: SiteLedger) -> None:
+    lines = _lines(ledger)
+    lines[1] = json.dumps(json.loads(lines[1]), indent=None).encode("ascii")
+    _write(ledger, lines)
+    _detected(ledger, "line 2 (seq 1)", "not in canonical form")

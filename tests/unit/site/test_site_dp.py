@@ -1,0 +1,109 @@
+"""Poisson sampling over patients, the one-example-per-patient guard, and empty steps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from medfed.errors import PrivacyUnitError
+from medfed.site.dp import (
+    PoissonPatientSampler,
+    check_one_example_per_patient,
+    make_private,
+    per_sample_gradient_rows,
+    plan_sampling,
+    prepare_empty_step,
+)
+
+
+def test_plan_matches_opacus_convention() -> None:
+    plan = plan_sampling(dataset_size=20, batch_size=4, epochs=3)
+    assert plan.sample_rate == pytest.approx(0.2)
+    assert plan.steps_per_epoch == 5
+    assert plan.steps == 15
+    assert plan.expected_batch_size == 4
+
+
+def test_plan_caps_the_rate_at_one() -> None:
+    plan = plan_sampling(dataset_size=3, batch_size=8, epochs=2)
+    assert plan.sample_rate == 1.0
+    assert plan.steps_per_epoch == 1
+    assert plan.expected_batch_size == 3
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_sampler_draws_each_patient_at_most_once_with_rate_q(secure: bool) -> None:
+    sampler = PoissonPatientSampler(num_patients=50, sample_rate=0.1, secure=secure)
+    draws = list(sampler.steps(400))
+    assert all(len(set(d)) == len(d) for d in draws)
+    assert all(0 <= i < 50 for d in draws for i in d)
+    mean = sum(len(d) for d in draws) / len(draws)
+    # Binomial(50, 0.1) averaged over 400 draws: sd of the mean is about 0.1.
+    assert abs(mean - 5.0) < 0.6
+
+    # With two patients at q=0.1 most draws are empty (p=0.81); they are yielded, not skipped.
+    small = list(PoissonPatientSampler(num_patients=2, sample_rate=0.1, secure=secure).steps(200))
+    assert len(small) == 200
+    assert sum(1 for d in small if not d) > 100
+
+
+def test_sampler_is_not_reproducible_from_outside() -> None:
+    first = list(PoissonPatientSampler(num_patients=100, sample_rate=0.5, secure=False).steps(5))
+    second = list(PoissonPatientSampler(num_patients=100, sample_rate=0.5, secure=False).steps(5))
+    assert first != second
+
+
+def test_guard_refuses_a_patient_twice_or_extra_rows() -> None:
+    check_one_example_per_patient([0, 3, 5], 3)
+    with pytest.raises(PrivacyUnitError, match="distinct patients"):
+        check_one_example_per_patient([0, 3, 3], 3)
+    with pytest.raises(PrivacyUnitError):
+        check_one_example_per_patient([0, 3], 4)
+
+
+def _tiny_dp(noise: float) -> tuple[nn.Module, torch.optim.Optimizer, nn.Linear]:
+    torch.manual_seed(0)
+    model = nn.Linear(64, 32)
+    dp = make_private(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        noise_multiplier=noise,
+        max_grad_norm=1.0,
+        expected_batch_size=2,
+        grad_sample_mode="hooks",
+        secure_mode=False,
+    )
+    return dp.module, dp.optimizer, model
+
+
+def test_empty_draw_is_a_noise_only_step() -> None:
+    module, optimizer, model = _tiny_dp(noise=1.0)
+    before = model.weight.detach().clone()
+    optimizer.zero_grad(set_to_none=True)
+    prepare_empty_step(module)
+    optimizer.step()
+    change = model.weight.detach() - before
+    # lr 1, noise std = sigma * C / expected batch = 0.5 per coordinate.
+    assert change.abs().sum() > 0
+    assert change.std().item() == pytest.approx(0.5, rel=0.1)
+
+
+def test_empty_draw_without_noise_leaves_the_model_alone() -> None:
+    module, optimizer, model = _tiny_dp(noise=1e-12)
+    before = model.weight.detach().clone()
+    optimizer.zero_grad(set_to_none=True)
+    prepare_empty_step(module)
+    optimizer.step()
+    assert torch.allclose(model.weight, before, atol=1e-9)
+
+
+def test_per_sample_rows_count_examples_in_the_backward_pass() -> None:
+    module, optimizer, _ = _tiny_dp(noise=1.0)
+    optimizer.zero_grad(set_to_none=True)
+    module(torch.randn(3, 64, requires_grad=True)).sum().backward()
+    assert per_sample_gradient_rows(module) == 3
+    optimizer.step()
+    assert not math.isnan(float(next(module.parameters()).detach().sum()))
