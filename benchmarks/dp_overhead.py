@@ -14,9 +14,8 @@ three steps, and its overall peak; on CUDA torch.cuda.max_memory_allocated durin
 Modes: hooks = Opacus hooks with medfed's registered rules (medfed.models.grad_samplers);
 hooks-stock = Opacus' own rules (unfold convs, functorch for ConvTranspose/PReLU);
 functorch, ew, ghost = Opacus modes (ghost with a per-sample DiceCE; ghost-dicece with MONAI's
-DiceCELoss as the trainer uses it); vmap = Opacus "no_op" mode with per-sample gradients from
-torch.func over the whole network (not a config option: an estimate of what one fused
-forward/backward costs).
+DiceCELoss); vmap = the trainer's own whole-network torch.func mode (medfed.site.dp), one
+forward and one backward pass, with Opacus' DPOptimizer clipping and adding the noise.
 """
 
 from __future__ import annotations

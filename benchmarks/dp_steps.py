@@ -17,6 +17,7 @@ from torch import nn
 
 from medfed.config import ModelSection
 from medfed.models import ModelSpec, build_model
+from medfed.site.dp import make_private, segmentation_loss
 
 MODES = ("none", "hooks", "hooks-stock", "functorch", "ew", "ghost", "ghost-dicece", "vmap")
 Step = Callable[[], None]
@@ -64,9 +65,8 @@ def rules(mode: str) -> Iterator[None]:
 
 
 def loss_fn() -> nn.Module:
-    from monai.losses.dice import DiceCELoss
-
-    return DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
+    """The trainer's loss (foreground Dice + cross-entropy, one term per example)."""
+    return segmentation_loss(onehot_targets=False)
 
 
 class PerSampleDiceCE(nn.Module):
@@ -81,7 +81,9 @@ class PerSampleDiceCE(nn.Module):
         from monai.losses.dice import DiceLoss
 
         self.reduction = "mean"
-        self.dice = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")
+        self.dice = DiceLoss(
+            to_onehot_y=True, softmax=True, reduction="none", include_background=False
+        )
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         dice: torch.Tensor = self.dice(logits, labels).flatten(1).mean(dim=1)
@@ -118,6 +120,25 @@ def make_step(
             optimizer.step()
 
         return plain
+    if mode == "vmap":
+        # The trainer's own implementation (medfed.site.dp), not a copy of it.
+        dp = make_private(
+            model=model,
+            optimizer=optimizer,
+            num_classes=2,
+            noise_multiplier=noise,
+            max_grad_norm=clip,
+            expected_batch_size=images.shape[0],
+            grad_sample_mode="vmap",
+            secure_mode=False,
+        )
+
+        def vmap_step() -> None:
+            dp.optimizer.zero_grad(set_to_none=True)
+            dp.per_sample_gradients(images, labels)
+            dp.optimizer.step()
+
+        return vmap_step
     from opacus import PrivacyEngine
 
     loader = torch.utils.data.DataLoader(
@@ -130,9 +151,7 @@ def make_step(
         "noise_multiplier": noise,
         "max_grad_norm": clip,
         "poisson_sampling": False,
-        "grad_sample_mode": {"hooks-stock": "hooks", "ghost-dicece": "ghost", "vmap": "no_op"}.get(
-            mode, mode
-        ),
+        "grad_sample_mode": {"hooks-stock": "hooks", "ghost-dicece": "ghost"}.get(mode, mode),
     }
     with rules(mode):
         if mode.startswith("ghost"):
@@ -143,8 +162,6 @@ def make_step(
             )
         else:
             module, dp_opt, _ = PrivacyEngine().make_private(**kwargs)
-    if mode == "vmap":
-        return _vmap_step(module._module, dp_opt, images, labels)
 
     def dp() -> None:
         with rules(mode):
@@ -153,32 +170,6 @@ def make_step(
             dp_opt.step()
 
     return dp
-
-
-def _vmap_step(
-    net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor
-) -> Step:
-    from monai.losses.dice import DiceCELoss
-    from torch.func import functional_call, grad, vmap
-
-    # one_hot uses scatter_, which vmap cannot batch: encode labels once, outside.
-    onehot = torch.cat([1 - labels, labels], dim=1)
-    criterion = DiceCELoss(softmax=True, batch=False)
-
-    def sample_loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> Any:
-        return criterion(functional_call(net, params, (x[None],)), y[None])
-
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        params = {k: p.detach() for k, p in net.named_parameters()}
-        grads = per_sample(params, images, onehot)
-        for key, parameter in net.named_parameters():
-            parameter.grad_sample = grads[key]  # type: ignore[attr-defined]
-        optimizer.step()
-
-    return step
 
 
 def check_mode(mode: str, dims: int, layout: torch.memory_format) -> float:

@@ -43,20 +43,27 @@ def train(
         TextColumn("epoch {task.fields[epoch]} loss {task.fields[loss]} eps {task.fields[eps]}"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console, disable=as_json) as progress:
-        task = progress.add_task(f"{site.site_id} DP-SGD", total=None, epoch=1, loss="-", eps="-")
+    # Shown from the first step on, so a refusal (cap, ledger, data) prints its line alone.
+    progress = Progress(*columns, console=console, disable=as_json)
+    task = progress.add_task(f"{site.site_id} DP-SGD", total=None, epoch=1, loss="-", eps="-")
 
-        def on_step(report: StepReport) -> None:
-            progress.update(
-                task,
-                completed=report.step,
-                total=report.total_steps,
-                epoch=report.epoch,
-                loss="-" if report.loss is None else f"{report.loss:.3f}",
-                eps="-" if math.isnan(report.epsilon) else f"{report.epsilon:.2f}",
-            )
+    def on_step(report: StepReport) -> None:
+        if not progress.live.is_started:
+            progress.start()
+        progress.update(
+            task,
+            completed=report.step,
+            total=report.total_steps,
+            epoch=report.epoch,
+            loss="-" if report.loss is None else f"{report.loss:.3f}",
+            eps="-" if math.isnan(report.epsilon) else f"{report.epsilon:.2f}",
+        )
 
+    try:
         result = train_local(config=site, epochs=epochs, on_step=on_step)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
 
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2, default=str))

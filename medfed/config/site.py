@@ -14,9 +14,10 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Accountant = Literal["rdp", "prv", "pld"]
-# "ew" cannot train MONAI's UNet (no PReLU rule), and ghost clipping needs a per-sample loss that
+# "vmap" is torch.func over the whole network; "hooks" and "functorch" are Opacus' modes. Opacus'
+# "ew" cannot train MONAI's UNet (no PReLU rule) and ghost clipping needs a per-sample loss that
 # MONAI's DiceCELoss does not give: both are left out (see benchmarks/README.md).
-GradSampleMode = Literal["hooks", "functorch"]
+GradSampleMode = Literal["vmap", "hooks", "functorch"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 
 
@@ -89,7 +90,7 @@ class TrainingSection(_Strict):
     device: DeviceName = "auto"
     threads: int | None = Field(default=None, ge=1, description="CPU threads; null = all cores.")
     seed: int = 0
-    grad_sample_mode: GradSampleMode = "hooks"
+    grad_sample_mode: GradSampleMode = "vmap"
 
 
 class PrivacySection(_Strict):

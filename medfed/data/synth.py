@@ -36,6 +36,11 @@ _Array = np.ndarray[Any, np.dtype[np.float64]]
 MIN_CASES = 3
 MIN_SIZE = 8
 VAL_SHARE = 0.2
+# The generated site.yaml: enough DP-SGD steps to learn, noise chosen to fit the cap.
+DEFAULT_EPOCHS = 15
+DEFAULT_BATCH = 4
+DEFAULT_CAP = 8.0
+DEFAULT_DELTA = 1e-5
 
 
 @dataclass(frozen=True)
@@ -99,11 +104,13 @@ def synthesize_site(
         )
     out = Path(out).expanduser()
     site = site_id or _default_site_id(out, seed)
-    config = _site_config(site, size=size, spatial_dims=spatial_dims, seed=seed)
+    n_val = max(1, min(cases - 2, round(VAL_SHARE * cases)))
+    config = _site_config(
+        site, size=size, spatial_dims=spatial_dims, seed=seed, n_train=cases - n_val
+    )
     _prepare_out(out, overwrite=overwrite)
 
     style = _site_style(seed, site_shift)
-    n_val = max(1, min(cases - 2, round(VAL_SHARE * cases)))
     val_indices = set(np.random.default_rng([seed, 7919]).permutation(cases)[:n_val].tolist())
     rows: list[tuple[str, str, str, str]] = []
     for index in range(cases):
@@ -135,14 +142,34 @@ def synthesize_site(
     )
 
 
+def _default_noise(n_train: int) -> float:
+    """The noise multiplier with which one default local run spends 90% of the default cap.
+
+    Rounded up to 0.01 (more noise, less epsilon), so `medfed site train` works on a fresh
+    synthetic site and a second run is refused by the cap, as it should be.
+    """
+    from medfed.privacy import noise_for_target_epsilon, plan_sampling
+
+    plan = plan_sampling(dataset_size=n_train, batch_size=DEFAULT_BATCH, epochs=DEFAULT_EPOCHS)
+    noise = noise_for_target_epsilon(
+        target_epsilon=0.9 * DEFAULT_CAP,
+        sample_rate=plan.sample_rate,
+        steps=plan.steps,
+        delta=DEFAULT_DELTA,
+        accountant="rdp",
+    )
+    return math.ceil(noise * 100) / 100
+
+
 def _default_site_id(out: Path, seed: int) -> str:
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", out.name).strip("-._")[:63]
     return name if name else f"synth-{seed}"
 
 
-def _site_config(site: str, *, size: int, spatial_dims: int, seed: int) -> SiteConfig:
+def _site_config(site: str, *, size: int, spatial_dims: int, seed: int, n_train: int) -> SiteConfig:
     # multiples of 8 let the default UNet (and one more down-sampling level) divide the patch
     patch = max(MIN_SIZE, min(size, 32) // 8 * 8)
+    noise = _default_noise(n_train)
     try:
         return SiteConfig(
             site_id=site,
@@ -152,8 +179,10 @@ def _site_config(site: str, *, size: int, spatial_dims: int, seed: int) -> SiteC
                 patch_size=[patch] * spatial_dims,
                 spacing=[1.25] * spatial_dims,
             ),
-            training=TrainingSection(epochs=3, batch_size=4, seed=seed),
-            privacy=PrivacySection(noise_multiplier=1.0, epsilon_cap=8.0, delta=1e-5),
+            training=TrainingSection(epochs=DEFAULT_EPOCHS, batch_size=DEFAULT_BATCH, seed=seed),
+            privacy=PrivacySection(
+                noise_multiplier=noise, epsilon_cap=DEFAULT_CAP, delta=DEFAULT_DELTA
+            ),
             paths=PathsSection(workdir=Path(".medfed")),
         )
     except ValidationError:

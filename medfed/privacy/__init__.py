@@ -16,6 +16,7 @@ from medfed.privacy.budget import BudgetCap, BudgetCheck, BudgetStatus, budget_s
 from medfed.privacy.events import CommitEntry, LedgerEntry, ReserveEntry
 from medfed.privacy.keys import key_id, load_or_create_signing_key, load_public_key, public_key_path
 from medfed.privacy.ledger import LedgerReport, ReservationState, verify_ledger
+from medfed.privacy.sampling import SamplingPlan, plan_sampling
 from medfed.privacy.site_ledger import Reservation, RoundPlan, SiteLedger, library_versions
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "ReservationState",
     "ReserveEntry",
     "RoundPlan",
+    "SamplingPlan",
     "SiteLedger",
     "budget_status",
     "check_budget",
@@ -42,6 +44,7 @@ __all__ = [
     "load_or_create_signing_key",
     "load_public_key",
     "noise_for_target_epsilon",
+    "plan_sampling",
     "public_key_path",
     "verify_ledger",
 ]

@@ -8,9 +8,8 @@ inside a collate function.
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,36 +26,6 @@ def entropy_seed() -> int:
     be known is noise that can be subtracted.
     """
     return int.from_bytes(os.urandom(8), "little") >> 1
-
-
-@dataclass(frozen=True)
-class SamplingPlan:
-    """How many DP steps a round takes and with which Poisson rate."""
-
-    dataset_size: int
-    sample_rate: float
-    steps_per_epoch: int
-    epochs: int
-
-    @property
-    def steps(self) -> int:
-        return self.steps_per_epoch * self.epochs
-
-    @property
-    def expected_batch_size(self) -> int:
-        return max(1, round(self.sample_rate * self.dataset_size))
-
-
-def plan_sampling(*, dataset_size: int, batch_size: int, epochs: int) -> SamplingPlan:
-    """Sample rate ``batch_size / N`` and ``1 / q`` steps per epoch, as Opacus does."""
-    sample_rate = min(1.0, batch_size / dataset_size)
-    steps_per_epoch = max(1, math.floor(1.0 / sample_rate + 1e-9))
-    return SamplingPlan(
-        dataset_size=dataset_size,
-        sample_rate=sample_rate,
-        steps_per_epoch=steps_per_epoch,
-        epochs=epochs,
-    )
 
 
 class PoissonPatientSampler:
@@ -104,38 +73,66 @@ def check_one_example_per_patient(patients: Sequence[int], batch_size: int) -> N
         )
 
 
+Gradients = Callable[[torch.Tensor, torch.Tensor], float]
+
+
 @dataclass
 class DPComponents:
-    """The wrapped model and optimiser that perform DP-SGD."""
+    """The model and optimiser that perform DP-SGD, and how a batch's gradients are made.
+
+    ``per_sample_gradients(images, labels)`` leaves one gradient row per example in every
+    parameter's ``grad_sample`` and returns the batch's mean loss; ``optimizer.step()`` then
+    clips each row, sums, adds the noise and updates.
+    """
 
     module: nn.Module
     optimizer: torch.optim.Optimizer
+    per_sample_gradients: Gradients
+
+
+def segmentation_loss(*, onehot_targets: bool) -> nn.Module:
+    """Dice + cross-entropy over the foreground classes, one term per example.
+
+    ``batch=False`` keeps Dice per example, so the batch loss is the mean of per-patient losses
+    and each patient's gradient is exactly its own.
+    """
+    from monai.losses.dice import DiceCELoss
+
+    return DiceCELoss(
+        to_onehot_y=not onehot_targets, softmax=True, batch=False, include_background=False
+    )
 
 
 def make_private(
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
+    num_classes: int,
     noise_multiplier: float,
     max_grad_norm: float,
     expected_batch_size: int,
     grad_sample_mode: GradSampleMode,
     secure_mode: bool,
 ) -> DPComponents:
-    """Wrap ``model`` for per-sample gradients and ``optimizer`` for clipping and noise.
+    """Set ``model`` up for per-sample gradients and wrap ``optimizer`` for clipping and noise.
 
+    ``hooks`` and ``functorch`` wrap the model in Opacus' GradSampleModule. ``vmap`` leaves it
+    plain and differentiates one example's loss with ``torch.func``, vectorised over the batch:
+    one forward and one backward pass for the whole network (see benchmarks/README.md).
     Accounting is not attached: the site's ledger is the only accountant.
     """
     from opacus.grad_sample.utils import prepare_module
-    from opacus.optimizers import get_optimizer_class
+    from opacus.optimizers import DPOptimizer
 
-    module = prepare_module(
-        model, grad_sample_mode=grad_sample_mode, batch_first=True, loss_reduction="mean"
-    )
-    optimizer_class = get_optimizer_class(
-        clipping="flat", distributed=False, grad_sample_mode=grad_sample_mode
-    )
-    dp_optimizer = optimizer_class(
+    if grad_sample_mode == "vmap":
+        module: nn.Module = model
+        per_sample = _vmap_gradients(model, num_classes)
+    else:
+        module = prepare_module(
+            model, grad_sample_mode=grad_sample_mode, batch_first=True, loss_reduction="mean"
+        )
+        per_sample = _backward_gradients(module)
+    dp_optimizer = DPOptimizer(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
@@ -144,7 +141,44 @@ def make_private(
         generator=torch.Generator().manual_seed(entropy_seed()),
         secure_mode=secure_mode,
     )
-    return DPComponents(module=module, optimizer=dp_optimizer)
+    return DPComponents(module=module, optimizer=dp_optimizer, per_sample_gradients=per_sample)
+
+
+def _backward_gradients(module: nn.Module) -> Gradients:
+    loss_fn = segmentation_loss(onehot_targets=False)
+
+    def gradients(images: torch.Tensor, labels: torch.Tensor) -> float:
+        loss = loss_fn(module(images), labels)
+        loss.backward()  # Opacus' hooks turn this into per-sample gradients
+        return float(loss.detach())
+
+    return gradients
+
+
+def _vmap_gradients(model: nn.Module, num_classes: int) -> Gradients:
+    from torch.func import functional_call, grad_and_value, vmap
+
+    loss_fn = segmentation_loss(onehot_targets=True)
+
+    def example_loss(
+        params: dict[str, torch.Tensor], image: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
+        loss: torch.Tensor = loss_fn(functional_call(model, params, (image[None],)), target[None])
+        return loss
+
+    per_example = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0))
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+    def gradients(images: torch.Tensor, labels: torch.Tensor) -> float:
+        # One-hot encoding scatters, which vmap cannot batch: encode the targets outside.
+        target = torch.nn.functional.one_hot(labels[:, 0].long(), num_classes)
+        target = target.movedim(-1, 1).to(images.dtype)
+        grads, losses = per_example({n: p.detach() for n, p in named}, images, target)
+        for name, parameter in named:
+            parameter.grad_sample = grads[name]  # type: ignore[attr-defined]
+        return float(losses.mean())
+
+    return gradients
 
 
 def prepare_empty_step(module: nn.Module) -> None:

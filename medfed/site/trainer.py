@@ -15,7 +15,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,13 @@ from torch import nn
 
 from medfed.config.site import SiteConfig
 from medfed.errors import PrivacyUnitError, TrainingError
+from medfed.privacy.sampling import SamplingPlan, plan_sampling
 from medfed.site.dp import (
     DPComponents,
     PoissonPatientSampler,
-    SamplingPlan,
     check_one_example_per_patient,
     make_private,
     per_sample_gradient_rows,
-    plan_sampling,
     prepare_empty_step,
 )
 from medfed.site.evaluate import evaluate_dice, unwrap
@@ -81,21 +80,12 @@ class TrainResult:
     seconds: float
     checkpoint: Path
     metrics_file: Path
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["checkpoint"] = str(self.checkpoint)
         data["metrics_file"] = str(self.metrics_file)
         return data
-
-
-def _loss_function() -> nn.Module:
-    from monai.losses.dice import DiceCELoss
-
-    # batch=False keeps Dice per sample, so the loss is a mean of per-patient terms and
-    # per-sample gradients are exactly each patient's own.
-    return DiceCELoss(to_onehot_y=True, softmax=True, batch=False, include_background=False)
 
 
 def _optimizer(config: SiteConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -145,7 +135,14 @@ def train_local(
         save_checkpoint,
         spec_from_config,
     )
-    from medfed.privacy import BudgetCap, DPSteps, RoundPlan, SiteLedger, compute_epsilon
+    from medfed.privacy import (
+        BudgetCap,
+        DPSteps,
+        RoundPlan,
+        SiteLedger,
+        check_budget,
+        compute_epsilon,
+    )
 
     started = time.monotonic()
     run_id = run_id or f"local-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -160,6 +157,15 @@ def train_local(
     datasets = build_datasets(config)
     # a different crop sequence each round, reproducible for a given seed
     datasets.train.set_random_state(config.training.seed + round_index)
+    plan = plan_sampling(
+        dataset_size=len(datasets.train), batch_size=config.training.batch_size, epochs=epochs
+    )
+    noise = _noise_multiplier(config, plan)
+    planned = DPSteps(noise_multiplier=noise, sample_rate=plan.sample_rate, steps=plan.steps)
+    cap = BudgetCap(epsilon=privacy.epsilon_cap, delta=privacy.delta)
+    # Refuse early, before any model is built; reserve() checks again under the ledger's lock.
+    check_budget(history=prior, planned=planned, cap=cap, accountant=privacy.accountant)
+
     device = resolve_device(name=config.training.device, threads=config.training.threads)
     torch.manual_seed(config.training.seed)
     spec = spec_from_config(config)
@@ -176,12 +182,9 @@ def train_local(
         )
 
     dice_before = dice()
-    plan = plan_sampling(
-        dataset_size=len(datasets.train), batch_size=config.training.batch_size, epochs=epochs
-    )
-    noise = _noise_multiplier(config, plan)
     dp = make_private(
         model=model,
+        num_classes=num_classes,
         optimizer=_optimizer(config, model),
         noise_multiplier=noise,
         max_grad_norm=privacy.max_grad_norm,
@@ -189,11 +192,9 @@ def train_local(
         grad_sample_mode=config.training.grad_sample_mode,
         secure_mode=privacy.secure_mode,
     )
-    loss_fn = _loss_function()
     sampler = PoissonPatientSampler(
         num_patients=plan.dataset_size, sample_rate=plan.sample_rate, secure=privacy.secure_mode
     )
-    cap = BudgetCap(epsilon=privacy.epsilon_cap, delta=privacy.delta)
     # Everything that can fail on bad settings has run by now; from here on steps are spent.
     reservation = ledger.reserve(
         plan=RoundPlan(
@@ -221,7 +222,6 @@ def train_local(
     try:
         reports = _train_epochs(
             dp=dp,
-            loss_fn=loss_fn,
             dataset=datasets.train,
             sampler=sampler,
             plan=plan,
@@ -284,7 +284,6 @@ class _StepCounter:
 def _train_epochs(
     *,
     dp: DPComponents,
-    loss_fn: nn.Module,
     dataset: Any,
     sampler: PoissonPatientSampler,
     plan: SamplingPlan,
@@ -302,7 +301,7 @@ def _train_epochs(
             losses: list[float] = []
             empty = 0
             for patients in sampler.steps(plan.steps_per_epoch):
-                loss = _dp_step(dp.module, dp.optimizer, loss_fn, dataset, patients, device)
+                loss = _dp_step(dp, dataset, patients, device)
                 taken.steps += 1
                 if loss is None:
                     empty += 1
@@ -344,31 +343,25 @@ def _train_epochs(
 
 
 def _dp_step(
-    module: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: nn.Module,
-    dataset: Any,
-    patients: list[int],
-    device: torch.device,
+    dp: DPComponents, dataset: Any, patients: list[int], device: torch.device
 ) -> float | None:
     """One DP-SGD step over the sampled patients; returns the loss, or None for an empty draw."""
-    optimizer.zero_grad(set_to_none=True)
+    dp.optimizer.zero_grad(set_to_none=True)
     if not patients:
-        prepare_empty_step(module)
-        optimizer.step()
+        prepare_empty_step(dp.module)
+        dp.optimizer.step()
         return None
     batch = _collate([dataset[index] for index in patients], device)
     check_one_example_per_patient(batch["patient"].tolist(), int(batch["image"].shape[0]))
-    loss = loss_fn(module(batch["image"]), batch["label"])
-    loss.backward()
-    rows = per_sample_gradient_rows(module)
+    loss = dp.per_sample_gradients(batch["image"], batch["label"])
+    rows = per_sample_gradient_rows(dp.module)
     if rows != len(patients):
         raise PrivacyUnitError(
             f"{rows} per-sample gradients for {len(patients)} sampled patients",
             hint="the network or loss mixes examples across the batch (e.g. BatchNorm)",
         )
-    optimizer.step()
-    return float(loss.detach())
+    dp.optimizer.step()
+    return loss
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -98,3 +98,19 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     again = load_site_config(path)
     assert again.privacy == config.privacy
     assert again.data.manifest == (tmp_path / "m.csv").resolve()
+
+
+def test_the_documented_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[3] / "sites" / "site.example.yaml"
+    config = load_site_config(example)
+    assert config == load_site_config(example)
+    assert (
+        config.training.grad_sample_mode
+        == SiteConfig.model_fields["training"].default.grad_sample_mode
+    )
+
+
+def test_patch_size_must_fit_the_network_downsampling(tmp_path: Path) -> None:
+    text = GOOD.replace("[32, 32, 32]", "[32, 30, 32]")
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        load_site_config(_write(tmp_path, text))

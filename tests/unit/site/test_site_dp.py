@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from medfed.errors import PrivacyUnitError
+from medfed.errors import PrivacyError, PrivacyUnitError
+from medfed.privacy import plan_sampling
 from medfed.site.dp import (
     PoissonPatientSampler,
     check_one_example_per_patient,
     make_private,
     per_sample_gradient_rows,
-    plan_sampling,
     prepare_empty_step,
 )
 
@@ -25,6 +25,11 @@ def test_plan_matches_opacus_convention() -> None:
     assert plan.steps_per_epoch == 5
     assert plan.steps == 15
     assert plan.expected_batch_size == 4
+
+
+def test_plan_refuses_an_empty_site() -> None:
+    with pytest.raises(PrivacyError, match="over 0 patients"):
+        plan_sampling(dataset_size=0, batch_size=4, epochs=1)
 
 
 def test_plan_caps_the_rate_at_one() -> None:
@@ -70,6 +75,7 @@ def _tiny_dp(noise: float) -> tuple[nn.Module, torch.optim.Optimizer, nn.Linear]
     dp = make_private(
         model=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        num_classes=2,
         noise_multiplier=noise,
         max_grad_norm=1.0,
         expected_batch_size=2,
@@ -107,3 +113,52 @@ def test_per_sample_rows_count_examples_in_the_backward_pass() -> None:
     assert per_sample_gradient_rows(module) == 3
     optimizer.step()
     assert not math.isnan(float(next(module.parameters()).detach().sum()))
+
+
+def _default_3d_network() -> nn.Module:
+    from medfed.config import SiteConfig
+    from medfed.models import build_model, spec_from_config
+
+    config = SiteConfig.model_validate(
+        {"site_id": "t", "data": {"manifest": "m.csv", "patch_size": [16, 16, 16]}}
+    )
+    torch.manual_seed(0)
+    return build_model(spec=spec_from_config(config)).to(torch.float64)
+
+
+@pytest.mark.parametrize("mode", ["vmap", "hooks", "functorch"])
+def test_site_per_sample_gradients_equal_single_patient_backward_passes(mode: str) -> None:
+    """The gradients the trainer clips are each patient's own, in every supported mode."""
+    from medfed.site.dp import segmentation_loss
+
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randn(3, 1, 16, 16, 16, generator=generator, dtype=torch.float64)
+    labels = (torch.rand(3, 1, 16, 16, 16, generator=generator) > 0.7).long()
+    reference = _default_3d_network()
+    loss_fn = segmentation_loss(onehot_targets=False)
+    expected = []
+    for i in range(3):
+        reference.zero_grad(set_to_none=True)
+        loss_fn(reference(images[i : i + 1]), labels[i : i + 1]).backward()
+        expected.append({n: p.grad.detach().clone() for n, p in reference.named_parameters()})
+
+    model = _default_3d_network()
+    dp = make_private(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        num_classes=2,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=3,
+        grad_sample_mode=mode,
+        secure_mode=False,
+    )
+    loss = dp.per_sample_gradients(images, labels)
+    assert per_sample_gradient_rows(dp.module) == 3
+    with torch.no_grad():
+        whole_batch = float(loss_fn(reference(images), labels))
+    assert loss == pytest.approx(whole_batch, rel=1e-9)
+    for name, parameter in model.named_parameters():
+        rows = parameter.grad_sample  # type: ignore[attr-defined]
+        for i in range(3):
+            torch.testing.assert_close(rows[i], expected[i][name], rtol=1e-7, atol=1e-10)

@@ -1,0 +1,28 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+RunMedfed = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def run_medfed() -> RunMedfed:
+    """Run the `medfed` command line in a fresh process, as a user would."""
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", "from medfed.cli.app import main; main()", *args],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            timeout=300,
+        )
+
+    return run
