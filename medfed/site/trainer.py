@@ -40,7 +40,11 @@ log = logging.getLogger("medfed.site")
 
 @dataclass(frozen=True)
 class StepReport:
-    """What a progress display needs after each step."""
+    """What a progress display needs after each step (and once more at each epoch's end).
+
+    ``epsilon`` is the spend up to the last completed epoch (NaN before the first), recomputed
+    from the ledger's history; ``patients`` is 0 in the report that closes an epoch.
+    """
 
     step: int
     total_steps: int
@@ -293,6 +297,22 @@ def _train_epochs(
     on_step: Callable[[StepReport], None] | None,
 ) -> list[EpochReport]:
     reports: list[EpochReport] = []
+
+    def notify(epoch: int, patients: int, loss: float | None) -> None:
+        if on_step is not None:
+            # Epsilon is recomputed at epoch ends (PRV and PLD take a while), and shown then.
+            epsilon = reports[-1].epsilon if reports else math.nan
+            on_step(
+                StepReport(
+                    step=taken.steps,
+                    total_steps=plan.steps,
+                    epoch=epoch,
+                    patients=patients,
+                    loss=loss,
+                    epsilon=epsilon,
+                )
+            )
+
     with warnings.catch_warnings():
         # Opacus' backward hooks warn when the input needs no gradient, which is always so here.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -307,17 +327,7 @@ def _train_epochs(
                     empty += 1
                 else:
                     losses.append(loss)
-                if on_step is not None:
-                    on_step(
-                        StepReport(
-                            step=taken.steps,
-                            total_steps=plan.steps,
-                            epoch=epoch,
-                            patients=len(patients),
-                            loss=loss,
-                            epsilon=reports[-1].epsilon if reports else math.nan,
-                        )
-                    )
+                notify(epoch, len(patients), loss)
             mean_loss = sum(losses) / len(losses) if losses else None
             if mean_loss is not None and not math.isfinite(mean_loss):
                 raise TrainingError(
@@ -332,6 +342,7 @@ def _train_epochs(
                     epsilon=epsilon_after(taken.steps),
                 )
             )
+            notify(epoch, 0, mean_loss)
             log.info(
                 "epoch %d/%d loss %s epsilon %.3f",
                 epoch,
