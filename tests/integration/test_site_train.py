@@ -174,3 +174,28 @@ def test_training_on_cuda_learns_and_records_the_same_ledger(tmp_path: Path) -> 
     result = train_local(config=config)
     assert result.dice_after > result.dice_before + 0.3, result
     assert len(_ledger(config).verify().entries) == 2
+
+
+def test_secure_mode_and_a_target_epsilon_per_round(tmp_path: Path) -> None:
+    config = _site(tmp_path, cases=8, size=16)
+    privacy = config.privacy.model_dump() | {
+        "noise_multiplier": None,
+        "target_epsilon_per_round": 1.5,
+        "secure_mode": True,
+    }
+    config = config.model_copy(update={"privacy": type(config.privacy).model_validate(privacy)})
+    result = train_local(config=config, epochs=2)
+    # Sigma was calibrated so that this round alone stays within its target.
+    alone = compute_epsilon(
+        history=[
+            DPSteps(
+                noise_multiplier=result.noise_multiplier,
+                sample_rate=result.sample_rate,
+                steps=result.steps,
+            )
+        ],
+        delta=config.privacy.delta,
+        accountant="rdp",
+    )
+    assert 1.4 < alone <= 1.5
+    assert result.epsilon_spent == pytest.approx(alone, rel=1e-12)
