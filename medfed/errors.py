@@ -80,6 +80,13 @@ class PrivacyUnitError(PrivacyError):
     code = "privacy-unit"
 
 
+class AggregationError(MedfedError):
+    """Site updates cannot be merged (none left, or they do not fit the global model)."""
+
+    code = "aggregation"
+    exit_code = 7
+
+
 class TrainingError(MedfedError):
     """Training could not run or diverged."""
 

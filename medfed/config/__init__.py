@@ -8,6 +8,7 @@ from medfed.config.site import (
     PrivacySection,
     SiteConfig,
     TrainingSection,
+    TransportSection,
 )
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "PrivacySection",
     "SiteConfig",
     "TrainingSection",
+    "TransportSection",
     "dump_site_config",
     "load_site_config",
 ]

@@ -87,7 +87,15 @@ def resolve_paths(config: SiteConfig, *, base: Path) -> SiteConfig:
             "signing_key": _resolve(base, config.paths.signing_key),
         }
     )
-    return config.model_copy(update={"data": data, "paths": paths})
+    transport = config.transport
+    if transport is not None:
+        transport = transport.model_copy(
+            update={
+                key: _resolve(base, getattr(transport, key))
+                for key in ("root_certificates", "node_private_key", "node_public_key")
+            }
+        )
+    return config.model_copy(update={"data": data, "paths": paths, "transport": transport})
 
 
 def dump_site_config(config: SiteConfig, path: Path) -> None:

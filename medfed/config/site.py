@@ -121,6 +121,18 @@ class PathsSection(_Strict):
     )
 
 
+class TransportSection(_Strict):
+    """How the site's node reaches the aggregator (from the kit `medfed provision` made)."""
+
+    superlink_address: str = Field(
+        pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$",
+        description="host:port of the aggregator's Flower SuperLink ([v6]:port for IPv6).",
+    )
+    root_certificates: Path = Field(description="CA certificate that signed the SuperLink's.")
+    node_private_key: Path = Field(description="This node's EC P-384 key (OpenSSH, mode 0600).")
+    node_public_key: Path = Field(description="Its public half, registered at the aggregator.")
+
+
 class SiteConfig(_Strict):
     """A site's whole configuration."""
 
@@ -130,6 +142,7 @@ class SiteConfig(_Strict):
     training: TrainingSection = TrainingSection()
     privacy: PrivacySection = PrivacySection(noise_multiplier=1.0)
     paths: PathsSection = PathsSection()
+    transport: TransportSection | None = None
 
     @model_validator(mode="after")
     def _patch_fits_network(self) -> Self:

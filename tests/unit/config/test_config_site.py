@@ -114,3 +114,21 @@ def test_patch_size_must_fit_the_network_downsampling(tmp_path: Path) -> None:
     text = GOOD.replace("[32, 32, 32]", "[32, 30, 32]")
     with pytest.raises(ConfigError, match="divisible by 4"):
         load_site_config(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("address", "ok"),
+    [("agg.hospital.org:8000", True), ("[::1]:8000", True), ("agg:port", False), ("agg", False)],
+)
+def test_transport_address_must_be_host_and_port(tmp_path: Path, address: str, ok: bool) -> None:
+    text = GOOD + (
+        f"transport:\n  superlink_address: '{address}'\n  root_certificates: kit/ca.crt\n"
+        "  node_private_key: kit/node_key\n  node_public_key: kit/node_key.pub\n"
+    )
+    if ok:
+        config = load_site_config(_write(tmp_path, text))
+        assert config.transport is not None
+        assert config.transport.node_private_key == (tmp_path / "kit" / "node_key").resolve()
+    else:
+        with pytest.raises(ConfigError, match=r"transport\.superlink_address"):
+            load_site_config(_write(tmp_path, text))

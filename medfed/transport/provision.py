@@ -1,0 +1,357 @@
+"""Create a federation workspace: CA, SuperLink TLS certificate, one kit per site.
+
+Layout (all directories 0700, private keys 0600)::
+
+    workspace.yaml            sites, host, port, paths, public keys, expiry (no private keys)
+    ca/ca.key, ca/ca.crt      the federation CA; ca.key never leaves the aggregator's admin
+    superlink/                server.key, server.crt, ca.crt for flower-superlink
+    sites/<site>/             the kit for one hospital: node_key, node_key.pub, ca.crt,
+                              site.template.yaml
+
+The workspace is built in a private staging directory next to ``out`` and renamed into place,
+so an interrupted run leaves either the old workspace or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medfed.errors import ConfigError
+from medfed.privacy.storage import fsync_dir, replace_file
+from medfed.transport import certs
+
+# DESIGN.md ("Flower facts that matter", flwr 1.41/1.42): the SuperLink serves HTTPS on one
+# port, 8000 by default, with the Fleet, Control and Runtime APIs together. Older Flower
+# releases used separate gRPC ports (ServerAppIo 9091, Fleet 9092, Control/Exec 9093); we follow
+# DESIGN.md. Because the Control API shares this port and has no login, hospitals should reach
+# it only through a proxy that forwards /v1/fleet/* (see DESIGN.md pitfalls).
+SUPERLINK_PORT = 8000
+SITE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+WORKSPACE_FILE = "workspace.yaml"
+# Directories that hold a federation's history; a forced re-provision must not delete them.
+PROTECTED_DIRS = ("ledger", "ledgers", "state")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CaPaths(_Strict):
+    """Where the CA lives, relative to the workspace."""
+
+    cert: str
+    key: str
+
+
+class SuperlinkPaths(_Strict):
+    """Files for ``flower-superlink --ssl-certfile/--ssl-keyfile/--ssl-ca-certfile``."""
+
+    cert: str
+    key: str
+    ca_cert: str
+
+
+class SiteEntry(_Strict):
+    """One site's kit and its public node key (to ``flwr supernode register``)."""
+
+    site_id: str = Field(pattern=SITE_ID_PATTERN.pattern)
+    kit: str
+    node_key: str
+    node_public_key_file: str
+    public_key: str = Field(pattern=r"^ecdsa-sha2-nistp384 [A-Za-z0-9+/=]+$")
+    fingerprint: str
+
+
+class WorkspaceManifest(_Strict):
+    """The content of ``workspace.yaml``."""
+
+    version: int = Field(default=1, ge=1, le=1)
+    created_at: dt.datetime
+    host: str
+    port: int = Field(ge=1, le=65535)
+    address: str
+    ca: CaPaths
+    superlink: SuperlinkPaths
+    certificate_not_after: dt.datetime
+    sites: list[SiteEntry] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A provisioned workspace: its root directory and its manifest."""
+
+    root: Path
+    manifest: WorkspaceManifest
+
+    def path(self, relative: str) -> Path:
+        """Absolute path of a manifest entry."""
+        return self.root / relative
+
+    def site(self, site_id: str) -> SiteEntry:
+        """The entry of ``site_id``; :class:`ConfigError` if the workspace has no such site."""
+        for entry in self.manifest.sites:
+            if entry.site_id == site_id:
+                return entry
+        known = ", ".join(s.site_id for s in self.manifest.sites)
+        raise ConfigError(f"no site {site_id!r} in {self.root}", hint=f"known sites: {known}")
+
+
+def parse_sites(text: str) -> list[str]:
+    """Split a comma-separated ``--sites`` value; empty items are kept so they get reported."""
+    return [item.strip() for item in text.split(",")]
+
+
+def validate_site_ids(sites: Sequence[str]) -> list[str]:
+    """Return the ids if all are valid; otherwise one :class:`ConfigError` naming every bad one."""
+    problems: list[str] = []
+    seen: dict[str, str] = {}
+    for site in sites:
+        if not SITE_ID_PATTERN.match(site):
+            problems.append(f"{site!r} is not a valid site id")
+            continue
+        # Case-insensitive: kits are directories, and some file systems fold case.
+        folded = site.casefold()
+        if folded in seen:
+            problems.append(f"{site!r} duplicates {seen[folded]!r}")
+        else:
+            seen[folded] = site
+    if not sites:
+        problems.append("no sites given")
+    if problems:
+        raise ConfigError(
+            "bad site ids: " + "; ".join(problems),
+            hint="give unique ids of letters, digits, '_', '.', '-' (at most 63, starting with a "
+            "letter or digit), comma separated: --sites hospital-a,hospital-b",
+        )
+    return list(sites)
+
+
+def superlink_address(host: str, port: int = SUPERLINK_PORT) -> str:
+    """``host:port``, with brackets around an IPv6 address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def provision_workspace(
+    *,
+    out: Path,
+    sites: Sequence[str],
+    host: str,
+    valid_days: int = 365,
+    force: bool = False,
+    now: dt.datetime | None = None,
+) -> Workspace:
+    """Create a workspace in ``out`` (which must be missing or empty).
+
+    With ``force`` an existing *workspace* (a directory with ``workspace.yaml``) is replaced as
+    a whole, CA included; any other non-empty directory, and a workspace that holds
+    ``ledger``/``ledgers``/``state`` directories, is refused, so that no federation history and
+    no unrelated files are ever deleted. Nothing secret is printed or logged.
+    """
+    if isinstance(sites, str):  # a str is a Sequence[str] of characters: catch the slip early
+        raise ConfigError("sites must be a list of ids", hint="use parse_sites('a,b') first")
+    site_ids = validate_site_ids(sites)
+    host = host.strip()
+    certs.parse_host(host)  # fail on a bad host before anything is created
+    if valid_days < 1:
+        raise ConfigError(f"valid_days must be at least 1, not {valid_days}")
+    out = Path(out).absolute()
+    _check_target(out, force=force)
+    moment = (now or dt.datetime.now(dt.UTC)).replace(microsecond=0)
+    staging = out.with_name(f".{out.name}.provision-{secrets.token_hex(6)}")
+    _private_dir(out.parent, parents=True)
+    _private_dir(staging)
+    try:
+        manifest = _build(staging, site_ids=site_ids, host=host, now=moment, days=valid_days)
+        _swap_into_place(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return Workspace(root=out, manifest=manifest)
+
+
+def load_workspace(path: Path) -> Workspace:
+    """Read a workspace back from its directory (or its ``workspace.yaml``)."""
+    path = Path(path)
+    file = path if path.is_file() else path / WORKSPACE_FILE
+    hint = "run `medfed provision --out DIR --sites ...` first, or point at that DIR"
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: no workspace file", hint=hint) from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read ({exc.strerror})", hint=hint) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML ({exc})", hint="re-provision") from None
+    try:
+        manifest = WorkspaceManifest.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"{file}: invalid workspace ({problems})", hint="re-provision") from None
+    return Workspace(root=file.parent.absolute(), manifest=manifest)
+
+
+def _check_target(out: Path, *, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a directory", hint="choose another --out")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not force:
+        raise ConfigError(
+            f"{out} is not empty",
+            hint="choose an empty or new directory, or pass --force to replace an existing "
+            "workspace (its CA and all keys are replaced; every site needs its new kit)",
+        )
+    if not (out / WORKSPACE_FILE).is_file():
+        raise ConfigError(
+            f"{out} is not empty and is not a medfed workspace (no {WORKSPACE_FILE})",
+            hint="--force only replaces a workspace made by `medfed provision`; choose another "
+            "--out",
+        )
+    kept = [name for name in PROTECTED_DIRS if (out / name).exists()]
+    if kept:
+        raise ConfigError(
+            f"{out} holds federation history ({', '.join(kept)}); refusing to replace it",
+            hint="move those directories somewhere safe first, or provision into a new --out",
+        )
+
+
+def _build(
+    root: Path, *, site_ids: list[str], host: str, now: dt.datetime, days: int
+) -> WorkspaceManifest:
+    ca = certs.make_ca(now=now, valid_days=days, common_name=f"medfed federation CA {host}")
+    server = certs.make_server_cert(ca=ca, host=host, now=now, valid_days=days)
+    ca_pem = certs.cert_pem(ca.cert)
+    address = superlink_address(host)
+
+    _private_dir(root / "ca")
+    _write(root / "ca/ca.key", certs.private_pem(ca.key), secret=True)
+    _write(root / "ca/ca.crt", ca_pem)
+
+    _private_dir(root / "superlink")
+    _write(root / "superlink/server.key", certs.private_pem(server.key), secret=True)
+    _write(root / "superlink/server.crt", certs.cert_pem(server.cert))
+    _write(root / "superlink/ca.crt", ca_pem)
+
+    _private_dir(root / "sites")
+    entries: list[SiteEntry] = []
+    for site_id in site_ids:
+        kit = f"sites/{site_id}"
+        node = certs.make_node_key()
+        _private_dir(root / kit)
+        _write(root / kit / "node_key", node.private_openssh, secret=True)
+        _write(root / kit / "node_key.pub", (node.public_openssh + "\n").encode("ascii"))
+        _write(root / kit / "ca.crt", ca_pem)
+        template = site_template(site_id=site_id, address=address, created_at=now)
+        _write(root / kit / "site.template.yaml", template.encode("utf-8"))
+        entries.append(
+            SiteEntry(
+                site_id=site_id,
+                kit=kit,
+                node_key=f"{kit}/node_key",
+                node_public_key_file=f"{kit}/node_key.pub",
+                public_key=node.public_openssh,
+                fingerprint=node.fingerprint,
+            )
+        )
+
+    manifest = WorkspaceManifest(
+        created_at=now,
+        host=host,
+        port=SUPERLINK_PORT,
+        address=address,
+        ca=CaPaths(cert="ca/ca.crt", key="ca/ca.key"),
+        superlink=SuperlinkPaths(
+            cert="superlink/server.crt", key="superlink/server.key", ca_cert="superlink/ca.crt"
+        ),
+        certificate_not_after=server.cert.not_valid_after_utc,
+        sites=entries,
+    )
+    header = "# medfed federation workspace (written by `medfed provision`; public data only)\n"
+    body = yaml.safe_dump(manifest.model_dump(mode="json"), sort_keys=False)
+    _write(root / WORKSPACE_FILE, (header + body).encode("utf-8"))
+    return manifest
+
+
+def site_template(*, site_id: str, address: str, created_at: dt.datetime) -> str:
+    """The commented ``site.template.yaml`` of one site's kit."""
+    # Values go through JSON quoting, a subset of YAML: an id like "1e5" or "null" stays a string.
+    q = _quote
+    return f"""\
+# medfed site configuration for site {q(site_id)}
+# Made by `medfed provision` on {created_at.isoformat()}. Copy this kit directory to the site's
+# node, rename this file to site.yaml, replace every CHANGE-ME, then run
+# `medfed data check --config site.yaml`.
+site_id: {q(site_id)}
+
+transport:
+  # The aggregator's Flower SuperLink (one HTTPS port for Fleet, Control and Runtime APIs).
+  superlink_address: {q(address)}
+  # CA that signed the SuperLink's certificate: flower-supernode --root-certificates
+  root_certificates: ca.crt
+  # This node's identity key: flower-supernode --auth-supernode-private-key
+  # Private: keep it mode 0600 on this machine only. The aggregator registers node_key.pub.
+  node_private_key: node_key
+  node_public_key: node_key.pub
+
+data:
+  # CSV or YAML manifest of this site's patients: patient_id, image, label[, split]
+  manifest: CHANGE-ME/manifest.csv
+
+privacy:
+  # Agreed with the federation before the first round; the site refuses rounds beyond the cap.
+  noise_multiplier: 1.0   # CHANGE-ME
+  max_grad_norm: 1.0      # CHANGE-ME
+  delta: 1.0e-5           # CHANGE-ME: below 1 / number of patients
+  epsilon_cap: 8.0        # CHANGE-ME: lifetime cap at delta
+  accountant: rdp
+
+paths:
+  # Work directory on local disk: checkpoints, cache, and the privacy ledger (back it up).
+  workdir: CHANGE-ME/medfed-work
+"""
+
+
+def _quote(value: str) -> str:
+    return json.dumps(value)
+
+
+def _private_dir(path: Path, *, parents: bool = False) -> None:
+    if path.is_dir():
+        return
+    if parents:
+        # Only directories we create get 0700; an existing parent keeps the mode its owner chose.
+        _private_dir(path.parent, parents=True)
+    path.mkdir(mode=0o700)
+    os.chmod(path, 0o700)  # mkdir's mode is masked by the umask
+
+
+def _write(path: Path, data: bytes, *, secret: bool = False) -> None:
+    # replace_file creates the temporary file with the final mode, so a private key is never
+    # readable by others, not even for an instant.
+    replace_file(path, data, mode=0o600 if secret else 0o644)
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    if out.exists():
+        # _check_target allowed this: either an empty directory or a replaceable workspace.
+        retired = out.with_name(f".{out.name}.old-{secrets.token_hex(6)}")
+        os.replace(out, retired)
+        os.replace(staging, out)
+        shutil.rmtree(retired)
+    else:
+        os.replace(staging, out)
+    fsync_dir(out.parent)

@@ -1,0 +1,62 @@
+"""Frozen value types shared by the site and the aggregator.
+
+These are the only objects that cross the site/aggregator boundary inside Python. The transport
+layer converts Flower records to and from them in one place; nothing here knows about Flower,
+torch or MONAI, so the aggregator can import it without pulling in training code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["SiteUpdate", "freeze_arrays"]
+
+
+def freeze_arrays(arrays: Mapping[str, npt.ArrayLike]) -> Mapping[str, np.ndarray]:
+    """Return a read-only mapping of read-only copies of ``arrays``.
+
+    The copy is deliberate: marking the caller's own arrays read-only would change objects we do
+    not own, and a view of a writable array could still be changed through its base. Dtypes are
+    kept as given so that validation can report a wrong dtype instead of hiding it by casting.
+    """
+    frozen: dict[str, np.ndarray] = {}
+    for name, value in arrays.items():
+        array = np.array(value, copy=True)
+        array.setflags(write=False)
+        frozen[name] = array
+    return MappingProxyType(frozen)
+
+
+# eq=False: comparing arrays element-wise has no single truth value, so equality is identity.
+@dataclass(frozen=True, eq=False)
+class SiteUpdate:
+    """One site's reply to one training round.
+
+    Attributes:
+        site_id: The site's stable identifier (the name registered with the aggregator).
+        round: The federation round this update answers (1-based, as the server numbers rounds).
+        weights: Full model weights after local training, by parameter name (float32 when built
+            by the transport layer). Stored as read-only copies.
+        num_patients: Number of training patients behind the update; FedAvg weights by it.
+        metrics: Scalar training metrics (loss, Dice, epsilon spent...), by name.
+
+    Construction does not judge the content: :func:`medfed.aggregator.validation.validate_update`
+    reports every problem (shapes, dtypes, NaNs, stale rounds) so a bad update can be rejected
+    with a reason rather than crash the round.
+    """
+
+    site_id: str
+    round: int
+    weights: Mapping[str, np.ndarray]
+    num_patients: int
+    metrics: Mapping[str, float]
+
+    def __post_init__(self) -> None:
+        # Frozen dataclass: object.__setattr__ is the documented way to normalise fields.
+        object.__setattr__(self, "weights", freeze_arrays(self.weights))
+        object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))
