@@ -65,8 +65,9 @@ def describe(workspace: Workspace) -> str:
     lines += [
         "",
         "Next steps:",
-        "  1. On the aggregator, start the SuperLink with TLS and node authentication:",
-        f"       flower-superlink --ssl-ca-certfile {at(m.superlink.ca_cert)} \\",
+        "  1. On the aggregator, start the SuperLink with TLS and node authentication (it "
+        "listens on 127.0.0.1 unless given --host; expose only /v1/fleet/* through a proxy):",
+        f"       flower-superlink --port {m.port} --ssl-ca-certfile {at(m.superlink.ca_cert)} \\",
         f"         --ssl-certfile {at(m.superlink.cert)} --ssl-keyfile {at(m.superlink.key)} \\",
         "         --enable-supernode-auth",
         "  2. Register every site's public node key (CONNECTION: your SuperLink connection in "

@@ -31,11 +31,10 @@ from medfed.errors import ConfigError
 from medfed.privacy.storage import fsync_dir, replace_file
 from medfed.transport import certs
 
-# DESIGN.md ("Flower facts that matter", flwr 1.41/1.42): the SuperLink serves HTTPS on one
-# port, 8000 by default, with the Fleet, Control and Runtime APIs together. Older Flower
-# releases used separate gRPC ports (ServerAppIo 9091, Fleet 9092, Control/Exec 9093); we follow
-# DESIGN.md. Because the Control API shares this port and has no login, hospitals should reach
-# it only through a proxy that forwards /v1/fleet/* (see DESIGN.md pitfalls).
+# flwr 1.41's SuperLink serves HTTPS on one port (`--port`, 8000 by default; `--host` defaults
+# to 127.0.0.1) for the Fleet, Control and Runtime APIs together; older releases used separate
+# gRPC ports. Because the Control API shares this port and has no login, hospitals should reach
+# it only through a proxy that forwards /v1/fleet/*.
 SUPERLINK_PORT = 8000
 SITE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 WORKSPACE_FILE = "workspace.yaml"

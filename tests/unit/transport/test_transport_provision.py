@@ -328,7 +328,7 @@ def test_cli_prints_layout_and_next_steps_without_secrets(tmp_path: Path) -> Non
     for site in ("a", "b"):
         public_body = (out / "sites" / site / "node_key.pub").read_text().split()[1]
         assert public_body not in text  # fingerprints only
-    assert "flower-superlink --ssl-ca-certfile" in text
+    assert "flower-superlink --port 8000 --ssl-ca-certfile" in text
     assert f"flwr supernode register {out / 'sites/a/node_key.pub'} CONNECTION" in text
     assert f"--superlink 10.0.0.5:{SUPERLINK_PORT}" in text
     assert "sites/b/" in text
