@@ -5,7 +5,6 @@ Key material is never logged or put into error messages; only paths and key ids 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import secrets
@@ -17,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from medfed.errors import LedgerError
-from medfed.privacy.storage import fsync_dir, replace_file
+from medfed.privacy.storage import fsync_dir, make_private_dirs, replace_file
 
 _RESTORE_HINT = "restore the key from the site's backup; a new key cannot sign the existing ledger"
 
@@ -70,7 +69,7 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 
 
 def _create_key_file(path: Path) -> None:
-    _make_private_dirs(path.parent)
+    make_private_dirs(path.parent)
     pem = Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -134,15 +133,3 @@ def _ensure_public_file(key_path: Path, public_key: Ed25519PublicKey) -> None:
             )
         return
     replace_file(pub_path, pem, mode=0o644)
-
-
-def _make_private_dirs(directory: Path) -> None:
-    missing = []
-    current = directory
-    while not current.exists():
-        missing.append(current)
-        current = current.parent
-    for folder in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            folder.mkdir(mode=0o700)
-            os.chmod(folder, 0o700)

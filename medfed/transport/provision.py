@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medfed.errors import ConfigError
-from medfed.privacy.storage import fsync_dir, replace_file
+from medfed.privacy.storage import fsync_dir, make_private_dirs, replace_file
 from medfed.transport import certs
 
 # flwr 1.41's SuperLink serves HTTPS on one port (`--port`, 8000 by default; `--host` defaults
@@ -168,8 +168,8 @@ def provision_workspace(
     _check_target(out, force=force)
     moment = (now or dt.datetime.now(dt.UTC)).replace(microsecond=0)
     staging = out.with_name(f".{out.name}.provision-{secrets.token_hex(6)}")
-    _private_dir(out.parent, parents=True)
-    _private_dir(staging)
+    make_private_dirs(out.parent)
+    make_private_dirs(staging)
     try:
         manifest = _build(staging, site_ids=site_ids, host=host, now=moment, days=valid_days)
         _swap_into_place(staging, out)
@@ -236,21 +236,21 @@ def _build(
     ca_pem = certs.cert_pem(ca.cert)
     address = superlink_address(host)
 
-    _private_dir(root / "ca")
+    make_private_dirs(root / "ca")
     _write(root / "ca/ca.key", certs.private_pem(ca.key), secret=True)
     _write(root / "ca/ca.crt", ca_pem)
 
-    _private_dir(root / "superlink")
+    make_private_dirs(root / "superlink")
     _write(root / "superlink/server.key", certs.private_pem(server.key), secret=True)
     _write(root / "superlink/server.crt", certs.cert_pem(server.cert))
     _write(root / "superlink/ca.crt", ca_pem)
 
-    _private_dir(root / "sites")
+    make_private_dirs(root / "sites")
     entries: list[SiteEntry] = []
     for site_id in site_ids:
         kit = f"sites/{site_id}"
         node = certs.make_node_key()
-        _private_dir(root / kit)
+        make_private_dirs(root / kit)
         _write(root / kit / "node_key", node.private_openssh, secret=True)
         _write(root / kit / "node_key.pub", (node.public_openssh + "\n").encode("ascii"))
         _write(root / kit / "ca.crt", ca_pem)
@@ -326,16 +326,6 @@ paths:
 
 def _quote(value: str) -> str:
     return json.dumps(value)
-
-
-def _private_dir(path: Path, *, parents: bool = False) -> None:
-    if path.is_dir():
-        return
-    if parents:
-        # Only directories we create get 0700; an existing parent keeps the mode its owner chose.
-        _private_dir(path.parent, parents=True)
-    path.mkdir(mode=0o700)
-    os.chmod(path, 0o700)  # mkdir's mode is masked by the umask
 
 
 def _write(path: Path, data: bytes, *, secret: bool = False) -> None:
