@@ -8,6 +8,7 @@ crash can only over-count the privacy spent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -141,7 +142,6 @@ def train_local(
     )
     from medfed.privacy import (
         BudgetCap,
-        DPSteps,
         RoundPlan,
         SiteLedger,
         check_budget,
@@ -165,10 +165,20 @@ def train_local(
         dataset_size=len(datasets.train), batch_size=config.training.batch_size, epochs=epochs
     )
     noise = _noise_multiplier(config, plan)
-    planned = DPSteps(noise_multiplier=noise, sample_rate=plan.sample_rate, steps=plan.steps)
+    round_plan = RoundPlan(
+        run_id=run_id,
+        round=round_index,
+        steps=plan.steps,
+        sample_rate=plan.sample_rate,
+        noise_multiplier=noise,
+        max_grad_norm=privacy.max_grad_norm,
+        delta=privacy.delta,
+        dataset_size=plan.dataset_size,
+        accountant=privacy.accountant,
+    )
     cap = BudgetCap(epsilon=privacy.epsilon_cap, delta=privacy.delta)
     # Refuse early, before any model is built; reserve() checks again under the ledger's lock.
-    check_budget(history=prior, planned=planned, cap=cap, accountant=privacy.accountant)
+    check_budget(history=prior, planned=round_plan.dp_steps, cap=cap, accountant=privacy.accountant)
 
     device = resolve_device(name=config.training.device, threads=config.training.threads)
     torch.manual_seed(config.training.seed)
@@ -200,26 +210,10 @@ def train_local(
         num_patients=plan.dataset_size, sample_rate=plan.sample_rate, secure=privacy.secure_mode
     )
     # Everything that can fail on bad settings has run by now; from here on steps are spent.
-    reservation = ledger.reserve(
-        plan=RoundPlan(
-            run_id=run_id,
-            round=round_index,
-            steps=plan.steps,
-            sample_rate=plan.sample_rate,
-            noise_multiplier=noise,
-            max_grad_norm=privacy.max_grad_norm,
-            delta=privacy.delta,
-            dataset_size=plan.dataset_size,
-            accountant=privacy.accountant,
-        ),
-        cap=cap,
-    )
+    reservation = ledger.reserve(plan=round_plan, cap=cap)
 
     def epsilon_after(steps: int) -> float:
-        history = [
-            *prior,
-            DPSteps(noise_multiplier=noise, sample_rate=plan.sample_rate, steps=steps),
-        ]
+        history = [*prior, dataclasses.replace(round_plan.dp_steps, steps=steps)]
         return compute_epsilon(history=history, delta=privacy.delta, accountant=privacy.accountant)
 
     taken = _StepCounter()
