@@ -80,6 +80,13 @@ class PrivacyUnitError(PrivacyError):
     code = "privacy-unit"
 
 
+class PolicyError(MedfedError):
+    """A federation run asks for something the site's policy does not allow; nothing ran."""
+
+    code = "policy"
+    exit_code = 9
+
+
 class AggregationError(MedfedError):
     """Site updates cannot be merged (none left, or they do not fit the global model)."""
 
@@ -92,3 +99,10 @@ class TrainingError(MedfedError):
 
     code = "training"
     exit_code = 6
+
+
+class TransportError(MedfedError):
+    """A Flower process or command failed: it did not start, exited, or was refused."""
+
+    code = "transport"
+    exit_code = 8

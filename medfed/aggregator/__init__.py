@@ -1,8 +1,10 @@
-"""The aggregator: update validation and aggregation strategies.
+"""The aggregator: update validation, aggregation strategies and the sites' privacy budgets.
 
-Pure logic over numpy arrays; this package never imports MONAI, torch or training code.
+Pure logic over numpy arrays and the privacy ledger; this package never imports MONAI, torch
+or training code.
 """
 
+from medfed.aggregator.budget import BudgetTracker, SiteBudget
 from medfed.aggregator.strategies import (
     AggregationResult,
     FedAdamState,
@@ -13,8 +15,10 @@ from medfed.aggregator.validation import Rejection, partition_updates, validate_
 
 __all__ = [
     "AggregationResult",
+    "BudgetTracker",
     "FedAdamState",
     "Rejection",
+    "SiteBudget",
     "StrategySettings",
     "aggregate",
     "partition_updates",

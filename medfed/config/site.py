@@ -133,6 +133,21 @@ class TransportSection(_Strict):
     node_public_key: Path = Field(description="Its public half, registered at the aggregator.")
 
 
+class PolicySection(_Strict):
+    """What this site lets a federation run do with its data (checked before any data is read)."""
+
+    allowed_networks: list[Literal["unet", "attention_unet"]] = Field(
+        default=["unet", "attention_unet"], min_length=1
+    )
+    max_local_epochs: int = Field(default=20, ge=1, description="Local epochs per round, at most.")
+    min_noise_multiplier: float | None = Field(
+        default=None, gt=0, description="Refuse runs that ask for less noise than this."
+    )
+    max_epsilon_per_round: float | None = Field(
+        default=None, gt=0, description="Refuse rounds that would spend more than this alone."
+    )
+
+
 class SiteConfig(_Strict):
     """A site's whole configuration."""
 
@@ -142,6 +157,7 @@ class SiteConfig(_Strict):
     training: TrainingSection = TrainingSection()
     privacy: PrivacySection = PrivacySection(noise_multiplier=1.0)
     paths: PathsSection = PathsSection()
+    policy: PolicySection = PolicySection()
     transport: TransportSection | None = None
 
     @model_validator(mode="after")

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,6 +40,12 @@ class LoadedCheckpoint(NamedTuple):
     model: nn.Module
     spec: ModelSpec
     metadata: dict[str, Any]
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain network inside an Opacus GradSampleModule (hooks add cost at inference)."""
+    inner = getattr(module, "_module", None)
+    return inner if isinstance(inner, nn.Module) else module
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -108,7 +115,6 @@ def save_checkpoint(
     checkpoint loads into a freshly built model. The weights are checked against ``spec``
     before anything is written. Returns the directory.
     """
-    directory = Path(directory)
     state = plain_state_dict(model)
     problems = _mismatches(
         {key: tuple(t.shape) for key, t in state.items()}, parameter_shapes(spec=spec)
@@ -118,6 +124,31 @@ def save_checkpoint(
             f"model does not match its spec {spec.to_json()}: " + "; ".join(problems),
             hint="save the network that build_model(spec=...) built for this spec",
         )
+    return _write_checkpoint(Path(directory), state, spec, metadata)
+
+
+def save_weights(
+    *,
+    directory: Path | str,
+    weights: Mapping[str, np.ndarray],
+    spec: ModelSpec,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write plain arrays (e.g. an aggregated global model) as a checkpoint of ``spec``.
+
+    Unlike :func:`save_checkpoint` this builds no network, so the aggregator can save models
+    without MONAI; :func:`load_checkpoint` still checks the shapes against the spec.
+    """
+    state = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in weights.items()}
+    return _write_checkpoint(Path(directory), state, spec, metadata)
+
+
+def _write_checkpoint(
+    directory: Path,
+    state: Mapping[str, torch.Tensor],
+    spec: ModelSpec,
+    metadata: Mapping[str, Any] | None,
+) -> Path:
     try:
         metadata_json = json.loads(json.dumps(dict(metadata or {}), sort_keys=True))
     except (TypeError, ValueError) as exc:
@@ -130,7 +161,7 @@ def save_checkpoint(
     try:
         directory.mkdir(parents=True, exist_ok=True)
         weights = directory / WEIGHTS_NAME
-        _atomic_write(weights, lambda tmp: save_file(state, str(tmp)))
+        _atomic_write(weights, lambda tmp: save_file(dict(state), str(tmp)))
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -193,12 +224,19 @@ def _read_manifest(manifest: Path) -> dict[str, Any]:
     return data
 
 
-def load_checkpoint(*, path: Path | str) -> LoadedCheckpoint:
-    """Rebuild the network a checkpoint describes and load its weights (strictly).
+class StoredWeights(NamedTuple):
+    """A checkpoint's arrays, spec and metadata, read without building a network."""
 
-    ``path`` is the checkpoint directory or either of its two files. The model comes back on
-    the CPU in training mode. Every way the files can be wrong (missing, corrupt, from two
-    different saves, or weights that do not fit the spec) raises ModelError naming the file.
+    weights: dict[str, np.ndarray]
+    spec: ModelSpec
+    metadata: dict[str, Any]
+
+
+def read_weights(*, path: Path | str) -> StoredWeights:
+    """Read a checkpoint's weights as numpy arrays after checking them against the manifest.
+
+    No network is built (the aggregator has no MONAI), so the shapes are not checked against
+    the spec here; :func:`load_checkpoint` does that.
     """
     weights, manifest = _locate(Path(path))
     data = _read_manifest(manifest)
@@ -215,22 +253,63 @@ def load_checkpoint(*, path: Path | str) -> LoadedCheckpoint:
             hint="the checkpoint is corrupt or its files come from different saves; re-save it",
         )
     from safetensors import SafetensorError
-    from safetensors.torch import load
+    from safetensors.numpy import load
 
     try:
-        state = load(weights.read_bytes())
+        arrays = load(weights.read_bytes())
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{weights}: corrupt safetensors file ({exc})") from None
+    return StoredWeights(weights=dict(arrays), spec=spec, metadata=dict(data["metadata"]))
+
+
+def load_checkpoint(*, path: Path | str) -> LoadedCheckpoint:
+    """Rebuild the network a checkpoint describes and load its weights (strictly).
+
+    ``path`` is the checkpoint directory or either of its two files. The model comes back on
+    the CPU in training mode. Every way the files can be wrong (missing, corrupt, from two
+    different saves, or weights that do not fit the spec) raises ModelError naming the file.
+    """
+    stored = read_weights(path=path)
+    weights, _ = _locate(Path(path))
     problems = _mismatches(
-        {key: tuple(t.shape) for key, t in state.items()}, parameter_shapes(spec=spec)
+        {key: tuple(a.shape) for key, a in stored.weights.items()},
+        parameter_shapes(spec=stored.spec),
     )
     if problems:
         raise ModelError(
-            f"{weights}: weights do not fit the spec in {manifest}: " + "; ".join(problems),
+            f"{weights}: weights do not fit the spec of its manifest: " + "; ".join(problems),
             hint="the checkpoint was written for a different network",
         )
     # The fresh weights are overwritten at once; do not let them consume the caller's RNG.
     with torch.random.fork_rng(devices=[]):
-        model = build_model(spec=spec)
+        model = build_model(spec=stored.spec)
+    state = {name: torch.from_numpy(array.copy()) for name, array in stored.weights.items()}
     model.load_state_dict(state, strict=True)
-    return LoadedCheckpoint(model=model, spec=spec, metadata=dict(data["metadata"]))
+    return LoadedCheckpoint(model=model, spec=stored.spec, metadata=stored.metadata)
+
+
+def model_weights(model: nn.Module) -> dict[str, np.ndarray]:
+    """The plain network's weights as numpy arrays (what travels to the aggregator)."""
+    return {name: tensor.numpy().copy() for name, tensor in plain_state_dict(model).items()}
+
+
+def load_weights_into(*, model: nn.Module, weights: Mapping[str, np.ndarray]) -> None:
+    """Copy ``weights`` into the plain network inside ``model``, strictly.
+
+    Names, shapes and dtypes must all match: a global model for a different network is
+    reported with every difference instead of being loaded partly.
+    """
+    network = unwrap(model)
+    current = network.state_dict()
+    expected = {key: tuple(t.shape) for key, t in current.items()}
+    problems = _mismatches({key: tuple(a.shape) for key, a in weights.items()}, expected)
+    if problems:
+        raise ModelError(
+            "the global model does not fit this site's network: " + "; ".join(problems),
+            hint="the run's model settings and the site's data (classes, dimensions) disagree",
+        )
+    state = {
+        name: torch.from_numpy(np.array(array)).to(current[name].dtype)
+        for name, array in weights.items()
+    }
+    network.load_state_dict(state, strict=True)

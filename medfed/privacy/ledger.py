@@ -114,6 +114,18 @@ def verify_ledger(
     return _verify(path, read_bytes(path), read_json_object(head_path(path)), public_key, site_id)
 
 
+def verify_ledger_bytes(
+    data: bytes, *, public_key: Ed25519PublicKey, site_id: str | None = None, source: str
+) -> LedgerReport:
+    """Verify a ledger's bytes as :func:`verify_ledger` does, but without a head file.
+
+    For a copy of a site's ledger kept elsewhere (the aggregator's): the copy holder knows how
+    many entries it has seen, which is what the head guards at the site. ``source`` names
+    the data in errors and becomes the report's ``path``.
+    """
+    return _verify(Path(source), data, None, public_key, site_id, with_head=False)
+
+
 def _fail(path: Path, where: str, problem: str) -> LedgerError:
     return LedgerError(f"{path}: {where}: {problem}", hint=RESTORE_HINT)
 
@@ -124,6 +136,8 @@ def _verify(
     head: dict[str, Any] | None,
     public_key: Ed25519PublicKey,
     site_id: str | None,
+    *,
+    with_head: bool = True,
 ) -> LedgerReport:
     expected_key = key_id(public_key)
     chunks = data.split(b"\n")
@@ -182,7 +196,7 @@ def _verify(
             commits[entry.reservation_seq] = entry
         entries.append(entry)
         previous = line_hash(raw)
-    lagging = _check_head(path, head, lines, public_key, expected_key, site_id)
+    lagging = with_head and _check_head(path, head, lines, public_key, expected_key, site_id)
     reservations = tuple(
         _reservation_state(entry, commits.get(seq)) for seq, entry in reserves.items()
     )

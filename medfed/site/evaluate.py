@@ -8,6 +8,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from medfed.models.checkpoint import unwrap
+
 
 class Volumes(Protocol):
     """Indexable whole-volume items: ``{"image": [C, *S], "label": [1, *S], ...}``."""
@@ -15,12 +17,6 @@ class Volumes(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> Any: ...
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain network inside an Opacus GradSampleModule (hooks add cost at inference)."""
-    inner = getattr(module, "_module", None)
-    return inner if isinstance(inner, nn.Module) else module
 
 
 @torch.no_grad()

@@ -15,17 +15,20 @@ import math
 import time
 import uuid
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from medfed.config.site import SiteConfig
-from medfed.errors import PrivacyUnitError, TrainingError
+from medfed.errors import PolicyError, PrivacyUnitError, TrainingError
+from medfed.models.checkpoint import unwrap
 from medfed.privacy.sampling import SamplingPlan, plan_sampling
+from medfed.privacy.site_ledger import RoundPlan
 from medfed.site.dp import (
     DPComponents,
     PoissonPatientSampler,
@@ -34,7 +37,7 @@ from medfed.site.dp import (
     per_sample_gradient_rows,
     prepare_empty_step,
 )
-from medfed.site.evaluate import evaluate_dice, unwrap
+from medfed.site.evaluate import evaluate_dice
 
 log = logging.getLogger("medfed.site")
 
@@ -85,9 +88,20 @@ class TrainResult:
     seconds: float
     checkpoint: Path
     metrics_file: Path
+    # The trained network's weights, for the reply to the aggregator (not part of the JSON).
+    weights: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def mean_loss(self) -> float | None:
+        """Mean training loss of the last epoch that had a non-empty step."""
+        losses = [epoch.mean_loss for epoch in self.epochs if epoch.mean_loss is not None]
+        return losses[-1] if losses else None
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        data: dict[str, Any] = {
+            item.name: getattr(self, item.name) for item in fields(self) if item.name != "weights"
+        }
+        data["epochs"] = [dataclasses.asdict(epoch) for epoch in self.epochs]
         data["checkpoint"] = str(self.checkpoint)
         data["metrics_file"] = str(self.metrics_file)
         return data
@@ -116,6 +130,32 @@ def _noise_multiplier(config: SiteConfig, plan: SamplingPlan) -> float:
     )
 
 
+def _check_round_policy(config: SiteConfig, plan: RoundPlan) -> None:
+    """The site policy's limits that need the round's plan (noise, epsilon of this round)."""
+    from medfed.privacy import compute_epsilon
+
+    policy, privacy = config.policy, config.privacy
+    if (
+        policy.min_noise_multiplier is not None
+        and plan.noise_multiplier < policy.min_noise_multiplier
+    ):
+        raise PolicyError(
+            f"noise multiplier {plan.noise_multiplier:.4g} is below the site policy's "
+            f"min_noise_multiplier {policy.min_noise_multiplier:g}",
+            hint="ask for more noise in the run settings, or change policy.min_noise_multiplier",
+        )
+    if policy.max_epsilon_per_round is not None:
+        alone = compute_epsilon(
+            history=[plan.dp_steps], delta=privacy.delta, accountant=privacy.accountant
+        )
+        if alone > policy.max_epsilon_per_round:
+            raise PolicyError(
+                f"this round alone would spend epsilon {alone:.3f}, above the site policy's "
+                f"max_epsilon_per_round {policy.max_epsilon_per_round:g}",
+                hint="fewer local epochs or more noise in the run settings",
+            )
+
+
 def _collate(items: list[dict[str, Any]], device: torch.device) -> dict[str, torch.Tensor]:
     from torch.utils.data import default_collate
 
@@ -129,9 +169,16 @@ def train_local(
     epochs: int | None = None,
     run_id: str | None = None,
     round_index: int = 0,
+    initial_weights: Mapping[str, np.ndarray] | None = None,
+    proximal_mu: float = 0.0,
     on_step: Callable[[StepReport], None] | None = None,
 ) -> TrainResult:
-    """Train the site's network on its own data with DP-SGD and record the privacy spent."""
+    """Train the site's network on its own data with DP-SGD and record the privacy spent.
+
+    ``initial_weights`` (the federation's global model) replace the seeded initialisation;
+    ``proximal_mu`` adds FedProx's pull towards them to every noisy gradient. That term does
+    not depend on patient data, so adding it after clipping and noise costs no privacy.
+    """
     from medfed.data import build_datasets
     from medfed.models import (
         build_model,
@@ -140,9 +187,9 @@ def train_local(
         save_checkpoint,
         spec_from_config,
     )
+    from medfed.models.checkpoint import load_weights_into, model_weights
     from medfed.privacy import (
         BudgetCap,
-        RoundPlan,
         SiteLedger,
         check_budget,
         compute_epsilon,
@@ -176,6 +223,7 @@ def train_local(
         dataset_size=plan.dataset_size,
         accountant=privacy.accountant,
     )
+    _check_round_policy(config, round_plan)
     cap = BudgetCap(epsilon=privacy.epsilon_cap, delta=privacy.delta)
     # Refuse early, before any model is built; reserve() checks again under the ledger's lock.
     check_budget(history=prior, planned=round_plan.dp_steps, cap=cap, accountant=privacy.accountant)
@@ -184,6 +232,8 @@ def train_local(
     torch.manual_seed(config.training.seed)
     spec = spec_from_config(config)
     model = place_model(model=build_model(spec=spec), spec=spec, device=device)
+    if initial_weights is not None:
+        load_weights_into(model=model, weights=initial_weights)
     num_classes = len(config.data.classes)
 
     def dice() -> float:
@@ -206,6 +256,10 @@ def train_local(
         grad_sample_mode=config.training.grad_sample_mode,
         secure_mode=privacy.secure_mode,
     )
+    if proximal_mu > 0:
+        if initial_weights is None:
+            raise TrainingError("proximal_mu needs the global model's initial_weights")
+        _add_proximal_term(dp, mu=proximal_mu)
     sampler = PoissonPatientSampler(
         num_patients=plan.dataset_size, sample_rate=plan.sample_rate, secure=privacy.secure_mode
     )
@@ -269,9 +323,23 @@ def train_local(
         seconds=time.monotonic() - started,
         checkpoint=checkpoint_dir,
         metrics_file=config.paths.workdir / "metrics" / f"{run_id}.json",
+        weights=model_weights(dp.module),
     )
     _write_json(result.metrics_file, result.to_json())
     return result
+
+
+def _add_proximal_term(dp: DPComponents, *, mu: float) -> None:
+    """After noise, add ``mu * (w - w_global)`` to each gradient (FedProx's proximal term)."""
+    optimizer: Any = dp.optimizer  # an Opacus DPOptimizer (typed as its torch base)
+    anchors = [p.detach().clone() for p in optimizer.params]
+
+    def hook(dp_optimizer: Any) -> None:
+        for param, anchor in zip(dp_optimizer.params, anchors, strict=True):
+            if param.grad is not None:
+                param.grad.add_(param.detach() - anchor, alpha=mu)
+
+    optimizer.attach_step_hook(hook)
 
 
 @dataclass

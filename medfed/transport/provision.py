@@ -5,8 +5,9 @@ Layout (all directories 0700, private keys 0600)::
     workspace.yaml            sites, host, port, paths, public keys, expiry (no private keys)
     ca/ca.key, ca/ca.crt      the federation CA; ca.key never leaves the aggregator's admin
     superlink/                server.key, server.crt, ca.crt for flower-superlink
-    sites/<site>/             the kit for one hospital: node_key, node_key.pub, ca.crt,
-                              site.template.yaml
+    sites/<site>/             the kit for one hospital: node_key, node_key.pub (Flower node
+                              identity), ledger_key.pem, ledger_key.pub (signs the site's
+                              privacy ledger), ca.crt, site.template.yaml
 
 The workspace is built in a private staging directory next to ``out`` and renamed into place,
 so an interrupted run leaves either the old workspace or the new one, never a mix.
@@ -25,9 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medfed.errors import ConfigError
+from medfed.privacy.keys import key_id, load_public_key
 from medfed.privacy.storage import fsync_dir, make_private_dirs, replace_file
 from medfed.transport import certs
 
@@ -62,7 +68,8 @@ class SuperlinkPaths(_Strict):
 
 
 class SiteEntry(_Strict):
-    """One site's kit and its public node key (to ``flwr supernode register``)."""
+    """One site's kit, its public node key (to ``flwr supernode register``) and the public half
+    of its ledger signing key (the aggregator verifies the site's privacy ledger with it)."""
 
     site_id: str = Field(pattern=SITE_ID_PATTERN.pattern)
     kit: str
@@ -70,6 +77,8 @@ class SiteEntry(_Strict):
     node_public_key_file: str
     public_key: str = Field(pattern=r"^ecdsa-sha2-nistp384 [A-Za-z0-9+/=]+$")
     fingerprint: str
+    ledger_public_key_file: str
+    ledger_key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
 
 
 class WorkspaceManifest(_Strict):
@@ -104,6 +113,60 @@ class Workspace:
                 return entry
         known = ", ".join(s.site_id for s in self.manifest.sites)
         raise ConfigError(f"no site {site_id!r} in {self.root}", hint=f"known sites: {known}")
+
+    def ledger_public_key(self, site_id: str) -> Ed25519PublicKey:
+        """The public key that verifies ``site_id``'s privacy ledger.
+
+        The file is checked against the key id in the manifest, so that a ``.pub`` swapped
+        after provisioning cannot make the aggregator accept another key's ledger.
+        """
+        entry = self.site(site_id)
+        path = self.path(entry.ledger_public_key_file)
+        key = load_public_key(path)
+        found = key_id(key)
+        if found != entry.ledger_key_id:
+            raise ConfigError(
+                f"{path}: ledger key {found} of site {site_id!r} is not the key "
+                f"{entry.ledger_key_id} registered in {self.root / WORKSPACE_FILE}",
+                hint="restore the site's ledger_key.pub from the provisioned kit",
+            )
+        return key
+
+    def node_public_key_pem(self, site_id: str) -> bytes:
+        """The site's node key as Flower reports it in ``NodeInfo.public_key``.
+
+        ``flwr supernode register`` reads the OpenSSH key and stores it as PEM
+        SubjectPublicKeyInfo (flwr's ``public_key_to_bytes``); the same bytes here let the
+        aggregator tell which site a Flower node id belongs to.
+        """
+        return _node_key_pem(self.site(site_id).public_key)
+
+    def site_for_node_key(self, pem: bytes) -> str | None:
+        """The site whose registered node key is ``pem`` (PEM SubjectPublicKeyInfo), if any."""
+        try:
+            key = serialization.load_pem_public_key(pem)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            return None
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            return None
+        wanted = _spki_pem(key)
+        for entry in self.manifest.sites:
+            if _node_key_pem(entry.public_key) == wanted:
+                return entry.site_id
+        return None
+
+
+def _spki_pem(key: ec.EllipticCurvePublicKey | Ed25519PublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _node_key_pem(public_openssh: str) -> bytes:
+    key = serialization.load_ssh_public_key(public_openssh.encode("ascii"))
+    if not isinstance(key, ec.EllipticCurvePublicKey):  # the manifest pattern rules this out
+        raise ConfigError("node public key is not an EC key", hint="re-provision")
+    return _spki_pem(key)
 
 
 def parse_sites(text: str) -> list[str]:
@@ -146,6 +209,7 @@ def provision_workspace(
     out: Path,
     sites: Sequence[str],
     host: str,
+    port: int = SUPERLINK_PORT,
     valid_days: int = 365,
     force: bool = False,
     now: dt.datetime | None = None,
@@ -155,7 +219,8 @@ def provision_workspace(
     With ``force`` an existing *workspace* (a directory with ``workspace.yaml``) is replaced as
     a whole, CA included; any other non-empty directory, and a workspace that holds
     ``ledger``/``ledgers``/``state`` directories, is refused, so that no federation history and
-    no unrelated files are ever deleted. Nothing secret is printed or logged.
+    no unrelated files are ever deleted. Nothing secret is printed or logged. ``port`` is the
+    SuperLink's one HTTPS port, written into the manifest and every site's template.
     """
     if isinstance(sites, str):  # a str is a Sequence[str] of characters: catch the slip early
         raise ConfigError("sites must be a list of ids", hint="use parse_sites('a,b') first")
@@ -164,6 +229,8 @@ def provision_workspace(
     certs.parse_host(host)  # fail on a bad host before anything is created
     if valid_days < 1:
         raise ConfigError(f"valid_days must be at least 1, not {valid_days}")
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"port must be between 1 and 65535, not {port}")
     out = Path(out).absolute()
     _check_target(out, force=force)
     moment = (now or dt.datetime.now(dt.UTC)).replace(microsecond=0)
@@ -171,7 +238,9 @@ def provision_workspace(
     make_private_dirs(out.parent)
     make_private_dirs(staging)
     try:
-        manifest = _build(staging, site_ids=site_ids, host=host, now=moment, days=valid_days)
+        manifest = _build(
+            staging, site_ids=site_ids, host=host, port=port, now=moment, days=valid_days
+        )
         _swap_into_place(staging, out)
     finally:
         if staging.exists():
@@ -229,12 +298,12 @@ def _check_target(out: Path, *, force: bool) -> None:
 
 
 def _build(
-    root: Path, *, site_ids: list[str], host: str, now: dt.datetime, days: int
+    root: Path, *, site_ids: list[str], host: str, port: int, now: dt.datetime, days: int
 ) -> WorkspaceManifest:
     ca = certs.make_ca(now=now, valid_days=days, common_name=f"medfed federation CA {host}")
     server = certs.make_server_cert(ca=ca, host=host, now=now, valid_days=days)
     ca_pem = certs.cert_pem(ca.cert)
-    address = superlink_address(host)
+    address = superlink_address(host, port)
 
     make_private_dirs(root / "ca")
     _write(root / "ca/ca.key", certs.private_pem(ca.key), secret=True)
@@ -254,6 +323,15 @@ def _build(
         _write(root / kit / "node_key", node.private_openssh, secret=True)
         _write(root / kit / "node_key.pub", (node.public_openssh + "\n").encode("ascii"))
         _write(root / kit / "ca.crt", ca_pem)
+        # The same files medfed.privacy.keys.load_or_create_signing_key writes and loads.
+        ledger_key = Ed25519PrivateKey.generate()
+        ledger_pem = ledger_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        _write(root / kit / "ledger_key.pem", ledger_pem, secret=True)
+        _write(root / kit / "ledger_key.pub", _spki_pem(ledger_key.public_key()))
         template = site_template(site_id=site_id, address=address, created_at=now)
         _write(root / kit / "site.template.yaml", template.encode("utf-8"))
         entries.append(
@@ -264,13 +342,15 @@ def _build(
                 node_public_key_file=f"{kit}/node_key.pub",
                 public_key=node.public_openssh,
                 fingerprint=node.fingerprint,
+                ledger_public_key_file=f"{kit}/ledger_key.pub",
+                ledger_key_id=key_id(ledger_key.public_key()),
             )
         )
 
     manifest = WorkspaceManifest(
         created_at=now,
         host=host,
-        port=SUPERLINK_PORT,
+        port=port,
         address=address,
         ca=CaPaths(cert="ca/ca.crt", key="ca/ca.key"),
         superlink=SuperlinkPaths(
@@ -321,6 +401,10 @@ privacy:
 paths:
   # Work directory on local disk: checkpoints, cache, and the privacy ledger (back it up).
   workdir: CHANGE-ME/medfed-work
+  # Signs this site's privacy ledger. Private: keep it mode 0600 and back it up with the
+  # ledger (a new key cannot continue an existing ledger). The aggregator verifies the
+  # ledger with the public half registered in its workspace (ledger_key.pub).
+  signing_key: ledger_key.pem
 """
 
 

@@ -18,11 +18,13 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from typer.testing import CliRunner
 
 from medfed.cli.provision_cmd import provision
 from medfed.errors import ConfigError
+from medfed.privacy import key_id, load_or_create_signing_key, load_public_key, public_key_path
 from medfed.transport import (
     SUPERLINK_PORT,
     Workspace,
@@ -72,6 +74,60 @@ def test_node_keys_are_p384_openssh_pairs(workspace: Workspace) -> None:
     assert len(keys) == len(SITES)
 
 
+def test_ledger_keys_are_ed25519_pairs_registered_by_key_id(workspace: Workspace) -> None:
+    ids = set()
+    for site in SITES:
+        kit = workspace.root / "sites" / site
+        entry = workspace.site(site)
+        assert entry.ledger_public_key_file == f"sites/{site}/ledger_key.pub"
+        assert public_key_path(kit / "ledger_key.pem") == kit / "ledger_key.pub"
+        # The site's ledger code loads the provisioned key instead of creating its own.
+        before = (kit / "ledger_key.pub").read_bytes()
+        private = load_or_create_signing_key(kit / "ledger_key.pem")
+        assert (kit / "ledger_key.pub").read_bytes() == before
+        assert (kit / "ledger_key.pem").read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+        public = load_public_key(kit / "ledger_key.pub")
+        assert private.public_key() == public == workspace.ledger_public_key(site)
+        assert entry.ledger_key_id == key_id(public)
+        ids.add(entry.ledger_key_id)
+    assert len(ids) == len(SITES)
+
+
+def test_a_swapped_ledger_public_key_is_refused(tmp_path: Path) -> None:
+    ws = provision_workspace(out=tmp_path / "ws", sites=["a", "b"], host="localhost")
+    (ws.root / "sites/a/ledger_key.pub").write_bytes(
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    with pytest.raises(ConfigError, match="is not the key"):
+        ws.ledger_public_key("a")
+    assert key_id(ws.ledger_public_key("b")) == ws.site("b").ledger_key_id
+    with pytest.raises(ConfigError, match="no site 'c'"):
+        ws.ledger_public_key("c")
+
+
+def test_node_public_key_pem_is_what_flower_registers(workspace: Workspace) -> None:
+    # Flower's own serialisation, which NodeInfo.public_key carries.
+    public_key_to_bytes = pytest.importorskip(
+        "flwr.supercore.primitives.asymmetric"
+    ).public_key_to_bytes
+    for site in SITES:
+        pem = workspace.node_public_key_pem(site)
+        public_line = workspace.path(workspace.site(site).node_public_key_file).read_bytes()
+        ssh_key = serialization.load_ssh_public_key(public_line)
+        assert isinstance(ssh_key, ec.EllipticCurvePublicKey)
+        assert pem == public_key_to_bytes(ssh_key)
+        assert pem.startswith(b"-----BEGIN PUBLIC KEY-----")
+        assert serialization.load_pem_public_key(pem) == ssh_key
+        assert workspace.site_for_node_key(pem) == site
+    stranger = ec.generate_private_key(ec.SECP384R1()).public_key()
+    assert workspace.site_for_node_key(public_key_to_bytes(stranger)) is None
+    assert workspace.site_for_node_key(b"not a key") is None
+    ledger_pem = workspace.path(workspace.site(SITES[0]).ledger_public_key_file).read_bytes()
+    assert workspace.site_for_node_key(ledger_pem) is None  # an Ed25519 key is no node key
+
+
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs OpenSSH's ssh-keygen")
 def test_fingerprint_matches_ssh_keygen(workspace: Workspace) -> None:
     entry = workspace.site("hospital-a")
@@ -90,11 +146,13 @@ def test_private_files_0600_and_their_directories_0700(workspace: Workspace) -> 
     root = workspace.root
     secrets = [root / "ca/ca.key", root / "superlink/server.key"]
     secrets += [root / "sites" / s / "node_key" for s in SITES]
+    secrets += [root / "sites" / s / "ledger_key.pem" for s in SITES]
     for path in secrets:
         assert _mode(path) == 0o600, path
         assert _mode(path.parent) == 0o700, path.parent
     assert _mode(root) == 0o700
     assert _mode(root / "ca/ca.crt") == 0o644
+    assert _mode(root / "sites" / SITES[0] / "ledger_key.pub") == 0o644
     leftovers = [p.name for p in root.parent.iterdir() if p.name.startswith(".")]
     assert leftovers == []  # staging directory renamed into place, nothing left behind
 
@@ -164,15 +222,19 @@ def test_workspace_yaml_round_trips_without_secrets(workspace: Workspace) -> Non
     text = workspace.path("workspace.yaml").read_text()
     assert "PRIVATE KEY" not in text
     for site in SITES:
-        secret = (workspace.root / "sites" / site / "node_key").read_text()
-        body = "".join(secret.splitlines()[1:-1])
-        assert body[:40] not in text.replace("\n", "")
+        for name in ("node_key", "ledger_key.pem"):
+            secret = (workspace.root / "sites" / site / name).read_text()
+            body = "".join(secret.splitlines()[1:-1])
+            assert body[:40] not in text.replace("\n", "")
     loaded = load_workspace(workspace.root)
     assert loaded == workspace
     assert load_workspace(workspace.path("workspace.yaml")) == workspace
     data = yaml.safe_load(text)
     assert [s["site_id"] for s in data["sites"]] == SITES
     assert data["port"] == SUPERLINK_PORT and data["host"] == "fl.hospital.example"
+    ledger_pub = load_public_key(workspace.root / "sites" / SITES[0] / "ledger_key.pub")
+    assert data["sites"][0]["ledger_key_id"] == key_id(ledger_pub)
+    assert data["sites"][0]["ledger_public_key_file"] == f"sites/{SITES[0]}/ledger_key.pub"
     expiry = _cert(workspace.path("superlink/server.crt")).not_valid_after_utc
     assert loaded.manifest.certificate_not_after == expiry
 
@@ -202,6 +264,8 @@ def test_site_template_is_plain_yaml_with_relative_paths(workspace: Workspace) -
     }
     assert "CHANGE-ME" in data["data"]["manifest"]
     assert "epsilon_cap" in data["privacy"]
+    assert data["paths"]["signing_key"] == "ledger_key.pem"
+    assert "privacy ledger" in text and "public half" in text
 
 
 def test_numeric_looking_site_id_stays_a_string(tmp_path: Path) -> None:
@@ -353,3 +417,5 @@ def test_a_filled_in_kit_template_is_a_valid_site_config(tmp_path: Path) -> None
     assert config.transport.root_certificates == (kit / "ca.crt").resolve()
     assert config.transport.node_private_key == (kit / "node_key").resolve()
     assert config.data.manifest == (kit / "local" / "manifest.csv").resolve()
+    assert config.signing_key_path == (kit / "ledger_key.pem").resolve()
+    assert config.paths.workdir == (kit / "local" / "medfed-work").resolve()

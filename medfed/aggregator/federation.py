@@ -1,0 +1,549 @@
+"""The aggregator's round loop, over any Flower ``Grid`` (the deployment's or the in-process one).
+
+What Flower's own strategies leave out and this loop adds: a minimum of successful sites per
+round and a round timeout; every reply validated (names, shapes, dtypes, finite values, round
+id) and dropped with a logged reason; each site's privacy budget tracked from the signed ledger
+entries it sends, checked against its registered key; sites whose budget is spent are no longer
+asked; and a clean end, with a summary, when too few sites remain.
+
+Sites are told apart by the node public key Flower authenticated, matched against the keys
+provisioned in the workspace, never by a name a node chose for itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from medfed.aggregator.budget import BudgetTracker
+from medfed.aggregator.run_store import ResumePoint, RunStore, run_directory
+from medfed.aggregator.strategies import FedAdamState, aggregate
+from medfed.aggregator.validation import validate_update
+from medfed.config.run import RunSettings
+from medfed.errors import ConfigError, MedfedError
+from medfed.privacy import BudgetCap, DPSteps
+from medfed.transport.envelope import (
+    EVALUATE,
+    INIT,
+    TRAIN,
+    RoundRequest,
+    read_decline,
+    read_evaluation,
+    read_init,
+    read_reply,
+    request_content,
+)
+from medfed.transport.provision import Workspace
+
+log = logging.getLogger("medfed.aggregator")
+
+_POLL_S = 1.0
+
+
+@dataclass
+class SiteRecord:
+    """What the run knows about one site (mutable: the loop updates it round by round)."""
+
+    site_id: str
+    status: str = "waiting"  # waiting, active, exhausted, declined, failed, offline
+    rounds: int = 0
+    num_patients: int = 0
+    dice: float = math.nan
+    last_loss: float = math.nan
+    last_reason: str = ""
+    last_plan: DPSteps | None = None
+
+    def to_json(self, budget: Mapping[str, Any] | None) -> dict[str, Any]:
+        return {
+            "site_id": self.site_id,
+            "status": self.status,
+            "rounds": self.rounds,
+            "patients": self.num_patients,
+            "dice": _finite(self.dice),
+            "loss": _finite(self.last_loss),
+            "reason": self.last_reason,
+            "epsilon_spent": None if budget is None else budget.get("epsilon_spent"),
+            "epsilon_cap": None if budget is None else budget.get("epsilon_cap"),
+            "delta": None if budget is None else budget.get("delta"),
+        }
+
+
+@dataclass(frozen=True)
+class FederationResult:
+    run_name: str
+    status: str  # finished, stopped
+    reason: str
+    rounds_completed: int
+    dice_initial: float
+    dice_final: float
+    sites: list[dict[str, Any]]
+    directory: Path
+    model: Path | None
+
+
+@dataclass
+class _Loop:
+    grid: Grid
+    settings: RunSettings
+    workspace: Workspace
+    store: RunStore
+    tracker: BudgetTracker
+    on_event: Callable[[dict[str, Any]], None] | None
+    sites: dict[str, SiteRecord] = field(default_factory=dict)
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        record = self.store.event(kind, run_name=self.settings.run_name, **fields)
+        message = " ".join(f"{k}={v}" for k, v in fields.items() if k != "sites")
+        log.info("%s %s", kind, message)
+        if self.on_event is not None:
+            self.on_event(record)
+
+
+def run_federation(
+    *,
+    grid: Grid,
+    settings: RunSettings,
+    workspace: Workspace,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> FederationResult:
+    """Run (or resume) the federation ``settings`` describe; return its summary."""
+    store = RunStore(directory=run_directory(workspace.root, settings.run_name))
+    resume = store.start(settings)
+    tracker = BudgetTracker(
+        directory=workspace.root / "ledgers",
+        public_keys={
+            s.site_id: workspace.ledger_public_key(s.site_id) for s in workspace.manifest.sites
+        },
+    )
+    loop = _Loop(
+        grid=grid,
+        settings=settings,
+        workspace=workspace,
+        store=store,
+        tracker=tracker,
+        on_event=on_event,
+    )
+    wanted = settings.sites or [s.site_id for s in workspace.manifest.sites]
+    unknown = sorted(set(wanted) - {s.site_id for s in workspace.manifest.sites})
+    if unknown:
+        raise ConfigError(
+            f"run {settings.run_name!r} names sites the workspace does not know: {unknown}",
+            hint="use the site ids given to `medfed provision --sites`",
+        )
+    loop.sites = {site: SiteRecord(site_id=site) for site in wanted}
+    loop.emit(
+        "run_started",
+        resume_from=None if resume is None else resume.round,
+        rounds=settings.rounds,
+        sites=wanted,
+        settings=settings.model_dump(mode="json"),
+    )
+    try:
+        return _run(loop, resume)
+    except MedfedError as exc:
+        loop.emit("run_failed", reason=exc.one_line())
+        raise
+
+
+def _run(loop: _Loop, resume: ResumePoint | None) -> FederationResult:
+    settings = loop.settings
+    nodes = _wait_for_sites(loop)
+    if len(nodes) < settings.min_sites:
+        return _finish(loop, "stopped", _too_few(loop, nodes, "online"), 0, None, math.nan)
+    if resume is None:
+        start = _initial_model(loop, nodes)
+        if start is None:
+            return _finish(loop, "stopped", "no site could initialise the model", 0, None, math.nan)
+        weights, spec = start
+        loop.store.save_round(
+            round=0, weights=weights, spec=spec, strategy_state=None, metadata={"round": 0}
+        )
+        first_round, strategy_state = 1, None
+    else:
+        weights, spec = dict(resume.weights), dict(resume.spec)
+        first_round = resume.round + 1
+        strategy_state = (
+            FedAdamState.from_arrays(resume.strategy_state) if resume.strategy_state else None
+        )
+    dice_initial = math.nan
+    completed = first_round - 1
+    model_dir: Path | None = None
+    for round_index in range(first_round, settings.rounds + 1):
+        nodes = _online(loop)
+        selected = _select(loop, nodes)
+        if len(selected) < settings.min_sites:
+            reason = _too_few(loop, selected, "with budget left")
+            return _finish(loop, "stopped", reason, completed, model_dir, dice_initial)
+        outcome = _train_round(loop, round_index, selected, weights)
+        if round_index == first_round and outcome.dice_before:
+            dice_initial = _weighted(outcome.dice_before)
+        if len(outcome.updates) < settings.min_sites:
+            reason = (
+                f"round {round_index}: {len(outcome.updates)} usable updates, fewer than "
+                f"min_sites {settings.min_sites}"
+            )
+            return _finish(loop, "stopped", reason, completed, model_dir, dice_initial)
+        result = aggregate(
+            settings=settings.strategy,
+            state=strategy_state,
+            global_weights=weights,
+            updates=outcome.updates,
+        )
+        weights, strategy_state = dict(result.weights), result.state
+        model_dir = loop.store.save_round(
+            round=round_index,
+            weights=weights,
+            spec=spec,
+            strategy_state=None if strategy_state is None else strategy_state.to_arrays(),
+            metadata={"round": round_index, "sites": [u.site_id for u in outcome.updates]},
+        )
+        completed = round_index
+        loop.emit(
+            "round_done",
+            round=round_index,
+            sites_answered=len(outcome.updates),
+            sites_asked=len(selected),
+            dice_before=_finite(_weighted(outcome.dice_before)),
+            loss=_finite(_weighted(outcome.losses)),
+            seconds=round(outcome.seconds, 3),
+            epsilon={s: _finite(b) for s, b in _epsilons(loop).items()},
+        )
+    dice_final = _evaluate(loop, completed, weights)
+    return _finish(
+        loop, "finished", "all rounds done", completed, model_dir, dice_initial, dice_final
+    )
+
+
+@dataclass
+class _RoundOutcome:
+    updates: list[Any] = field(default_factory=list)
+    dice_before: dict[str, tuple[float, int]] = field(default_factory=dict)
+    losses: dict[str, tuple[float, int]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _node_sites(loop: _Loop) -> dict[int, str]:
+    """Online Flower nodes whose authenticated key is a provisioned site's key."""
+    found: dict[int, str] = {}
+    for node in loop.grid.get_nodes():
+        site = loop.workspace.site_for_node_key(bytes(node.public_key))
+        if site is not None and site in loop.sites:
+            found[int(node.node_id)] = site
+    return found
+
+
+def _online(loop: _Loop) -> dict[str, int]:
+    nodes = {site: node for node, site in _node_sites(loop).items()}
+    for site, record in loop.sites.items():
+        if site not in nodes and record.status in ("waiting", "active"):
+            record.status = "offline"
+        elif site in nodes and record.status == "offline":
+            record.status = "active"
+    return nodes
+
+
+def _wait_for_sites(loop: _Loop) -> dict[str, int]:
+    deadline = time.monotonic() + loop.settings.wait_for_sites_s
+    while True:
+        nodes = {site: node for node, site in _node_sites(loop).items()}
+        if len(nodes) == len(loop.sites) or time.monotonic() >= deadline:
+            break
+        time.sleep(_POLL_S)
+    for site in nodes:
+        loop.sites[site].status = "active"
+    missing = sorted(set(loop.sites) - set(nodes))
+    loop.emit("sites_online", online=sorted(nodes), missing=missing)
+    return _online(loop)
+
+
+def _select(loop: _Loop, nodes: Mapping[str, int]) -> dict[str, int]:
+    """Online sites that are still in the run and can afford another round like their last."""
+    selected: dict[str, int] = {}
+    for site, node in sorted(nodes.items()):
+        record = loop.sites[site]
+        if record.status not in ("active",):
+            continue
+        if record.last_plan is not None and not loop.tracker.can_afford(
+            site_id=site, planned=record.last_plan
+        ):
+            record.status = "exhausted"
+            record.last_reason = "another round would pass its privacy cap"
+            loop.emit("site_exhausted", site=site, reason=record.last_reason)
+            continue
+        selected[site] = node
+    return selected
+
+
+def _request(
+    loop: _Loop, site: str, round_index: int, weights: Mapping[str, np.ndarray] | None
+) -> RoundRequest:
+    settings = loop.settings
+    return RoundRequest(
+        run_name=settings.run_name,
+        round=round_index,
+        model=settings.model.model_dump(mode="json"),
+        local_epochs=settings.local_epochs,
+        learning_rate=settings.learning_rate,
+        noise_multiplier=settings.noise_multiplier,
+        max_grad_norm=settings.max_grad_norm,
+        proximal_mu=settings.strategy.proximal_mu,
+        seed=settings.seed,
+        ledger_known=loop.tracker.known_entries(site),
+        weights=weights,
+    )
+
+
+def _send(
+    loop: _Loop,
+    kind: str,
+    round_index: int,
+    nodes: Mapping[str, int],
+    weights: Mapping[str, np.ndarray] | None,
+) -> tuple[dict[str, Message], list[str]]:
+    """One message per site (each its own records); replies by site, and who never answered."""
+    by_node = {node: site for site, node in nodes.items()}
+    messages = [
+        Message(
+            request_content(_request(loop, site, round_index, weights)),
+            dst_node_id=node,
+            message_type=kind,
+            group_id=f"{loop.settings.run_name}/{round_index}",
+            ttl=loop.settings.round_timeout_s + 60.0,
+        )
+        for site, node in nodes.items()
+    ]
+    replies: dict[str, Message] = {}
+    for reply in loop.grid.send_and_receive(messages, timeout=loop.settings.round_timeout_s):
+        site = by_node.get(int(reply.metadata.src_node_id))
+        if site is not None:
+            replies[site] = reply
+    silent = sorted(set(nodes) - set(replies))
+    for site in silent:
+        loop.sites[site].status = "offline"
+        loop.sites[
+            site
+        ].last_reason = f"no reply to {kind} within {loop.settings.round_timeout_s:g} s"
+        loop.emit("site_timeout", site=site, round=round_index, message_type=kind)
+    return replies, silent
+
+
+def _declined(loop: _Loop, site: str, round_index: int, reply: Message) -> bool:
+    if not reply.has_error():
+        return False
+    decline = read_decline(reply.error)
+    record = loop.sites[site]
+    record.last_reason = decline.reason
+    record.status = "exhausted" if decline.budget_spent else "declined"
+    loop.emit(
+        "site_declined", site=site, round=round_index, code=decline.code, reason=decline.reason
+    )
+    return True
+
+
+def _initial_model(
+    loop: _Loop, nodes: Mapping[str, int]
+) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """Ask sites, one at a time, for a seeded network: the aggregator builds no models."""
+    for site, node in sorted(nodes.items()):
+        replies, _ = _send(loop, INIT, 0, {site: node}, None)
+        reply = replies.get(site)
+        if reply is None or _declined(loop, site, 0, reply):
+            continue
+        try:
+            init = read_init(reply.content)
+        except MedfedError as exc:
+            loop.emit("site_rejected", site=site, round=0, reasons=[exc.message])
+            continue
+        loop.emit(
+            "model_initialised",
+            site=site,
+            parameters=int(sum(a.size for a in init.weights.values())),
+        )
+        return {k: np.asarray(v, dtype=np.float32) for k, v in init.weights.items()}, dict(
+            init.spec
+        )
+    return None
+
+
+def _train_round(
+    loop: _Loop, round_index: int, selected: Mapping[str, int], weights: Mapping[str, np.ndarray]
+) -> _RoundOutcome:
+    loop.emit("round_started", round=round_index, sites=sorted(selected))
+    started = time.monotonic()
+    replies, _ = _send(loop, TRAIN, round_index, selected, weights)
+    outcome = _RoundOutcome(seconds=0.0)
+    for site, reply in sorted(replies.items()):
+        if _declined(loop, site, round_index, reply):
+            continue
+        record = loop.sites[site]
+        try:
+            answer = read_reply(reply.content)
+            problems = []
+            if answer.update.site_id != site:
+                problems.append(f"reply claims to be from site {answer.update.site_id!r}")
+            budget = loop.tracker.receive(
+                site_id=site,
+                first_seq=answer.ledger_first_seq,
+                lines=answer.ledger_lines,
+                cap=BudgetCap(epsilon=answer.epsilon_cap, delta=answer.delta),
+            )
+            problems += validate_update(
+                update=answer.update, reference=weights, expected_round=round_index
+            )
+        except MedfedError as exc:
+            problems = [exc.message]
+        if problems:
+            record.status = "failed"
+            record.last_reason = "; ".join(problems)
+            loop.emit("site_rejected", site=site, round=round_index, reasons=problems)
+            continue
+        metrics = answer.update.metrics
+        record.rounds += 1
+        record.num_patients = answer.update.num_patients
+        record.last_loss = metrics.get("loss", math.nan)
+        record.last_plan = _plan_of(metrics)
+        outcome.updates.append(answer.update)
+        weight = answer.update.num_patients
+        outcome.dice_before[site] = (
+            metrics.get("dice_before", math.nan),
+            int(metrics.get("val_patients", 1)),
+        )
+        outcome.losses[site] = (record.last_loss, weight)
+        loop.emit(
+            "site_update",
+            site=site,
+            round=round_index,
+            patients=answer.update.num_patients,
+            loss=_finite(record.last_loss),
+            dice_before=_finite(metrics.get("dice_before", math.nan)),
+            dice_after=_finite(metrics.get("dice_after", math.nan)),
+            epsilon_spent=_finite(budget.epsilon_spent),
+            epsilon_cap=budget.epsilon_cap,
+            train_seconds=_finite(metrics.get("train_seconds", math.nan)),
+        )
+    outcome.seconds = time.monotonic() - started
+    return outcome
+
+
+def _plan_of(metrics: Mapping[str, float]) -> DPSteps | None:
+    try:
+        return DPSteps(
+            noise_multiplier=float(metrics["noise_multiplier"]),
+            sample_rate=float(metrics["sample_rate"]),
+            steps=int(metrics["steps"]),
+        )
+    except (KeyError, ValueError, MedfedError):
+        return None
+
+
+def _evaluate(loop: _Loop, round_index: int, weights: Mapping[str, np.ndarray]) -> float:
+    """Federated evaluation of the final model on every online site's validation split."""
+    nodes = {
+        site: node
+        for site, node in _online(loop).items()
+        if loop.sites[site].status in ("active", "exhausted")
+    }
+    if not nodes:
+        return math.nan
+    replies, _ = _send(loop, EVALUATE, round_index, nodes, weights)
+    scores: dict[str, tuple[float, int]] = {}
+    for site, reply in sorted(replies.items()):
+        if reply.has_error():
+            decline = read_decline(reply.error)
+            loop.emit("evaluation_failed", site=site, reason=decline.reason)
+            continue
+        try:
+            evaluation = read_evaluation(reply.content)
+        except MedfedError as exc:
+            loop.emit("evaluation_failed", site=site, reason=exc.message)
+            continue
+        loop.sites[site].dice = evaluation.dice
+        scores[site] = (evaluation.dice, evaluation.val_patients)
+    dice = _weighted(scores)
+    loop.emit(
+        "evaluation",
+        round=round_index,
+        dice=_finite(dice),
+        sites={s: _finite(d) for s, (d, _) in scores.items()},
+    )
+    return dice
+
+
+def _epsilons(loop: _Loop) -> dict[str, float]:
+    return {
+        site: budget.epsilon_spent
+        for site, budget in loop.tracker.all().items()
+        if site in loop.sites
+    }
+
+
+def _weighted(values: Mapping[str, tuple[float, int]]) -> float:
+    pairs = [(v, w) for v, w in values.values() if math.isfinite(v) and w > 0]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else math.nan
+
+
+def _too_few(loop: _Loop, sites: Iterable[str], what: str) -> str:
+    names = sorted(sites)
+    return (
+        f"{len(names)} sites {what} ({', '.join(names) or 'none'}), fewer than min_sites "
+        f"{loop.settings.min_sites}"
+    )
+
+
+def _finish(
+    loop: _Loop,
+    status: str,
+    reason: str,
+    completed: int,
+    model_dir: Path | None,
+    dice_initial: float,
+    dice_final: float = math.nan,
+) -> FederationResult:
+    budgets = loop.tracker.state_json()["sites"]
+    sites = [record.to_json(budgets.get(site)) for site, record in sorted(loop.sites.items())]
+    if model_dir is None and completed > 0:
+        model_dir = loop.store.directory / "global" / f"round-{completed:04d}"
+    result = FederationResult(
+        run_name=loop.settings.run_name,
+        status=status,
+        reason=reason,
+        rounds_completed=completed,
+        dice_initial=dice_initial,
+        dice_final=dice_final,
+        sites=sites,
+        directory=loop.store.directory,
+        model=model_dir,
+    )
+    summary = {
+        "run_name": result.run_name,
+        "status": status,
+        "reason": reason,
+        "rounds_completed": completed,
+        "dice_initial": _finite(dice_initial),
+        "dice_final": _finite(dice_final),
+        "model": None if model_dir is None else str(model_dir),
+        "sites": sites,
+        "budgets": loop.tracker.state_json(),
+    }
+    loop.store.write_summary(summary)
+    loop.emit(
+        "run_finished" if status == "finished" else "run_stopped",
+        status=status,
+        reason=reason,
+        summary=summary,
+    )
+    return result
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None

@@ -1,0 +1,94 @@
+"""A federation run's settings: what a researcher chooses (never code).
+
+The settings travel to the aggregator's ServerApp as one JSON value in Flower's run config and,
+in the parts sites need, to every site with each round. Unknown keys are refused everywhere, so
+a misspelt setting is an error and not a silent default.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medfed.aggregator.strategies import StrategySettings
+from medfed.config.site import ModelSection
+from medfed.errors import ConfigError
+
+RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# The key of Flower's run config that carries these settings as JSON.
+RUN_CONFIG_KEY = "settings"
+
+
+class RunSettings(BaseModel):
+    """Everything a federation run is configured by.
+
+    ``noise_multiplier`` and ``max_grad_norm`` left unset mean "each site's own setting"; when
+    set, each site still checks them against its policy and its cap before training.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_name: str = Field(
+        pattern=RUN_NAME_PATTERN.pattern,
+        description="Stable name of the run: its output directory, ledger run id, resume key.",
+    )
+    rounds: int = Field(default=3, ge=1, le=1000)
+    local_epochs: int = Field(default=2, ge=1, le=1000)
+    learning_rate: float | None = Field(default=None, gt=0, description="Null: each site's.")
+    model: ModelSection = ModelSection()
+    strategy: StrategySettings = StrategySettings()
+    noise_multiplier: float | None = Field(default=None, gt=0)
+    max_grad_norm: float | None = Field(default=None, gt=0)
+    min_sites: int = Field(
+        default=2, ge=1, description="Successful sites a round needs; fewer ends the run."
+    )
+    sites: list[str] | None = Field(
+        default=None, description="Sites to train with (null: every registered site online)."
+    )
+    wait_for_sites_s: float = Field(
+        default=120.0, gt=0, description="How long to wait for min_sites to come online."
+    )
+    round_timeout_s: float = Field(
+        default=900.0, gt=0, description="A site that has not answered by then is left out."
+    )
+    seed: int = Field(default=0, description="Seed of the initial global model.")
+    resume: bool = Field(
+        default=False, description="Continue the run of this name from its last checkpoint."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.strategy.name in ("median", "trimmed_mean") and self.min_sites < 3:
+            raise ValueError(f"strategy {self.strategy.name} needs min_sites of at least 3")
+        if self.sites is not None and len(self.sites) < self.min_sites:
+            raise ValueError(f"{len(self.sites)} sites listed but min_sites is {self.min_sites}")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "run settings") -> RunSettings:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{source}: not valid JSON ({exc})") from None
+        return parse_run_settings(data, source=source)
+
+
+def parse_run_settings(data: Any, *, source: str = "run settings") -> RunSettings:
+    """Validate ``data``; every problem is reported in one :class:`ConfigError`."""
+    try:
+        return RunSettings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(
+            f"{source}: {problems}",
+            hint="see `medfed run --help` for the settings and their ranges",
+        ) from None

@@ -1,0 +1,289 @@
+"""A site's part in a federation run, free of Flower: init, train and evaluate one round.
+
+The ClientApp (:mod:`medfed.site.clientapp`) only converts messages; everything a site decides
+happens here, in this order: the run's settings are checked against the site's policy before
+any data is read; training goes through :func:`medfed.site.trainer.train_local`, which writes
+the ledger before and after; the reply carries the ledger entries the aggregator has not seen.
+
+A round asked for twice (the aggregator restarted and resumed) is answered from the stored
+reply instead of training again, as long as the global model is the same: the steps were
+spent once and are not spent twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from medfed.config.run import RUN_NAME_PATTERN
+from medfed.config.site import ModelSection, SiteConfig
+from medfed.errors import ConfigError, LedgerError, PolicyError
+from medfed.transport.envelope import (
+    EvaluationReply,
+    InitReply,
+    RoundReply,
+    RoundRequest,
+)
+from medfed.types import SiteUpdate
+
+log = logging.getLogger("medfed.site")
+
+_REPLY_FILE = "reply.json"
+
+
+def check_policy(config: SiteConfig, request: RoundRequest) -> None:
+    """Refuse a round whose settings break the site's policy; every broken rule is named.
+
+    Limits that need the round's sampling plan (noise from a per-round epsilon target, the
+    epsilon of one round) are checked by the trainer, still before any step is taken.
+    """
+    policy = config.policy
+    problems: list[str] = []
+    network = request.model.get("network", config.model.network)
+    if network not in policy.allowed_networks:
+        problems.append(
+            f"network {network!r} is not in policy.allowed_networks {policy.allowed_networks}"
+        )
+    if request.local_epochs > policy.max_local_epochs:
+        problems.append(
+            f"{request.local_epochs} local epochs exceed policy.max_local_epochs "
+            f"{policy.max_local_epochs}"
+        )
+    noise = request.noise_multiplier
+    if (
+        noise is not None
+        and policy.min_noise_multiplier is not None
+        and noise < policy.min_noise_multiplier
+    ):
+        problems.append(
+            f"noise multiplier {noise:g} is below policy.min_noise_multiplier "
+            f"{policy.min_noise_multiplier:g}"
+        )
+    if not RUN_NAME_PATTERN.match(request.run_name):
+        problems.append(f"run name {request.run_name!r} is not a valid name")
+    if problems:
+        raise PolicyError(
+            f"site {config.site_id} declines run {request.run_name!r}: " + "; ".join(problems),
+            hint="change the run settings, or the site's policy section if the site agrees",
+        )
+
+
+def round_config(config: SiteConfig, request: RoundRequest) -> SiteConfig:
+    """The site's configuration with the run's model and training settings applied.
+
+    Re-validated as a whole, so a run's model that does not fit the site's patch size is a
+    clear :class:`ConfigError` and not a shape error deep in a network.
+    """
+    data = config.model_dump()
+    try:
+        data["model"] = ModelSection.model_validate(request.model).model_dump()
+    except ValidationError as exc:
+        raise ConfigError(f"the run's model settings are invalid: {_problems(exc)}") from None
+    data["training"]["epochs"] = request.local_epochs
+    if request.learning_rate is not None:
+        data["training"]["learning_rate"] = request.learning_rate
+    if request.noise_multiplier is not None:
+        data["privacy"]["noise_multiplier"] = request.noise_multiplier
+        data["privacy"]["target_epsilon_per_round"] = None
+    if request.max_grad_norm is not None:
+        data["privacy"]["max_grad_norm"] = request.max_grad_norm
+    try:
+        return SiteConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"the run's settings do not fit site {config.site_id}: {_problems(exc)}",
+            hint="the run's model must fit the site's data.patch_size",
+        ) from None
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
+    )
+
+
+def weights_digest(weights: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes: identifies one global model exactly."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        array = np.ascontiguousarray(weights[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def initial_model(*, config: SiteConfig, request: RoundRequest) -> InitReply:
+    """A freshly seeded network for the run: the federation's starting global model."""
+    import torch
+
+    from medfed.models import build_model, spec_from_config
+    from medfed.models.checkpoint import model_weights
+
+    check_policy(config, request)
+    effective = round_config(config, request)
+    spec = spec_from_config(effective)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(request.seed)
+        model = build_model(spec=spec)
+    return InitReply(site_id=config.site_id, weights=model_weights(model), spec=spec.to_dict())
+
+
+def train_round(*, config: SiteConfig, request: RoundRequest) -> RoundReply:
+    """Train one round from the global model, or replay a round already trained."""
+    from medfed.site.trainer import train_local
+
+    check_policy(config, request)
+    if request.weights is None:
+        raise ConfigError(f"round {request.round} of {request.run_name!r} came without a model")
+    effective = round_config(config, request)
+    digest = weights_digest(request.weights)
+    stored = _stored_reply(effective, request, digest)
+    if stored is not None:
+        log.info(
+            "round %d of %s was trained already: replaying it", request.round, request.run_name
+        )
+        return _with_ledger(effective, stored, request.ledger_known)
+    result = train_local(
+        config=effective,
+        run_id=request.run_name,
+        round_index=request.round,
+        initial_weights=request.weights,
+        proximal_mu=request.proximal_mu,
+    )
+    loss = result.mean_loss
+    update = SiteUpdate(
+        site_id=config.site_id,
+        round=request.round,
+        weights=result.weights,
+        num_patients=result.train_patients,
+        metrics={
+            "loss": float("nan") if loss is None else loss,
+            "dice_before": result.dice_before,
+            "dice_after": result.dice_after,
+            "epsilon_spent": result.epsilon_spent,
+            "steps": float(result.steps),
+            "sample_rate": result.sample_rate,
+            "noise_multiplier": result.noise_multiplier,
+            "train_seconds": result.seconds,
+            "val_patients": float(result.val_patients),
+        },
+    )
+    _store_reply(effective, request, digest, update)
+    return _with_ledger(effective, update, request.ledger_known)
+
+
+def evaluate_round(*, config: SiteConfig, request: RoundRequest) -> EvaluationReply:
+    """Dice of the global model on this site's validation split."""
+    import torch
+
+    from medfed.data import build_datasets
+    from medfed.models import build_model, place_model, resolve_device, spec_from_config
+    from medfed.models.checkpoint import load_weights_into
+    from medfed.site.evaluate import evaluate_dice
+
+    check_policy(config, request)
+    if request.weights is None:
+        raise ConfigError(f"evaluation of {request.run_name!r} came without a model")
+    effective = round_config(config, request)
+    device = resolve_device(name=effective.training.device, threads=effective.training.threads)
+    spec = spec_from_config(effective)
+    with torch.random.fork_rng(devices=[]):
+        model = place_model(model=build_model(spec=spec), spec=spec, device=device)
+    load_weights_into(model=model, weights=request.weights)
+    datasets = build_datasets(effective)
+    dice = evaluate_dice(
+        model=model,
+        dataset=datasets.val,
+        patch_size=effective.data.patch_size,
+        num_classes=len(effective.data.classes),
+        device=device,
+    )
+    return EvaluationReply(site_id=config.site_id, dice=dice, val_patients=len(datasets.val))
+
+
+def ledger_lines_since(config: SiteConfig, known: int) -> tuple[int, tuple[str, ...]]:
+    """The verified ledger's entries from index ``known`` on (what the aggregator lacks)."""
+    from medfed.privacy import SiteLedger
+
+    ledger = SiteLedger(
+        path=config.ledger_path, key_path=config.signing_key_path, site_id=config.site_id
+    )
+    report = ledger.verify()
+    count = len(report.entries)
+    if known > count:
+        raise LedgerError(
+            f"the aggregator holds {known} entries of site {config.site_id}'s ledger but the "
+            f"site has {count}: the ledger was rolled back or replaced",
+            hint="restore the newest backup of the ledger and its .head file; never start a "
+            "site's ledger afresh",
+        )
+    if count == 0:
+        return known, ()
+    lines = config.ledger_path.read_bytes().decode("utf-8").split("\n")[:count]
+    return known, tuple(lines[known:])
+
+
+def _with_ledger(config: SiteConfig, update: SiteUpdate, known: int) -> RoundReply:
+    first, lines = ledger_lines_since(config, known)
+    return RoundReply(
+        update=update,
+        ledger_first_seq=first,
+        ledger_lines=lines,
+        epsilon_cap=config.privacy.epsilon_cap,
+        delta=config.privacy.delta,
+        accountant=config.privacy.accountant,
+    )
+
+
+def _reply_dir(config: SiteConfig, request: RoundRequest) -> Path:
+    return config.paths.workdir / "federation" / request.run_name / f"round-{request.round:04d}"
+
+
+def _store_reply(
+    config: SiteConfig, request: RoundRequest, digest: str, update: SiteUpdate
+) -> None:
+    from safetensors.numpy import save_file
+
+    from medfed.privacy.storage import replace_file
+
+    directory = _reply_dir(config, request)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {name: np.ascontiguousarray(array) for name, array in update.weights.items()}
+    save_file(weights, str(directory / "update.safetensors"))
+    record: dict[str, Any] = {
+        "global_sha256": digest,
+        "update_sha256": weights_digest(update.weights),
+        "num_patients": update.num_patients,
+        "metrics": dict(update.metrics),
+    }
+    # The reply file is written last: its presence means the update beside it is complete.
+    replace_file(directory / _REPLY_FILE, json.dumps(record, indent=2).encode("utf-8"))
+
+
+def _stored_reply(config: SiteConfig, request: RoundRequest, digest: str) -> SiteUpdate | None:
+    from safetensors.numpy import load_file
+
+    directory = _reply_dir(config, request)
+    try:
+        record = json.loads((directory / _REPLY_FILE).read_text(encoding="utf-8"))
+        weights = load_file(str(directory / "update.safetensors"))
+    except (OSError, ValueError):
+        return None
+    if record.get("global_sha256") != digest or record.get("update_sha256") != weights_digest(
+        weights
+    ):
+        return None
+    return SiteUpdate(
+        site_id=config.site_id,
+        round=request.round,
+        weights=weights,
+        num_patients=int(record["num_patients"]),
+        metrics={key: float(value) for key, value in record["metrics"].items()},
+    )

@@ -1,0 +1,305 @@
+"""The one place where medfed's values become Flower records and back.
+
+Weights travel as numpy arrays in an ``ArrayRecord`` (numpy's format, never pickled), numbers in
+a ``MetricRecord``, and text (site ids, ledger lines, JSON settings) in a ``ConfigRecord``,
+because metric records hold numbers only. Every reader checks what it gets and raises
+:class:`EnvelopeError` naming the missing or malformed field, so a broken or hostile message is
+refused with a reason instead of crashing a handler.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
+
+from medfed.errors import MedfedError
+from medfed.types import SiteUpdate
+
+TRAIN: Final = "train"
+EVALUATE: Final = "evaluate"
+INIT: Final = "query.init"
+
+# Flower error codes of a site's refusal; the reason text is the error's one-line form.
+DECLINE_CODES: Final[Mapping[str, int]] = {
+    "error": 4100,
+    "budget-exceeded": 4101,
+    "policy": 4102,
+    "data": 4103,
+    "config": 4104,
+    "ledger": 4105,
+    "model": 4106,
+    "training": 4107,
+    "privacy-unit": 4108,
+    "privacy": 4109,
+    "device": 4110,
+    "envelope": 4111,
+}
+_CODE_NAMES = {value: key for key, value in DECLINE_CODES.items()}
+_ONE_LINE = re.compile(r"^error\[([a-z-]+)\]: ")
+
+
+class EnvelopeError(MedfedError):
+    """A message lacks a field medfed needs, or a field has the wrong type."""
+
+    code = "envelope"
+    exit_code = 8
+
+
+@dataclass(frozen=True, eq=False)
+class RoundRequest:
+    """What the aggregator asks of one site for one round (training or evaluation)."""
+
+    run_name: str
+    round: int
+    model: Mapping[str, Any]
+    local_epochs: int
+    learning_rate: float | None
+    noise_multiplier: float | None
+    max_grad_norm: float | None
+    proximal_mu: float
+    seed: int
+    ledger_known: int
+    weights: Mapping[str, np.ndarray] | None
+
+
+@dataclass(frozen=True, eq=False)
+class RoundReply:
+    """A site's answer to a training round: its update and the ledger entries it added."""
+
+    update: SiteUpdate
+    ledger_first_seq: int
+    ledger_lines: tuple[str, ...]
+    epsilon_cap: float
+    delta: float
+    accountant: str
+
+
+@dataclass(frozen=True)
+class EvaluationReply:
+    site_id: str
+    dice: float
+    val_patients: int
+
+
+@dataclass(frozen=True, eq=False)
+class InitReply:
+    """A site's freshly initialised network: the starting global model and its spec."""
+
+    site_id: str
+    weights: Mapping[str, np.ndarray]
+    spec: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Decline:
+    """A site's refusal of a round, as the aggregator reads it."""
+
+    code: str
+    reason: str
+
+    @property
+    def budget_spent(self) -> bool:
+        return self.code == "budget-exceeded"
+
+
+def _arrays(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(
+        {name: Array(np.ascontiguousarray(value)) for name, value in weights.items()}
+    )
+
+
+def _read_arrays(content: RecordDict, key: str) -> dict[str, np.ndarray]:
+    record = content.get(key)
+    if not isinstance(record, ArrayRecord):
+        raise EnvelopeError(f"message has no array record {key!r}")
+    try:
+        return {name: array.numpy() for name, array in record.items()}
+    except (TypeError, ValueError) as exc:
+        raise EnvelopeError(f"array record {key!r} holds an unreadable array ({exc})") from None
+
+
+def _record(content: RecordDict, key: str, kind: type[Any]) -> Any:
+    record = content.get(key)
+    if not isinstance(record, kind):
+        raise EnvelopeError(f"message has no {kind.__name__} {key!r}")
+    return record
+
+
+def _field(record: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in record:
+        raise EnvelopeError(f"message field {key!r} is missing")
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise EnvelopeError(f"message field {key!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _optional_float(record: Mapping[str, Any], key: str) -> float | None:
+    value = _field(record, key, (int, float))
+    return None if math.isnan(value) else float(value)
+
+
+def request_content(request: RoundRequest) -> RecordDict:
+    config = ConfigRecord(
+        {
+            "run_name": request.run_name,
+            "round": request.round,
+            "model": json.dumps(dict(request.model), sort_keys=True),
+            "local_epochs": request.local_epochs,
+            # NaN stands for "unset": config records hold no None.
+            "learning_rate": math.nan if request.learning_rate is None else request.learning_rate,
+            "noise_multiplier": (
+                math.nan if request.noise_multiplier is None else request.noise_multiplier
+            ),
+            "max_grad_norm": math.nan if request.max_grad_norm is None else request.max_grad_norm,
+            "proximal_mu": float(request.proximal_mu),
+            "seed": request.seed,
+            "ledger_known": request.ledger_known,
+        }
+    )
+    records: dict[str, Any] = {"config": config}
+    if request.weights is not None:
+        records["global"] = _arrays(request.weights)
+    return RecordDict(records)
+
+
+def read_request(content: RecordDict) -> RoundRequest:
+    config = _record(content, "config", ConfigRecord)
+    try:
+        model = json.loads(_field(config, "model", str))
+    except json.JSONDecodeError:
+        raise EnvelopeError("message field 'model' is not JSON") from None
+    if not isinstance(model, dict):
+        raise EnvelopeError("message field 'model' is not a JSON object")
+    return RoundRequest(
+        run_name=_field(config, "run_name", str),
+        round=_field(config, "round", int),
+        model=model,
+        local_epochs=_field(config, "local_epochs", int),
+        learning_rate=_optional_float(config, "learning_rate"),
+        noise_multiplier=_optional_float(config, "noise_multiplier"),
+        max_grad_norm=_optional_float(config, "max_grad_norm"),
+        proximal_mu=float(_field(config, "proximal_mu", (int, float))),
+        seed=_field(config, "seed", int),
+        ledger_known=_field(config, "ledger_known", int),
+        weights=_read_arrays(content, "global") if "global" in content else None,
+    )
+
+
+def reply_content(reply: RoundReply) -> RecordDict:
+    update = reply.update
+    metrics: dict[str, int | float | list[int] | list[float]] = {
+        key: float(value) for key, value in update.metrics.items()
+    }
+    return RecordDict(
+        {
+            "update": _arrays(update.weights),
+            "metrics": MetricRecord(metrics),
+            "site": ConfigRecord(
+                {
+                    "site_id": update.site_id,
+                    "round": update.round,
+                    "num_patients": update.num_patients,
+                    "ledger_first_seq": reply.ledger_first_seq,
+                    "ledger_lines": list(reply.ledger_lines),
+                    "epsilon_cap": reply.epsilon_cap,
+                    "delta": reply.delta,
+                    "accountant": reply.accountant,
+                }
+            ),
+        }
+    )
+
+
+def read_reply(content: RecordDict) -> RoundReply:
+    site = _record(content, "site", ConfigRecord)
+    metrics = _record(content, "metrics", MetricRecord)
+    lines = site.get("ledger_lines", [])
+    if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
+        raise EnvelopeError("message field 'ledger_lines' is not a list of strings")
+    values: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise EnvelopeError(f"metric {key!r} is not a number")
+        values[key] = float(value)
+    update = SiteUpdate(
+        site_id=_field(site, "site_id", str),
+        round=_field(site, "round", int),
+        weights=_read_arrays(content, "update"),
+        num_patients=_field(site, "num_patients", int),
+        metrics=values,
+    )
+    return RoundReply(
+        update=update,
+        ledger_first_seq=_field(site, "ledger_first_seq", int),
+        ledger_lines=tuple(lines),
+        epsilon_cap=float(_field(site, "epsilon_cap", (int, float))),
+        delta=float(_field(site, "delta", (int, float))),
+        accountant=_field(site, "accountant", str),
+    )
+
+
+def evaluation_content(reply: EvaluationReply) -> RecordDict:
+    return RecordDict(
+        {
+            "metrics": MetricRecord({"dice": reply.dice, "val_patients": reply.val_patients}),
+            "site": ConfigRecord({"site_id": reply.site_id}),
+        }
+    )
+
+
+def read_evaluation(content: RecordDict) -> EvaluationReply:
+    metrics = _record(content, "metrics", MetricRecord)
+    site = _record(content, "site", ConfigRecord)
+    return EvaluationReply(
+        site_id=_field(site, "site_id", str),
+        dice=float(_field(metrics, "dice", (int, float))),
+        val_patients=int(_field(metrics, "val_patients", (int, float))),
+    )
+
+
+def init_content(reply: InitReply) -> RecordDict:
+    return RecordDict(
+        {
+            "global": _arrays(reply.weights),
+            "site": ConfigRecord(
+                {"site_id": reply.site_id, "spec": json.dumps(dict(reply.spec), sort_keys=True)}
+            ),
+        }
+    )
+
+
+def read_init(content: RecordDict) -> InitReply:
+    site = _record(content, "site", ConfigRecord)
+    try:
+        spec = json.loads(_field(site, "spec", str))
+    except json.JSONDecodeError:
+        raise EnvelopeError("message field 'spec' is not JSON") from None
+    return InitReply(
+        site_id=_field(site, "site_id", str), weights=_read_arrays(content, "global"), spec=spec
+    )
+
+
+def decline_error(error: MedfedError) -> Error:
+    """The Flower error a site replies with when it refuses a round."""
+    return Error(
+        code=DECLINE_CODES.get(error.code, DECLINE_CODES["error"]), reason=error.one_line()
+    )
+
+
+def read_decline(error: Error) -> Decline:
+    """What an error reply means: a medfed refusal, or a failure inside Flower or the app."""
+    reason = error.reason or ""
+    code = _CODE_NAMES.get(error.code)
+    if code is None:
+        match = _ONE_LINE.match(reason)
+        code = match.group(1) if match else f"flower-{error.code}"
+    first_line = reason.strip().splitlines()[-1] if reason.strip() else "(no reason given)"
+    return Decline(code=code, reason=first_line[:500])
