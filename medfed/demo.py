@@ -9,12 +9,14 @@ noise multiplier is planned so that the whole run spends 90% of the sites' cap.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from medfed.config.run import RunSettings
-from medfed.errors import ConfigError
+from medfed.errors import ConfigError, TransportError
 from medfed.transport.provision import SUPERLINK_PORT, Workspace
 
 DEMO_CAP = 8.0
@@ -109,6 +111,8 @@ def prepare_federation(
         data = base.model_dump()
         data["paths"]["workdir"] = site_dir / "work"
         data["paths"]["signing_key"] = kit / "ledger_key.pem"
+        # Sites share this machine's cores: one thread each, fewer when they outnumber the cores.
+        data["training"]["threads"] = max(1, (os.cpu_count() or 1) // sites)
         data["privacy"]["epsilon_cap"] = DEMO_CAP
         data["privacy"]["delta"] = DEMO_DELTA
         data["transport"] = TransportSection(
@@ -141,3 +145,65 @@ def prepare_federation(
         settings=settings,
         train_patients=train_patients,
     )
+
+
+def run_deployed(
+    *,
+    setup: DemoSetup,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    timeout_s: float = 1800.0,
+) -> dict[str, Any]:
+    """Run ``setup`` on the real deployment: SuperLink and one SuperNode per site, as processes.
+
+    TLS and node authentication are on; every process is stopped on return, on an error, on
+    Ctrl-C and on SIGTERM. Returns the run's summary.
+    """
+    from medfed.config import load_site_config
+    from medfed.transport.deploy import start_supernode, wait_for_nodes
+    from medfed.transport.processes import ProcessGroup
+    from medfed.transport.runner import flwr_home, follow, logs_dir, start_aggregator, submit
+
+    workspace = setup.workspace
+    logs = logs_dir(workspace)
+    with ProcessGroup(handle_signals=True) as group:
+        group.add(start_aggregator(workspace=workspace).process)
+        nodes = [
+            group.add(
+                start_supernode(
+                    config_path=path,
+                    site=load_site_config(path),
+                    log_file=logs / f"supernode-{site}.log",
+                )
+            )
+            for site, path in sorted(setup.site_configs.items())
+        ]
+        wait_for_nodes(
+            flwr_home=flwr_home(workspace), count=len(nodes), timeout_s=120.0, watch=nodes
+        )
+        run_id = submit(workspace=workspace, settings=setup.settings)
+
+        def alive() -> None:
+            for process in group.processes:
+                if not process.running():
+                    raise TransportError(
+                        f"{process.name} stopped unexpectedly",
+                        hint=f"see {process.log_file}: {process.log_tail(3)}",
+                    )
+
+        last: dict[str, Any] = {}
+        for event in follow(
+            workspace=workspace,
+            run_name=setup.settings.run_name,
+            run_id=run_id,
+            timeout_s=timeout_s,
+            alive=alive,
+        ):
+            last = event
+            if on_event is not None:
+                on_event(event)
+    if last.get("event") == "run_failed":
+        raise TransportError(f"the federation failed: {last.get('reason')}")
+    summary = last.get("summary")
+    if not isinstance(summary, dict):
+        raise TransportError("the federation ended without a summary")
+    return summary

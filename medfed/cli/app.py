@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from medfed.cli import data_cmd, privacy_cmd, provision_cmd, site_cmd
+from medfed.cli import data_cmd, federation_cmd, privacy_cmd, provision_cmd, site_cmd
 from medfed.errors import MedfedError
 
 app = typer.Typer(
@@ -24,7 +24,11 @@ app = typer.Typer(
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(privacy_cmd.app, name="privacy")
 app.add_typer(site_cmd.app, name="site")
+app.add_typer(federation_cmd.aggregator_app, name="aggregator")
+site_cmd.app.command("start")(federation_cmd.site_start)
 app.command("provision")(provision_cmd.provision)
+app.command("run")(federation_cmd.run)
+app.command("demo")(federation_cmd.demo)
 
 
 @app.command()

@@ -137,21 +137,34 @@ def initial_model(*, config: SiteConfig, request: RoundRequest) -> InitReply:
 
 def train_round(*, config: SiteConfig, request: RoundRequest) -> RoundReply:
     """Train one round from the global model, or replay a round already trained."""
-    from medfed.site.trainer import train_local
-
     check_policy(config, request)
     if request.weights is None:
         raise ConfigError(f"round {request.round} of {request.run_name!r} came without a model")
     effective = round_config(config, request)
     digest = weights_digest(request.weights)
-    stored = _stored_reply(effective, request, digest)
-    if stored is not None:
-        log.info(
-            "round %d of %s was trained already: replaying it", request.round, request.run_name
-        )
-        return _with_ledger(effective, stored, request.ledger_known)
+    from medfed.privacy.storage import locked, make_private_dirs
+
+    directory = _reply_dir(effective, request)
+    make_private_dirs(directory)
+    # One training per run and round at a time: a repeated request (the aggregator restarted
+    # while this site trained) waits here and then replays the stored reply.
+    with locked(directory / "round", exclusive=True):
+        update = _stored_reply(effective, request, digest)
+        if update is not None:
+            log.info(
+                "round %d of %s was trained already: replaying it", request.round, request.run_name
+            )
+        else:
+            update = _train(effective, request, digest)
+    return _with_ledger(effective, update, request.ledger_known)
+
+
+def _train(config: SiteConfig, request: RoundRequest, digest: str) -> SiteUpdate:
+    from medfed.site.trainer import train_local
+
+    assert request.weights is not None
     result = train_local(
-        config=effective,
+        config=config,
         run_id=request.run_name,
         round_index=request.round,
         initial_weights=request.weights,
@@ -175,8 +188,8 @@ def train_round(*, config: SiteConfig, request: RoundRequest) -> RoundReply:
             "val_patients": float(result.val_patients),
         },
     )
-    _store_reply(effective, request, digest, update)
-    return _with_ledger(effective, update, request.ledger_known)
+    _store_reply(config, request, digest, update)
+    return update
 
 
 def evaluate_round(*, config: SiteConfig, request: RoundRequest) -> EvaluationReply:
@@ -254,7 +267,6 @@ def _store_reply(
     from medfed.privacy.storage import replace_file
 
     directory = _reply_dir(config, request)
-    directory.mkdir(parents=True, exist_ok=True)
     weights = {name: np.ascontiguousarray(array) for name, array in update.weights.items()}
     save_file(weights, str(directory / "update.safetensors"))
     record: dict[str, Any] = {

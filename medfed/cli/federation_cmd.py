@@ -1,0 +1,228 @@
+"""`medfed aggregator start`, `medfed run` and `medfed demo`: the federation's commands."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from medfed.errors import ConfigError
+
+aggregator_app = typer.Typer(help="Run the aggregator (Flower SuperLink).", no_args_is_help=True)
+
+WorkspaceOption = Annotated[
+    Path, typer.Option("--workspace", "-w", help="The workspace `medfed provision` made.")
+]
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    # SIGTERM from a service manager stops the processes the same way Ctrl-C does.
+    raise KeyboardInterrupt
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+@aggregator_app.command("start")
+def aggregator_start(workspace: WorkspaceOption) -> None:
+    """Start the SuperLink (TLS, node authentication) and register the provisioned sites.
+
+    Runs in the foreground until Ctrl-C or SIGTERM, as a service manager expects.
+    """
+    from medfed.transport.provision import load_workspace
+    from medfed.transport.runner import start_aggregator
+
+    console = _console()
+    loaded = load_workspace(workspace)
+    aggregator = start_aggregator(workspace=loaded)
+    process = aggregator.process
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        console.print(f"SuperLink listening on {loaded.manifest.address} (TLS, node auth on)")
+        for item in aggregator.registrations:
+            state = "already registered" if item.already_registered else f"node {item.node_id}"
+            console.print(f"  site {item.site_id}: {state}")
+        console.print(f"log: {process.log_file}; Ctrl-C stops the aggregator")
+        while process.running():
+            time.sleep(1.0)
+        raise ConfigError(
+            f"the SuperLink exited with code {process.poll()}",
+            hint=f"see {process.log_file}: {process.log_tail(3)}",
+        )
+    except KeyboardInterrupt:
+        console.print("stopping the aggregator")
+    finally:
+        process.stop()
+
+
+def site_start(
+    config: Annotated[Path, typer.Option("--config", "-c", help="The site's site.yaml.")],
+) -> None:
+    """Start this site's node (Flower SuperNode): TLS, its node key, its site config.
+
+    Runs in the foreground until Ctrl-C or SIGTERM; reconnects when the aggregator restarts.
+    """
+    from medfed.config import load_site_config
+    from medfed.transport.deploy import start_supernode
+
+    console = _console()
+    site = load_site_config(config)
+    log_file = site.paths.workdir / "logs" / "supernode.log"
+    process = start_supernode(config_path=config.absolute(), site=site, log_file=log_file)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        assert site.transport is not None  # start_supernode refuses a config without one
+        console.print(
+            f"site {site.site_id}: node connecting to {site.transport.superlink_address}; "
+            f"log: {log_file}; Ctrl-C stops it"
+        )
+        while process.running():
+            time.sleep(1.0)
+        raise ConfigError(
+            f"the SuperNode exited with code {process.poll()}",
+            hint=f"see {log_file}: {process.log_tail(3)}",
+        )
+    except KeyboardInterrupt:
+        console.print("stopping the site node")
+    finally:
+        process.stop()
+
+
+def run(
+    workspace: WorkspaceOption,
+    name: Annotated[str, typer.Option("--name", help="Run name (its directory, resume key).")],
+    rounds: Annotated[int, typer.Option(min=1)] = 3,
+    local_epochs: Annotated[int, typer.Option(min=1)] = 2,
+    strategy: Annotated[
+        str, typer.Option(help="fedavg | fedprox | fedadam | median | trimmed_mean")
+    ] = "fedavg",
+    proximal_mu: Annotated[float, typer.Option(help="FedProx term (fedprox only).")] = 0.0,
+    learning_rate: Annotated[float | None, typer.Option(help="Default: each site's.")] = None,
+    noise_multiplier: Annotated[float | None, typer.Option(help="Default: each site's.")] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(help="Default: each site's.")] = None,
+    min_sites: Annotated[int, typer.Option(min=1, help="Successful sites a round needs.")] = 2,
+    sites: Annotated[
+        str | None, typer.Option(help="Comma-separated site ids (default: all online).")
+    ] = None,
+    network: Annotated[str, typer.Option(help="unet | attention_unet")] = "unet",
+    round_timeout: Annotated[float, typer.Option(help="Seconds a site may take.")] = 900.0,
+    wait_for_sites: Annotated[float, typer.Option(help="Seconds to wait for sites.")] = 120.0,
+    seed: int = 0,
+    settings_file: Annotated[
+        Path | None,
+        typer.Option("--settings", help="JSON file of run settings (options above override)."),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run of this name.")] = False,
+    follow_run: Annotated[
+        bool, typer.Option("--follow/--no-follow", help="Stream progress until the end.")
+    ] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to follow the run.")] = 7200.0,
+) -> None:
+    """Submit a federation run to the running aggregator and stream its progress."""
+    from medfed.config.run import parse_run_settings
+    from medfed.transport.provision import load_workspace, parse_sites
+    from medfed.transport.runner import follow, submit
+
+    data: dict[str, Any] = {}
+    if settings_file is not None:
+        try:
+            data = json.loads(settings_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{settings_file}: cannot read settings ({exc})") from None
+    data.update(
+        run_name=name,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        strategy={**data.get("strategy", {}), "name": strategy, "proximal_mu": proximal_mu},
+        learning_rate=learning_rate,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        min_sites=min_sites,
+        sites=None if sites is None else parse_sites(sites),
+        model={**data.get("model", {}), "network": network},
+        round_timeout_s=round_timeout,
+        wait_for_sites_s=wait_for_sites,
+        seed=seed,
+        resume=resume,
+    )
+    settings = parse_run_settings(data, source="run settings")
+    loaded = load_workspace(workspace)
+    console = _console()
+    run_id = submit(workspace=loaded, settings=settings)
+    console.print(f"submitted run {settings.run_name!r} (Flower run {run_id})")
+    if follow_run:
+        _show(console, follow(workspace=loaded, run_name=name, run_id=run_id, timeout_s=timeout))
+
+
+def demo(
+    sites: Annotated[int, typer.Option(min=1, max=26, help="Number of sites.")] = 3,
+    rounds: Annotated[int, typer.Option(min=1)] = 3,
+    local_epochs: Annotated[int, typer.Option(min=1)] = 5,
+    cases: Annotated[int, typer.Option(min=8, help="Synthetic patients per site.")] = 30,
+    size: Annotated[int, typer.Option(min=16, help="Volume edge (voxels).")] = 32,
+    workspace: Annotated[
+        Path, typer.Option("--workspace", "-w", help="New directory for everything.")
+    ] = Path("medfed-demo"),
+    port: Annotated[int | None, typer.Option(help="SuperLink port (default: a free one).")] = None,
+    in_process: Annotated[
+        bool, typer.Option("--in-process", help="One process, no network (quick look).")
+    ] = False,
+) -> None:
+    """A whole federation on this machine: aggregator and sites as processes, TLS on, DP on."""
+    from medfed.demo import prepare_federation, run_deployed
+    from medfed.transport.processes import free_port
+
+    console = _console()
+    console.print(f"preparing {sites} synthetic sites in {workspace.absolute()}")
+    setup = prepare_federation(
+        root=workspace,
+        sites=sites,
+        cases=cases,
+        size=size,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        port=port or free_port(),
+    )
+    started = time.monotonic()
+    if in_process:
+        from medfed.transport.inprocess import run_in_process
+
+        def show(event: dict[str, Any]) -> None:
+            _show(console, iter([event]), final=False)
+
+        result = run_in_process(
+            workspace=setup.workspace,
+            site_configs=setup.site_configs,
+            settings=setup.settings,
+            on_event=show,
+        )
+        summary = json.loads((result.directory / "summary.json").read_text(encoding="utf-8"))
+    else:
+        summary = run_deployed(
+            setup=setup, on_event=lambda event: _show(console, iter([event]), final=False)
+        )
+    from medfed.cli.progress import print_summary
+
+    print_summary(console, summary)
+    console.print(
+        f"{time.monotonic() - started:.0f} s; workspace {setup.workspace.root}, logs in "
+        f"{setup.workspace.root / 'logs'}, site ledgers under {setup.root / 'sites'}"
+    )
+
+
+def _show(console: Any, events: Any, *, final: bool = True) -> None:
+    from medfed.cli.progress import event_line, print_summary
+
+    for event in events:
+        line = event_line(event)
+        if line is not None:
+            console.print(line)
+        if final and isinstance(event.get("summary"), dict):
+            print_summary(console, event["summary"])

@@ -1,0 +1,141 @@
+"""Running federations on the real deployment: the aggregator service, run submission, progress.
+
+`medfed aggregator start`, `medfed run` and `medfed demo` are thin layers over this module. A
+run's progress is read from the events the ServerApp appends to
+``<workspace>/runs/<run_name>/events.jsonl``; Flower's own run status is polled beside it, so
+a ServerApp that dies without a last event is reported with its reason, not waited on forever.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from medfed.aggregator.run_store import read_events, run_directory
+from medfed.aggregator.serverapp import WORKSPACE_ENV
+from medfed.config.run import RUN_CONFIG_KEY, RunSettings
+from medfed.errors import ConfigError, TransportError
+from medfed.transport.deploy import (
+    DEFAULT_CONNECTION,
+    STATE_DIR,
+    SiteRegistration,
+    register_sites,
+    run_status,
+    start_superlink,
+    submit_run,
+)
+from medfed.transport.processes import ManagedProcess
+from medfed.transport.provision import Workspace
+
+TERMINAL_EVENTS = frozenset({"run_finished", "run_stopped", "run_failed"})
+
+
+def app_directory() -> Path:
+    """The Flower app every medfed run ships (settings only; the code is the installed medfed)."""
+    path = Path(str(resources.files("medfed.transport") / "flwr_app"))
+    if not (path / "pyproject.toml").is_file():
+        raise ConfigError(f"{path}: the medfed Flower app is missing", hint="reinstall medfed")
+    return path
+
+
+def flwr_home(workspace: Workspace) -> Path:
+    return workspace.root / STATE_DIR / "flwr-home"
+
+
+def logs_dir(workspace: Workspace) -> Path:
+    return workspace.root / "logs"
+
+
+@dataclass(frozen=True)
+class Aggregator:
+    process: ManagedProcess
+    registrations: list[SiteRegistration]
+
+
+def start_aggregator(*, workspace: Workspace, log_file: Path | None = None) -> Aggregator:
+    """Start the SuperLink for ``workspace`` and register every provisioned site's node key."""
+    process = start_superlink(
+        workspace=workspace,
+        log_file=log_file or logs_dir(workspace) / "superlink.log",
+        env={WORKSPACE_ENV: str(workspace.root)},
+        flwr_home=flwr_home(workspace),
+    )
+    try:
+        registrations = register_sites(workspace=workspace, flwr_home=flwr_home(workspace))
+    except BaseException:
+        process.stop(grace_s=5.0)
+        raise
+    return Aggregator(process=process, registrations=registrations)
+
+
+def submit(*, workspace: Workspace, settings: RunSettings) -> int:
+    """Submit a run of medfed's app with ``settings``; Flower's run id.
+
+    The run's name is checked here too, so that a taken name is refused before Flower starts
+    a ServerApp that would refuse it.
+    """
+    state = run_directory(workspace.root, settings.run_name) / "state.json"
+    if state.exists() and not settings.resume:
+        raise ConfigError(
+            f"run {settings.run_name!r} already exists in {state.parent}",
+            hint="pass --resume to continue it, or choose another --name",
+        )
+    return submit_run(
+        app_dir=app_directory(),
+        flwr_home=flwr_home(workspace),
+        connection=DEFAULT_CONNECTION,
+        run_config={RUN_CONFIG_KEY: settings.to_json()},
+    )
+
+
+def follow(
+    *,
+    workspace: Workspace,
+    run_name: str,
+    run_id: int,
+    timeout_s: float,
+    poll_s: float = 0.5,
+    alive: Callable[[], None] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield the run's events as they are written, until its last one.
+
+    Events from an earlier attempt under the same name (a resumed run) are skipped. ``alive``
+    is called while waiting; it raises to abort (e.g. when a process the caller watches died).
+    """
+    path = run_directory(workspace.root, run_name) / "events.jsonl"
+    _, offset = read_events(path)
+    deadline = time.monotonic() + timeout_s
+    next_status = 0.0
+    while True:
+        events, offset = read_events(path, offset=offset)
+        for event in events:
+            yield event
+            if event.get("event") in TERMINAL_EVENTS:
+                return
+        now = time.monotonic()
+        if now >= next_status:
+            next_status = now + 5.0
+            status = run_status(flwr_home=flwr_home(workspace), run_id=run_id)
+            if status.finished:
+                events, offset = read_events(path, offset=offset)
+                yield from events
+                if not any(e.get("event") in TERMINAL_EVENTS for e in events):
+                    raise TransportError(
+                        f"Flower run {run_id} ended ({status.status}) without finishing "
+                        f"{run_name!r}: {status.details or 'no details'}",
+                        hint=f"see {logs_dir(workspace) / 'superlink.log'} for the ServerApp's "
+                        "output",
+                    )
+                return
+        if now >= deadline:
+            raise TransportError(
+                f"run {run_name!r} did not finish within {timeout_s:.0f} s",
+                hint=f"it goes on at the aggregator; stop it with `flwr stop {run_id}`",
+            )
+        if alive is not None:
+            alive()
+        time.sleep(poll_s)
