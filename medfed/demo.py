@@ -64,6 +64,21 @@ def planned_noise(
     return math.ceil(noise * 100) / 100
 
 
+def remove_demo(root: Path) -> None:
+    """Delete an earlier demo directory, and nothing that does not look like one."""
+    import shutil
+
+    root = Path(root)
+    if not root.exists():
+        return
+    if not (root / "workspace" / "workspace.yaml").is_file() or not (root / "sites").is_dir():
+        raise ConfigError(
+            f"{root} is not a medfed demo directory; refusing to delete it",
+            hint="choose another --workspace",
+        )
+    shutil.rmtree(root)
+
+
 def prepare_federation(
     *,
     root: Path,
@@ -159,7 +174,8 @@ def run_deployed(
     Ctrl-C and on SIGTERM. Returns the run's summary.
     """
     from medfed.config import load_site_config
-    from medfed.transport.deploy import start_supernode, wait_for_nodes
+    from medfed.transport.deploy import start_supernode
+    from medfed.transport.flwr_cli import wait_for_nodes
     from medfed.transport.processes import ProcessGroup
     from medfed.transport.runner import flwr_home, follow, logs_dir, start_aggregator, submit
 

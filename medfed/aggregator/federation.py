@@ -25,6 +25,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from medfed.aggregator.budget import BudgetTracker
+from medfed.aggregator.outcome import FederationResult, SiteRecord, finite, weighted_mean
 from medfed.aggregator.run_store import ResumePoint, RunStore, run_directory
 from medfed.aggregator.strategies import FedAdamState, aggregate
 from medfed.aggregator.validation import validate_update
@@ -47,47 +48,6 @@ from medfed.transport.provision import Workspace
 log = logging.getLogger("medfed.aggregator")
 
 _POLL_S = 1.0
-
-
-@dataclass
-class SiteRecord:
-    """What the run knows about one site (mutable: the loop updates it round by round)."""
-
-    site_id: str
-    status: str = "waiting"  # waiting, active, exhausted, declined, failed, offline
-    rounds: int = 0
-    num_patients: int = 0
-    dice: float = math.nan
-    last_loss: float = math.nan
-    last_reason: str = ""
-    last_plan: DPSteps | None = None
-
-    def to_json(self, budget: Mapping[str, Any] | None) -> dict[str, Any]:
-        return {
-            "site_id": self.site_id,
-            "status": self.status,
-            "rounds": self.rounds,
-            "patients": self.num_patients,
-            "dice": _finite(self.dice),
-            "loss": _finite(self.last_loss),
-            "reason": self.last_reason,
-            "epsilon_spent": None if budget is None else budget.get("epsilon_spent"),
-            "epsilon_cap": None if budget is None else budget.get("epsilon_cap"),
-            "delta": None if budget is None else budget.get("delta"),
-        }
-
-
-@dataclass(frozen=True)
-class FederationResult:
-    run_name: str
-    status: str  # finished, stopped
-    reason: str
-    rounds_completed: int
-    dice_initial: float
-    dice_final: float
-    sites: list[dict[str, Any]]
-    directory: Path
-    model: Path | None
 
 
 @dataclass
@@ -185,7 +145,7 @@ def _run(loop: _Loop, resume: ResumePoint | None) -> FederationResult:
             return _finish(loop, "stopped", reason, completed, model_dir, dice_initial)
         outcome = _train_round(loop, round_index, selected, weights)
         if round_index == first_round and outcome.dice_before:
-            dice_initial = _weighted(outcome.dice_before)
+            dice_initial = weighted_mean(outcome.dice_before)
         if len(outcome.updates) < settings.min_sites:
             reason = (
                 f"round {round_index}: {len(outcome.updates)} usable updates, fewer than "
@@ -212,10 +172,10 @@ def _run(loop: _Loop, resume: ResumePoint | None) -> FederationResult:
             round=round_index,
             sites_answered=len(outcome.updates),
             sites_asked=len(selected),
-            dice_before=_finite(_weighted(outcome.dice_before)),
-            loss=_finite(_weighted(outcome.losses)),
+            dice_before=finite(weighted_mean(outcome.dice_before)),
+            loss=finite(weighted_mean(outcome.losses)),
             seconds=round(outcome.seconds, 3),
-            epsilon={s: _finite(b) for s, b in _epsilons(loop).items()},
+            epsilon={s: finite(b) for s, b in _epsilons(loop).items()},
         )
     dice_final = _evaluate(loop, completed, weights)
     return _finish(
@@ -423,12 +383,12 @@ def _train_round(
             site=site,
             round=round_index,
             patients=answer.update.num_patients,
-            loss=_finite(record.last_loss),
-            dice_before=_finite(metrics.get("dice_before", math.nan)),
-            dice_after=_finite(metrics.get("dice_after", math.nan)),
-            epsilon_spent=_finite(budget.epsilon_spent),
+            loss=finite(record.last_loss),
+            dice_before=finite(metrics.get("dice_before", math.nan)),
+            dice_after=finite(metrics.get("dice_after", math.nan)),
+            epsilon_spent=finite(budget.epsilon_spent),
             epsilon_cap=budget.epsilon_cap,
-            train_seconds=_finite(metrics.get("train_seconds", math.nan)),
+            train_seconds=finite(metrics.get("train_seconds", math.nan)),
         )
     outcome.seconds = time.monotonic() - started
     return outcome
@@ -468,12 +428,12 @@ def _evaluate(loop: _Loop, round_index: int, weights: Mapping[str, np.ndarray]) 
             continue
         loop.sites[site].dice = evaluation.dice
         scores[site] = (evaluation.dice, evaluation.val_patients)
-    dice = _weighted(scores)
+    dice = weighted_mean(scores)
     loop.emit(
         "evaluation",
         round=round_index,
-        dice=_finite(dice),
-        sites={s: _finite(d) for s, (d, _) in scores.items()},
+        dice=finite(dice),
+        sites={s: finite(d) for s, (d, _) in scores.items()},
     )
     return dice
 
@@ -484,12 +444,6 @@ def _epsilons(loop: _Loop) -> dict[str, float]:
         for site, budget in loop.tracker.all().items()
         if site in loop.sites
     }
-
-
-def _weighted(values: Mapping[str, tuple[float, int]]) -> float:
-    pairs = [(v, w) for v, w in values.values() if math.isfinite(v) and w > 0]
-    total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total if total else math.nan
 
 
 def _too_few(loop: _Loop, sites: Iterable[str], what: str) -> str:
@@ -524,17 +478,7 @@ def _finish(
         directory=loop.store.directory,
         model=model_dir,
     )
-    summary = {
-        "run_name": result.run_name,
-        "status": status,
-        "reason": reason,
-        "rounds_completed": completed,
-        "dice_initial": _finite(dice_initial),
-        "dice_final": _finite(dice_final),
-        "model": None if model_dir is None else str(model_dir),
-        "sites": sites,
-        "budgets": loop.tracker.state_json(),
-    }
+    summary = result.summary(loop.tracker.state_json())
     loop.store.write_summary(summary)
     loop.emit(
         "run_finished" if status == "finished" else "run_stopped",
@@ -543,7 +487,3 @@ def _finish(
         summary=summary,
     )
     return result
-
-
-def _finite(value: float) -> float | None:
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None

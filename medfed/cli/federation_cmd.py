@@ -174,12 +174,17 @@ def demo(
     in_process: Annotated[
         bool, typer.Option("--in-process", help="One process, no network (quick look).")
     ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an earlier demo in --workspace.")
+    ] = False,
 ) -> None:
     """A whole federation on this machine: aggregator and sites as processes, TLS on, DP on."""
-    from medfed.demo import prepare_federation, run_deployed
+    from medfed.demo import prepare_federation, remove_demo, run_deployed
     from medfed.transport.processes import free_port
 
     console = _console()
+    if force:
+        remove_demo(workspace)
     console.print(f"preparing {sites} synthetic sites in {workspace.absolute()}")
     setup = prepare_federation(
         root=workspace,

@@ -7,47 +7,42 @@ admin registers every site's node key with ``flwr supernode register`` and submi
 ``site.yaml`` to the ClientApp as the node config ``site-config``. All ``flwr`` commands run as
 subprocesses with ``--format json`` against a named connection in ``$FLWR_HOME/config.toml``;
 nothing here imports Flower. Processes are started and stopped by
-:mod:`medfed.transport.processes`.
+:mod:`medfed.transport.processes`; the `flwr` command line is wrapped in
+:mod:`medfed.transport.flwr_cli`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import re
-import time
-import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from medfed.config.site import SiteConfig
 from medfed.errors import ConfigError, TransportError
-from medfed.privacy.storage import make_private_dirs, replace_file
+from medfed.privacy.storage import make_private_dirs
+from medfed.transport.flwr_cli import (
+    CONTROL_CHARS,
+    DEFAULT_CONNECTION,
+    flwr_error_text,
+    run_flwr,
+    write_connection,
+)
 from medfed.transport.processes import (
     ManagedProcess,
     check_port_free,
-    flwr_error_text,
     free_port,
     launch,
-    run_flwr,
     wait_until_tls_ready,
 )
 from medfed.transport.provision import Workspace
 
-DEFAULT_CONNECTION = "medfed"
 # The node_config key under which a ClientApp finds the absolute path of its site's site.yaml.
 NODE_CONFIG_SITE_KEY = "site-config"
 STATE_DIR = "state"
 SUPERLINK_DATABASE = "superlink.db"
 # flwr's ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE, as `flwr supernode register` reports it.
 _KEY_IN_USE = re.compile(r"\[code: 23\]|public key already in use", re.IGNORECASE)
-_CONNECTION_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-_CONFIG_KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-
-RunConfigValue = str | int | float | bool
 
 
 @dataclass(frozen=True)
@@ -57,31 +52,6 @@ class SiteRegistration:
     site_id: str
     node_id: int | None
     already_registered: bool
-
-
-@dataclass(frozen=True)
-class NodeStatus:
-    """A SuperNode as the SuperLink lists it: ``registered``, ``online``, ``offline``, ..."""
-
-    node_id: int
-    status: str
-
-
-@dataclass(frozen=True)
-class RunStatus:
-    """A Flower run's state: ``pending``, ``starting``, ``running``, ``finished:<how>``."""
-
-    run_id: int
-    status: str
-    details: str
-
-    @property
-    def finished(self) -> bool:
-        return self.status.startswith("finished")
-
-    @property
-    def succeeded(self) -> bool:
-        return self.status == "finished:completed"
 
 
 # --- SuperLink ---------------------------------------------------------------------------------
@@ -165,37 +135,6 @@ def start_superlink(
 # --- connection and registration (the `flwr` CLI) ----------------------------------------------
 
 
-def write_connection(
-    *, flwr_home: Path, address: str, root_certificates: Path, name: str = DEFAULT_CONNECTION
-) -> Path:
-    """Write SuperLink connection ``name`` into ``$FLWR_HOME/config.toml``; it becomes default.
-
-    Flower's format: ``[superlink] default = "name"`` and ``[superlink.name]`` with ``address``
-    and ``root-certificates`` (an absolute path); TLS is on because ``insecure`` is absent.
-    Other connections in the file are kept.
-    """
-    if not _CONNECTION_NAME.match(name):
-        raise ConfigError(f"bad connection name {name!r}", hint="use letters, digits, '_', '-'")
-    make_private_dirs(Path(flwr_home))
-    path = Path(flwr_home) / "config.toml"
-    data: dict[str, Any] = {}
-    if path.exists():
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(
-                f"{path}: unreadable ({exc})", hint="delete it; medfed writes it again"
-            ) from None
-    superlink = data.setdefault("superlink", {})
-    superlink[name] = {
-        "address": address,
-        "root-certificates": str(Path(root_certificates).absolute()),
-    }
-    superlink["default"] = name
-    replace_file(path, "\n".join(_toml_table(data, ())).encode("utf-8"), mode=0o600)
-    return path
-
-
 def register_sites(
     *,
     workspace: Workspace,
@@ -233,48 +172,6 @@ def register_sites(
     return results
 
 
-def list_nodes(*, flwr_home: Path, connection: str = DEFAULT_CONNECTION) -> list[NodeStatus]:
-    """Every SuperNode the SuperLink knows, with its status."""
-    reply = run_flwr(["supernode", "ls", connection], flwr_home=flwr_home)
-    return [NodeStatus(int(n["node-id"]), str(n["status"])) for n in reply.get("nodes", [])]
-
-
-def wait_for_nodes(
-    *,
-    flwr_home: Path,
-    count: int,
-    connection: str = DEFAULT_CONNECTION,
-    timeout_s: float = 60.0,
-    watch: Sequence[ManagedProcess] = (),
-) -> list[int]:
-    """Wait until at least ``count`` SuperNodes are online; their node ids, sorted.
-
-    A process in ``watch`` (e.g. the SuperNodes just started) that exits ends the wait early.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        online = sorted(
-            n.node_id
-            for n in list_nodes(flwr_home=flwr_home, connection=connection)
-            if n.status == "online"
-        )
-        if len(online) >= count:
-            return online
-        for process in watch:
-            if process.poll() is not None:
-                raise TransportError(
-                    f"{process.name} exited with code {process.poll()} "
-                    f"(log {process.log_file}: {process.log_tail()})",
-                    hint=f"read {process.log_file}",
-                )
-        if time.monotonic() >= deadline:
-            raise TransportError(
-                f"only {len(online)} of {count} SuperNodes online after {timeout_s:.0f} s",
-                hint="check the SuperNodes' logs; are their keys registered and their CA right?",
-            )
-        time.sleep(0.5)
-
-
 # --- SuperNode ---------------------------------------------------------------------------------
 
 
@@ -286,7 +183,7 @@ def node_config_arg(config_path: Path) -> str:
     backslashes included, but cannot hold a quote ' or a control character.
     """
     path = str(Path(config_path).absolute())
-    if "'" in path or _CONTROL_CHARS.search(path):
+    if "'" in path or CONTROL_CHARS.search(path):
         raise ConfigError(
             f"{path}: a site config path with a quote (') or control character cannot be "
             "passed to Flower's --node-config",
@@ -380,78 +277,6 @@ def start_supernode(
     )
 
 
-# --- runs --------------------------------------------------------------------------------------
-
-
-def format_run_config(run_config: Mapping[str, RunConfigValue]) -> list[str]:
-    """``key=value`` items for ``flwr run --run-config`` (one option each).
-
-    Values are TOML: booleans ``true``/``false``, integers, finite floats, strings as literal
-    strings ('...'), or basic strings ("...") when they contain a quote ', with escapes.
-    """
-    items = []
-    for key, value in run_config.items():
-        if not _CONFIG_KEY.match(key):
-            raise ConfigError(f"run config key {key!r} is not a TOML key", hint="use a-z, 0-9, _-")
-        items.append(f"{key}={_toml_value(value, key=key)}")
-    return items
-
-
-def submit_run(
-    *,
-    app_dir: Path,
-    flwr_home: Path,
-    connection: str = DEFAULT_CONNECTION,
-    run_config: Mapping[str, RunConfigValue] | None = None,
-) -> int:
-    """Start the Flower app in ``app_dir`` on the SuperLink; Flower's run id.
-
-    Every key in ``run_config`` must exist in the app's ``[tool.flwr.app.config]``.
-    """
-    args = ["run", str(Path(app_dir).absolute()), connection]
-    for item in format_run_config(run_config or {}):
-        args += ["--run-config", item]
-    reply = run_flwr(args, flwr_home=flwr_home)
-    return int(reply["run-id"])
-
-
-def stop_run(*, flwr_home: Path, run_id: int, connection: str = DEFAULT_CONNECTION) -> None:
-    """Ask the SuperLink to stop run ``run_id``."""
-    run_flwr(["stop", str(run_id), connection], flwr_home=flwr_home)
-
-
-def run_status(*, flwr_home: Path, run_id: int, connection: str = DEFAULT_CONNECTION) -> RunStatus:
-    """The current status of run ``run_id``."""
-    reply = run_flwr(["ls", connection, "--run-id", str(run_id)], flwr_home=flwr_home)
-    runs = reply.get("runs") or []
-    if not runs:
-        raise TransportError(f"the SuperLink does not know run {run_id}")
-    run = runs[0]
-    return RunStatus(int(run["run-id"]), str(run["status"]), str(run.get("status-details", "")))
-
-
-def wait_for_run(
-    *,
-    flwr_home: Path,
-    run_id: int,
-    connection: str = DEFAULT_CONNECTION,
-    timeout_s: float = 600.0,
-    poll_s: float = 1.0,
-) -> RunStatus:
-    """Wait until run ``run_id`` has finished (in any way); its last status."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = run_status(flwr_home=flwr_home, run_id=run_id, connection=connection)
-        if status.finished:
-            return status
-        if time.monotonic() >= deadline:
-            raise TransportError(
-                f"run {run_id} still {status.status} after {timeout_s:.0f} s",
-                hint=f"stop it with `flwr stop {run_id} {connection}` or wait longer",
-            )
-        time.sleep(poll_s)
-
-
 # --- helpers -----------------------------------------------------------------------------------
 
 
@@ -463,41 +288,3 @@ def _kit_file(base: Path, path: Path, key: str) -> Path:
             hint="copy it from the site's kit made by `medfed provision`",
         )
     return full
-
-
-def _toml_value(value: Any, *, key: str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ConfigError(f"run config {key}: {value} is not a finite number")
-        return repr(value)
-    if isinstance(value, str):
-        if _CONTROL_CHARS.search(value) is None and "'" not in value:
-            return f"'{value}'"
-        if '"' in value:  # flwr's pair splitter cannot take both quote kinds in one value
-            raise ConfigError(f"run config {key}: a value cannot contain both ' and \"")
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(item, key=key) for item in value) + "]"
-    raise ConfigError(f"setting {key}: {type(value).__name__} values are not supported")
-
-
-def _toml_key(key: str) -> str:
-    return key if _CONNECTION_NAME.match(key) else json.dumps(key, ensure_ascii=False)
-
-
-def _toml_table(table: Mapping[str, Any], path: tuple[str, ...]) -> list[str]:
-    scalars = [(k, v) for k, v in table.items() if not isinstance(v, Mapping)]
-    tables = [(k, v) for k, v in table.items() if isinstance(v, Mapping)]
-    lines = []
-    if path and (scalars or not tables):
-        lines.append("[" + ".".join(_toml_key(part) for part in path) + "]")
-    lines += [f"{_toml_key(k)} = {_toml_value(v, key=k)}" for k, v in scalars]
-    if lines:
-        lines.append("")
-    for key, sub in tables:
-        lines += _toml_table(sub, (*path, key))
-    return lines

@@ -32,7 +32,7 @@ from medfed.errors import ConfigError
 from medfed.transport.provision import Workspace
 
 if TYPE_CHECKING:
-    from medfed.aggregator.federation import FederationResult
+    from medfed.aggregator.outcome import FederationResult
 
 # flwr.common.constant: the SuperLink's node id, the source of every instruction message.
 SUPERLINK_NODE_ID = 1

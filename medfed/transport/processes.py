@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -438,50 +437,3 @@ def check_port_free(host: str, port: int, *, what: str) -> None:
                 f"port {port} on {host} is not free for {what} ({exc.strerror})",
                 hint="stop what uses it (another SuperLink?) or choose another port",
             ) from None
-
-
-def run_flwr(
-    args: Sequence[str], *, flwr_home: Path, check: bool = True, timeout_s: float = 120.0
-) -> dict[str, Any]:
-    """Run ``flwr ARGS --format json``; its JSON reply (TransportError on failure if check)."""
-    command = [find_command("flwr"), *args, "--format", "json"]
-    make_private_dirs(Path(flwr_home))
-    try:
-        done = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            env=flower_env(flwr_home=flwr_home),
-            cwd=flwr_home,  # not the caller's directory, whose pyproject.toml flwr might read
-            timeout=timeout_s,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise TransportError(
-            f"`flwr {' '.join(args)}` did not answer within {timeout_s:.0f} s",
-            hint="is the SuperLink running and reachable?",
-        ) from None
-    try:
-        reply = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        reply = None
-    if not isinstance(reply, dict):
-        output = (done.stderr.strip() or done.stdout.strip())[-500:]
-        raise TransportError(
-            f"`flwr {' '.join(args)}` failed with code {done.returncode}: {output}",
-            hint="run the command by hand with FLWR_HOME set to see Flower's message",
-        )
-    # In JSON mode flwr reports failures as {"success": false, ...} and may still exit with 0.
-    if check and not reply.get("success"):
-        raise TransportError(
-            f"`flwr {' '.join(args)}` failed: {flwr_error_text(reply)}",
-            hint="is the SuperLink running, and is the connection in "
-            f"{Path(flwr_home) / 'config.toml'} right?",
-        )
-    return reply
-
-
-def flwr_error_text(reply: Mapping[str, Any]) -> str:
-    """Flower's error message from a ``--format json`` reply, on one line."""
-    text = str(reply.get("error-message") or reply)
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())

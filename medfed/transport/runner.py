@@ -19,15 +19,8 @@ from medfed.aggregator.run_store import read_events, run_directory
 from medfed.aggregator.serverapp import WORKSPACE_ENV
 from medfed.config.run import RUN_CONFIG_KEY, RunSettings
 from medfed.errors import ConfigError, TransportError
-from medfed.transport.deploy import (
-    DEFAULT_CONNECTION,
-    STATE_DIR,
-    SiteRegistration,
-    register_sites,
-    run_status,
-    start_superlink,
-    submit_run,
-)
+from medfed.transport.deploy import STATE_DIR, SiteRegistration, register_sites, start_superlink
+from medfed.transport.flwr_cli import DEFAULT_CONNECTION, run_status, submit_run
 from medfed.transport.processes import ManagedProcess
 from medfed.transport.provision import Workspace
 

@@ -29,16 +29,18 @@ from medfed.privacy.storage import replace_file
 from medfed.transport import certs
 from medfed.transport.deploy import (
     NODE_CONFIG_SITE_KEY,
-    format_run_config,
-    list_nodes,
     node_config_arg,
     register_sites,
-    run_status,
     start_superlink,
     start_supernode,
+    supernode_command,
+)
+from medfed.transport.flwr_cli import (
+    format_run_config,
+    list_nodes,
+    run_status,
     stop_run,
     submit_run,
-    supernode_command,
     wait_for_nodes,
     wait_for_run,
     write_connection,

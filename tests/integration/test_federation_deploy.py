@@ -19,7 +19,8 @@ import pytest
 from medfed.config import load_site_config
 from medfed.demo import DemoSetup, prepare_federation
 from medfed.privacy import SiteLedger
-from medfed.transport.deploy import start_supernode, wait_for_nodes
+from medfed.transport.deploy import start_supernode
+from medfed.transport.flwr_cli import wait_for_nodes
 from medfed.transport.processes import ManagedProcess, ProcessGroup, free_port
 from medfed.transport.runner import flwr_home, follow, start_aggregator, submit
 
