@@ -28,6 +28,9 @@ def provision(
         str,
         typer.Option("--host", help="The aggregator's address as the sites dial it (DNS or IP)."),
     ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", min=1, max=65535, help="The SuperLink's HTTPS port.")
+    ] = 8000,
     force: Annotated[
         bool,
         typer.Option(
@@ -40,7 +43,9 @@ def provision(
     """Create a CA, the SuperLink's TLS certificate and one kit per site."""
     from medfed.transport.provision import parse_sites, provision_workspace
 
-    workspace = provision_workspace(out=out, sites=parse_sites(sites), host=host, force=force)
+    workspace = provision_workspace(
+        out=out, sites=parse_sites(sites), host=host, port=port, force=force
+    )
     typer.echo(describe(workspace))
 
 
@@ -65,23 +70,12 @@ def describe(workspace: Workspace) -> str:
     lines += [
         "",
         "Next steps:",
-        "  1. On the aggregator, start the SuperLink with TLS and node authentication (it "
-        "listens on 127.0.0.1 unless given --host; expose only /v1/fleet/* through a proxy):",
-        f"       flower-superlink --port {m.port} --ssl-ca-certfile {at(m.superlink.ca_cert)} \\",
-        f"         --ssl-certfile {at(m.superlink.cert)} --ssl-keyfile {at(m.superlink.key)} \\",
-        "         --enable-supernode-auth",
-        "  2. Register every site's public node key (CONNECTION: your SuperLink connection in "
-        "$FLWR_HOME/config.toml):",
-    ]
-    lines += [
-        f"       flwr supernode register {at(site.node_public_key_file)} CONNECTION"
-        for site in m.sites
-    ]
-    lines += [
-        "  3. Copy each sites/<site>/ kit to its hospital over a secure channel (it holds that "
-        "site's private node key), and fill in site.template.yaml there.",
-        "  4. At each site, start the SuperNode from inside its kit:",
-        f"       flower-supernode --superlink {m.address} --root-certificates ca.crt \\",
-        "         --auth-supernode-private-key node_key",
+        f"  1. On the aggregator: medfed aggregator start --workspace {shlex.quote(str(root))}",
+        "     (the SuperLink with TLS and node authentication; it registers every site's node "
+        "key; expose only /v1/fleet/* to hospitals through a proxy)",
+        "  2. Copy each sites/<site>/ kit to its hospital over a secure channel (it holds that "
+        "site's private node key and ledger key), and fill in site.template.yaml there.",
+        "  3. At each site: medfed site start --config site.yaml",
+        f"  4. Submit a run: medfed run --workspace {shlex.quote(str(root))} --name NAME",
     ]
     return "\n".join(lines)

@@ -384,7 +384,8 @@ def test_cli_prints_layout_and_next_steps_without_secrets(tmp_path: Path) -> Non
     app.command("noop")(lambda: None)  # a second command keeps `provision` a named subcommand
     out = tmp_path / "fed"
     result = CliRunner().invoke(
-        app, ["provision", "--out", str(out), "--sites", "a, b", "--host", "10.0.0.5"]
+        app,
+        ["provision", "--out", str(out), "--sites", "a, b", "--host", "10.0.0.5", "--port", "8443"],
     )
     assert result.exit_code == 0, result.output
     text = result.output
@@ -392,10 +393,10 @@ def test_cli_prints_layout_and_next_steps_without_secrets(tmp_path: Path) -> Non
     for site in ("a", "b"):
         public_body = (out / "sites" / site / "node_key.pub").read_text().split()[1]
         assert public_body not in text  # fingerprints only
-    assert "flower-superlink --port 8000 --ssl-ca-certfile" in text
-    assert f"flwr supernode register {out / 'sites/a/node_key.pub'} CONNECTION" in text
-    assert f"--superlink 10.0.0.5:{SUPERLINK_PORT}" in text
+    assert f"medfed aggregator start --workspace {out}" in text
+    assert "medfed site start --config site.yaml" in text
     assert "sites/b/" in text
+    assert load_workspace(out).manifest.address == "10.0.0.5:8443"
     assert [s.site_id for s in load_workspace(out).manifest.sites] == ["a", "b"]
 
     again = CliRunner().invoke(app, ["provision", "--out", str(out), "--sites", "a"])
