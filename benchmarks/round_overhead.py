@@ -1,0 +1,265 @@
+"""What a federated round costs beyond the sites' training: the real deployment vs. in-process.
+
+    python benchmarks/round_overhead.py [--sites 3] [--cases 24] [--size 32] [--rounds 2]
+        [--local-epochs 2] [--threads N] [--skip-deployment]
+
+The same synthetic federation (`medfed.demo.prepare_federation`) runs twice, each in a fresh
+temporary directory: once on the real deployment (`medfed.demo.run_deployed`: SuperLink and one
+SuperNode per site as processes, TLS, node authentication, a new ClientApp process per message)
+and once in this process (`medfed.transport.inprocess.run_in_process`: the same ServerApp round
+loop and ClientApp, called directly). Per round: the round's wall time (`round_done.seconds`),
+the slowest site's compute and the sum over the sites (`site_update.train_seconds`: local
+training with its Dice evaluations before and after), the orchestration overhead (round time -
+slowest compute) and round time / slowest compute. Also timed: the cold start of a ClientApp
+process (importing medfed's ClientApp, torch, MONAI and Opacus in a fresh interpreter), alone
+and as many at once as there are sites, as the deployment starts them at the start of a round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medfed.config.loading import dump_site_config, load_site_config
+from medfed.demo import DemoSetup, prepare_federation, run_deployed
+from medfed.transport.inprocess import run_in_process
+from medfed.transport.processes import free_port
+
+COLD_START = "import medfed.site.clientapp, torch, monai, opacus"
+
+
+@dataclass(frozen=True)
+class Round:
+    index: int
+    seconds: float  # round_done.seconds: sending the round's messages to the last reply
+    slowest: float  # max site_update.train_seconds of the round
+    total: float  # sum of site_update.train_seconds of the round
+
+    @property
+    def overhead(self) -> float:
+        return self.seconds - self.slowest
+
+    @property
+    def ratio(self) -> float:
+        return self.seconds / self.slowest if self.slowest > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class Measured:
+    runner: str
+    rounds: list[Round]
+    wall: float  # from calling the runner to its return (data preparation excluded)
+    setup: float  # run_started -> round 1 started: waiting for sites, the INIT message
+    evaluation: float  # last round_done -> evaluation: the final federated evaluation
+    load: tuple[float, float]  # 1-minute load average before and after
+
+    def mean(self, field: str) -> float:
+        return statistics.fmean(getattr(r, field) for r in self.rounds)
+
+
+def cold_start(repeats: int, at_once: int = 1) -> list[float]:
+    """Wall time of ``at_once`` fresh interpreters importing what a ClientApp process needs."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        children = [subprocess.Popen([sys.executable, "-c", COLD_START]) for _ in range(at_once)]
+        try:
+            if any(child.wait() != 0 for child in children):
+                raise SystemExit(f"`python -c '{COLD_START}'` failed")
+        finally:
+            for child in children:
+                child.kill()
+                child.wait()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def prepare(args: argparse.Namespace, root: Path) -> DemoSetup:
+    setup = prepare_federation(
+        root=root,
+        sites=args.sites,
+        cases=args.cases,
+        size=args.size,
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        seed=args.seed,
+        port=free_port(),
+    )
+    if args.threads is not None:
+        for path in setup.site_configs.values():
+            config = load_site_config(path)
+            training = config.training.model_copy(update={"threads": args.threads})
+            dump_site_config(config.model_copy(update={"training": training}), path)
+    # every site in every round, so that both runners train the same rounds
+    return dataclasses.replace(
+        setup, settings=setup.settings.model_copy(update={"min_sites": args.sites})
+    )
+
+
+def measure(args: argparse.Namespace, runner: str) -> Measured:
+    events: list[dict[str, Any]] = []
+
+    def on_event(event: dict[str, Any]) -> None:
+        events.append(event)
+        if event.get("event") in ("round_done", "evaluation", "run_failed", "run_stopped"):
+            print(f"  [{runner}] {event['event']} {event.get('round', '')}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix=f"medfed-overhead-{runner}-") as tmp:
+        setup = prepare(args, Path(tmp) / "federation")
+        load_before = os.getloadavg()[0]
+        start = time.perf_counter()
+        if runner == "deployment":
+            run_deployed(setup=setup, on_event=on_event)
+        else:
+            run_in_process(
+                workspace=setup.workspace,
+                site_configs=setup.site_configs,
+                settings=setup.settings,
+                on_event=on_event,
+            )
+        wall = time.perf_counter() - start
+    return summarise(runner, events, wall, (load_before, os.getloadavg()[0]))
+
+
+def summarise(
+    runner: str, events: list[dict[str, Any]], wall: float, load: tuple[float, float]
+) -> Measured:
+    def first(kind: str) -> float:
+        return next((e["time"] for e in events if e["event"] == kind), float("nan"))
+
+    rounds = []
+    for done in (e for e in events if e["event"] == "round_done"):
+        computes = [
+            float(e["train_seconds"])
+            for e in events
+            if e["event"] == "site_update" and e["round"] == done["round"] and e["train_seconds"]
+        ]
+        rounds.append(
+            Round(
+                index=done["round"],
+                seconds=float(done["seconds"]),
+                slowest=max(computes, default=float("nan")),
+                total=sum(computes),
+            )
+        )
+    if not rounds:
+        raise SystemExit(f"{runner}: no round finished ({[e['event'] for e in events]})")
+    last_done = max(e["time"] for e in events if e["event"] == "round_done")
+    return Measured(
+        runner=runner,
+        rounds=rounds,
+        wall=wall,
+        setup=first("round_started") - first("run_started"),
+        evaluation=first("evaluation") - last_done,
+        load=load,
+    )
+
+
+def table(m: Measured) -> str:
+    lines = [
+        f"{m.runner}: whole run {m.wall:.1f} s, start-up to round 1 {m.setup:.1f} s, final "
+        f"evaluation {m.evaluation:.1f} s, load average {m.load[0]:.2f} -> {m.load[1]:.2f}",
+        "",
+        "| round | round s | slowest site s | sum of sites s | overhead s | round / slowest |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in m.rounds:
+        lines.append(
+            f"| {r.index} | {r.seconds:.1f} | {r.slowest:.1f} | {r.total:.1f} | "
+            f"{r.overhead:.1f} | {r.ratio:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(results: dict[str, Measured]) -> str:
+    lines = [
+        "| runner | round s | slowest site s | sum of sites s | overhead s | overhead / slowest |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for m in results.values():
+        lines.append(
+            f"| {m.runner} | {m.mean('seconds'):.1f} | {m.mean('slowest'):.1f} | "
+            f"{m.mean('total'):.1f} | {m.mean('overhead'):.1f} | "
+            f"{m.mean('overhead') / m.mean('slowest'):.2f} |"
+        )
+    if len(results) == 2:
+        dep, inp = results["deployment"], results["in-process"]
+        lines += [
+            "",
+            f"deployment round / in-process round: {dep.mean('seconds') / inp.mean('seconds'):.2f}",
+            f"deployment round / in-process sum of sites: "
+            f"{dep.mean('seconds') / inp.mean('total'):.2f}",
+            f"deployment overhead / deployment slowest compute: "
+            f"{dep.mean('overhead') / dep.mean('slowest'):.2f}",
+            f"in-process round - its sum of sites (its own orchestration): "
+            f"{inp.mean('seconds') - inp.mean('total'):.1f} s",
+        ]
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--cases", type=int, default=24, help="synthetic cases per site")
+    p.add_argument("--size", type=int, default=32, help="volume edge (voxels)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="training threads per site")
+    p.add_argument("--cold-starts", type=int, default=3, help="cold starts to time, 0: none")
+    p.add_argument("--skip-deployment", action="store_true", help="only the in-process runner")
+    return p.parse_args(argv)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds: processes stopped, temporary directories removed
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
+    print(
+        f"{args.sites} sites x {args.cases} cases at {args.size}^3, {args.rounds} rounds x "
+        f"{args.local_epochs} local epochs, {os.cpu_count()} CPUs, training threads per site: "
+        f"{args.threads or 'all cores'}",
+        flush=True,
+    )
+    for at_once in sorted({1, args.sites}) if args.cold_starts > 0 else []:
+        starts = cold_start(args.cold_starts, at_once)
+        print(
+            f"ClientApp cold start, {at_once} at once (`python -c '{COLD_START}'`): "
+            + ", ".join(f"{s:.1f}" for s in starts)
+            + f" s (median {statistics.median(starts):.1f} s)",
+            flush=True,
+        )
+    print(flush=True)
+    runners = ["in-process"] if args.skip_deployment else ["deployment", "in-process"]
+    results = {runner: measure(args, runner) for runner in runners}
+    for m in results.values():
+        print("\n" + table(m))
+    print("\nMean per round:\n\n" + summary(results))
+    print(
+        f"\nNote: on one machine with {os.cpu_count()} cores the deployment trains its sites "
+        "concurrently (one ClientApp process each, competing for the cores), the in-process "
+        "runner one after another: its round time is close to the *sum* of the sites' compute, "
+        "so compare the deployment's round time with that sum too. Each site's compute includes "
+        "loading its data and the Dice evaluations before and after training."
+    )
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted: processes stopped, temporary directories removed")
