@@ -1,7 +1,9 @@
-"""Transport: provisioning of the Flower deployment (CA, TLS certificates, node keys).
+"""Transport: everything between a site and the aggregator.
 
-The Flower app glue and the deployment launcher will live here too; this package never imports
-training code.
+Provisioning (CA, TLS certificates, node and ledger keys), the one conversion of medfed values to
+Flower records (:mod:`~medfed.transport.envelope`), the in-process Grid, and the launcher of the
+real deployment (SuperLink, SuperNodes, `flwr` commands). Training code is only imported lazily,
+by the in-process runner.
 """
 
 from medfed.transport.certs import check_certificate
