@@ -59,6 +59,8 @@ class _Loop:
     tracker: BudgetTracker
     on_event: Callable[[dict[str, Any]], None] | None
     sites: dict[str, SiteRecord] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_received: int = 0
 
     def emit(self, kind: str, **fields: Any) -> None:
         record = self.store.event(kind, run_name=self.settings.run_name, **fields)
@@ -175,6 +177,8 @@ def _run(loop: _Loop, resume: ResumePoint | None) -> FederationResult:
             dice_before=finite(weighted_mean(outcome.dice_before)),
             loss=finite(weighted_mean(outcome.losses)),
             seconds=round(outcome.seconds, 3),
+            bytes_sent=loop.bytes_sent,
+            bytes_received=loop.bytes_received,
             epsilon={s: finite(b) for s, b in _epsilons(loop).items()},
         )
     dice_final = _evaluate(loop, completed, weights)
@@ -281,11 +285,13 @@ def _send(
         )
         for site, node in nodes.items()
     ]
+    loop.bytes_sent += sum(_array_bytes(message) for message in messages)
     replies: dict[str, Message] = {}
     for reply in loop.grid.send_and_receive(messages, timeout=loop.settings.round_timeout_s):
         site = by_node.get(int(reply.metadata.src_node_id))
         if site is not None:
             replies[site] = reply
+            loop.bytes_received += _array_bytes(reply)
     silent = sorted(set(nodes) - set(replies))
     for site in silent:
         loop.sites[site].status = "offline"
@@ -294,6 +300,13 @@ def _send(
         ].last_reason = f"no reply to {kind} within {loop.settings.round_timeout_s:g} s"
         loop.emit("site_timeout", site=site, round=round_index, message_type=kind)
     return replies, silent
+
+
+def _array_bytes(message: Message) -> int:
+    """Bytes of the arrays a message carries (the weights: nearly all of what moves)."""
+    if not message.has_content():
+        return 0
+    return sum(record.count_bytes() for record in message.content.array_records.values())
 
 
 def _declined(loop: _Loop, site: str, round_index: int, reply: Message) -> bool:
