@@ -32,6 +32,7 @@ from typing import Any
 
 from medfed.config.loading import dump_site_config, load_site_config
 from medfed.demo import DemoSetup, prepare_federation, run_deployed
+from medfed.tracking import default_tracking_uri
 from medfed.transport.inprocess import run_in_process
 from medfed.transport.processes import free_port
 
@@ -121,11 +122,12 @@ def measure(args: argparse.Namespace, runner: str) -> Measured:
         if runner == "deployment":
             run_deployed(setup=setup, on_event=on_event)
         else:
-            run_in_process(
+            run_in_process(  # tracked like the deployment's ServerApp, to the same default
                 workspace=setup.workspace,
                 site_configs=setup.site_configs,
                 settings=setup.settings,
                 on_event=on_event,
+                tracking_uri=default_tracking_uri(workspace_root=setup.workspace.root),
             )
         wall = time.perf_counter() - start
     return summarise(runner, events, wall, (load_before, os.getloadavg()[0]))

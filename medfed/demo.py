@@ -8,6 +8,7 @@ noise multiplier is planned so that the whole run spends 90% of the sites' cap.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -24,6 +25,8 @@ DEMO_DELTA = 1e-5
 BATCH_SIZE = 4
 # Share of the cap one planned run may spend: a re-run or a retried round still fits.
 PLANNED_SHARE = 0.9
+
+log = logging.getLogger("medfed.demo")
 
 
 @dataclass(frozen=True)
@@ -167,22 +170,26 @@ def run_deployed(
     setup: DemoSetup,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     timeout_s: float = 1800.0,
+    tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Run ``setup`` on the real deployment: SuperLink and one SuperNode per site, as processes.
 
     TLS and node authentication are on; every process is stopped on return, on an error, on
-    Ctrl-C and on SIGTERM. Returns the run's summary.
+    Ctrl-C and on SIGTERM. The run is logged to MLflow (``tracking_uri``, default the
+    workspace's SQLite store; see :func:`medfed.transport.runner.start_aggregator`). Returns
+    the run's summary.
     """
     from medfed.config import load_site_config
     from medfed.transport.deploy import start_supernode
-    from medfed.transport.flwr_cli import wait_for_nodes
+    from medfed.transport.flwr_cli import wait_for_nodes, wait_for_run
     from medfed.transport.processes import ProcessGroup
     from medfed.transport.runner import flwr_home, follow, logs_dir, start_aggregator, submit
 
     workspace = setup.workspace
     logs = logs_dir(workspace)
     with ProcessGroup(handle_signals=True) as group:
-        group.add(start_aggregator(workspace=workspace).process)
+        aggregator = start_aggregator(workspace=workspace, tracking_uri=tracking_uri)
+        group.add(aggregator.process)
         nodes = [
             group.add(
                 start_supernode(
@@ -217,6 +224,13 @@ def run_deployed(
             last = event
             if on_event is not None:
                 on_event(event)
+        if aggregator.tracking_uri is not None:
+            # After its last event the ServerApp still logs artifacts and the model to MLflow
+            # and ends the MLflow runs: let it return before the processes are stopped.
+            try:
+                wait_for_run(flwr_home=flwr_home(workspace), run_id=run_id, timeout_s=180.0)
+            except TransportError as exc:
+                log.warning("the ServerApp did not end in time (%s); MLflow may be incomplete", exc)
     if last.get("event") == "run_failed":
         raise TransportError(f"the federation failed: {last.get('reason')}")
     summary = last.get("summary")

@@ -106,3 +106,10 @@ class TransportError(MedfedError):
 
     code = "transport"
     exit_code = 8
+
+
+class AuditError(MedfedError):
+    """An audit found a ledger, an epsilon or a budget that does not hold (see its findings)."""
+
+    code = "audit"
+    exit_code = 10

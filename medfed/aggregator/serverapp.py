@@ -3,7 +3,8 @@
 The researcher's settings arrive as JSON under one key of Flower's run config; the aggregator's
 own state (its workspace: registered site keys, ledger copies, run directories) is named by the
 ``MEDFED_WORKSPACE`` environment variable that `medfed aggregator start` gives the SuperLink,
-so a run can never point the aggregator at another directory.
+so a run can never point the aggregator at another directory. Likewise ``MEDFED_TRACKING_URI``,
+when set, is the MLflow store every run is logged to (:mod:`medfed.tracking`).
 """
 
 from __future__ import annotations
@@ -48,13 +49,23 @@ def settings_from(context: Context) -> RunSettings:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from medfed.aggregator.federation import run_federation
+    from medfed.aggregator.run_store import run_directory
+    from medfed.tracking.tracker import tracking
+    from medfed.tracking.uri import TRACKING_URI_ENV
     from medfed.transport.provision import load_workspace
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = settings_from(context)
         workspace = load_workspace(workspace_from_environment())
-        result = run_federation(grid=grid, settings=settings, workspace=workspace)
+        with tracking(
+            tracking_uri=os.environ.get(TRACKING_URI_ENV) or None,
+            run_dir=run_directory(workspace.root, settings.run_name),
+            workspace_root=workspace.root,
+        ) as on_event:
+            result = run_federation(
+                grid=grid, settings=settings, workspace=workspace, on_event=on_event
+            )
     except MedfedError as exc:
         log.error("%s", exc.one_line())
         raise SystemExit(exc.exit_code) from None

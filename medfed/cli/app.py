@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from medfed.cli import data_cmd, federation_cmd, privacy_cmd, provision_cmd, site_cmd
+from medfed.cli import audit_cmd, data_cmd, federation_cmd, privacy_cmd, provision_cmd, site_cmd
 from medfed.errors import MedfedError
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ app = typer.Typer(
 )
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(privacy_cmd.app, name="privacy")
+app.add_typer(audit_cmd.app, name="audit")
 app.add_typer(site_cmd.app, name="site")
 app.add_typer(federation_cmd.aggregator_app, name="aggregator")
 site_cmd.app.command("start")(federation_cmd.site_start)

@@ -17,6 +17,14 @@ aggregator_app = typer.Typer(help="Run the aggregator (Flower SuperLink).", no_a
 WorkspaceOption = Annotated[
     Path, typer.Option("--workspace", "-w", help="The workspace `medfed provision` made.")
 ]
+TrackingUriOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking URI to log runs to (a server or a database). Default: "
+        "MLFLOW_TRACKING_URI, else sqlite:///<workspace>/mlflow.db.",
+    ),
+]
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -31,17 +39,18 @@ def _console() -> Any:
 
 
 @aggregator_app.command("start")
-def aggregator_start(workspace: WorkspaceOption) -> None:
+def aggregator_start(workspace: WorkspaceOption, tracking_uri: TrackingUriOption = None) -> None:
     """Start the SuperLink (TLS, node authentication) and register the provisioned sites.
 
-    Runs in the foreground until Ctrl-C or SIGTERM, as a service manager expects.
+    Every run is logged to MLflow (one parent run, one child run per site). Runs in the
+    foreground until Ctrl-C or SIGTERM, as a service manager expects.
     """
     from medfed.transport.provision import load_workspace
     from medfed.transport.runner import start_aggregator
 
     console = _console()
     loaded = load_workspace(workspace)
-    aggregator = start_aggregator(workspace=loaded)
+    aggregator = start_aggregator(workspace=loaded, tracking_uri=tracking_uri)
     process = aggregator.process
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -49,6 +58,10 @@ def aggregator_start(workspace: WorkspaceOption) -> None:
         for item in aggregator.registrations:
             state = "already registered" if item.already_registered else f"node {item.node_id}"
             console.print(f"  site {item.site_id}: {state}")
+        if aggregator.tracking_uri is not None:
+            console.print(f"MLflow tracking: {aggregator.tracking_uri}")
+        else:
+            console.print("MLflow tracking: off (MLflow is not installed)")
         console.print(f"log: {process.log_file}; Ctrl-C stops the aggregator")
         while process.running():
             time.sleep(1.0)
@@ -159,6 +172,7 @@ def run(
     console.print(f"submitted run {settings.run_name!r} (Flower run {run_id})")
     if follow_run:
         _show(console, follow(workspace=loaded, run_name=name, run_id=run_id, timeout_s=timeout))
+        _show_tracking(console, loaded.root, settings.run_name)
 
 
 def demo(
@@ -177,12 +191,17 @@ def demo(
     force: Annotated[
         bool, typer.Option("--force", help="Replace an earlier demo in --workspace.")
     ] = False,
+    tracking_uri: TrackingUriOption = None,
 ) -> None:
     """A whole federation on this machine: aggregator and sites as processes, TLS on, DP on."""
     from medfed.demo import prepare_federation, remove_demo, run_deployed
     from medfed.transport.processes import free_port
 
     console = _console()
+    if tracking_uri is not None:  # a bad URI is refused before anything is made
+        from medfed.tracking.uri import resolve_tracking_uri
+
+        resolve_tracking_uri(workspace_root=workspace, explicit=tracking_uri)
     if force:
         remove_demo(workspace)
     console.print(f"preparing {sites} synthetic sites in {workspace.absolute()}")
@@ -197,21 +216,28 @@ def demo(
     )
     started = time.monotonic()
     if in_process:
+        from medfed.tracking.uri import mlflow_available, resolve_tracking_uri
         from medfed.transport.inprocess import run_in_process
 
         def show(event: dict[str, Any]) -> None:
             _show(console, iter([event]), final=False)
 
+        uri = None
+        if tracking_uri is not None or mlflow_available():
+            uri = resolve_tracking_uri(workspace_root=setup.workspace.root, explicit=tracking_uri)
         result = run_in_process(
             workspace=setup.workspace,
             site_configs=setup.site_configs,
             settings=setup.settings,
             on_event=show,
+            tracking_uri=uri,
         )
         summary = json.loads((result.directory / "summary.json").read_text(encoding="utf-8"))
     else:
         summary = run_deployed(
-            setup=setup, on_event=lambda event: _show(console, iter([event]), final=False)
+            setup=setup,
+            on_event=lambda event: _show(console, iter([event]), final=False),
+            tracking_uri=tracking_uri,
         )
     from medfed.cli.progress import print_summary
 
@@ -220,6 +246,24 @@ def demo(
         f"{time.monotonic() - started:.0f} s; workspace {setup.workspace.root}, logs in "
         f"{setup.workspace.root / 'logs'}, site ledgers under {setup.root / 'sites'}"
     )
+    _show_tracking(console, setup.workspace.root, setup.settings.run_name)
+
+
+def _show_tracking(console: Any, workspace_root: Path, run_name: str) -> None:
+    """Where the run is in MLflow (from the run directory's mlflow.json), when it is there."""
+    from medfed.aggregator.run_store import run_directory
+    from medfed.tracking.buffer import PENDING_FILE
+    from medfed.tracking.info import describe, read_tracking_info
+
+    run_dir = run_directory(workspace_root, run_name)
+    info = read_tracking_info(run_dir=run_dir)
+    if info is not None:
+        console.print(describe(info))
+    if (run_dir / PENDING_FILE).is_file():
+        console.print(
+            f"MLflow has not received all of the run yet: the rest waits in "
+            f"{run_dir / PENDING_FILE} and is sent when the run is resumed"
+        )
 
 
 def _show(console: Any, events: Any, *, final: bool = True) -> None:

@@ -157,21 +157,38 @@ def run_in_process(
     settings: RunSettings,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     client_app: ClientAppCallable | None = None,
+    tracking_uri: str | None = None,
 ) -> FederationResult:
     """Run a federation with every site in this process, through the real round loop.
 
     ``client_app`` replaces medfed's ClientApp (tests use it to tamper with replies).
+    ``tracking_uri``: log the run to this MLflow store, as the deployed ServerApp does (None:
+    not tracked); every MLflow run is ended before this returns.
     """
     from medfed.aggregator.federation import run_federation
+    from medfed.aggregator.run_store import run_directory
     from medfed.site.clientapp import app
+    from medfed.tracking.tracker import tracking
 
     grid = InProcessGrid(
         nodes=in_process_nodes(workspace=workspace, site_configs=site_configs),
         client_app=client_app or app,
     )
     quick = settings.model_copy(update={"wait_for_sites_s": min(settings.wait_for_sites_s, 1.0)})
-    with _task_identity(run_id=grid.run.run_id):
-        return run_federation(grid=grid, settings=quick, workspace=workspace, on_event=on_event)
+    if tracking_uri is not None:
+        from medfed.tracking.uri import prepare_store
+
+        prepare_store(uri=tracking_uri)
+    with (
+        _task_identity(run_id=grid.run.run_id),
+        tracking(
+            tracking_uri=tracking_uri,
+            run_dir=run_directory(workspace.root, settings.run_name),
+            workspace_root=workspace.root,
+            on_event=on_event,
+        ) as tracked,
+    ):
+        return run_federation(grid=grid, settings=quick, workspace=workspace, on_event=tracked)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ a ServerApp that dies without a last event is reported with its reason, not wait
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,12 +20,20 @@ from medfed.aggregator.run_store import read_events, run_directory
 from medfed.aggregator.serverapp import WORKSPACE_ENV
 from medfed.config.run import RUN_CONFIG_KEY, RunSettings
 from medfed.errors import ConfigError, TransportError
+from medfed.tracking.uri import (
+    TRACKING_URI_ENV,
+    mlflow_available,
+    prepare_store,
+    resolve_tracking_uri,
+)
 from medfed.transport.deploy import STATE_DIR, SiteRegistration, register_sites, start_superlink
 from medfed.transport.flwr_cli import DEFAULT_CONNECTION, run_status, submit_run
 from medfed.transport.processes import ManagedProcess
 from medfed.transport.provision import Workspace
 
 TERMINAL_EVENTS = frozenset({"run_finished", "run_stopped", "run_failed"})
+
+log = logging.getLogger("medfed.transport")
 
 
 def app_directory() -> Path:
@@ -47,14 +56,37 @@ def logs_dir(workspace: Workspace) -> Path:
 class Aggregator:
     process: ManagedProcess
     registrations: list[SiteRegistration]
+    tracking_uri: str | None = None  # the MLflow store runs are logged to (None: not tracked)
 
 
-def start_aggregator(*, workspace: Workspace, log_file: Path | None = None) -> Aggregator:
-    """Start the SuperLink for ``workspace`` and register every provisioned site's node key."""
+def start_aggregator(
+    *, workspace: Workspace, log_file: Path | None = None, tracking_uri: str | None = None
+) -> Aggregator:
+    """Start the SuperLink for ``workspace`` and register every provisioned site's node key.
+
+    Every run is logged to MLflow at ``tracking_uri`` (default: ``MLFLOW_TRACKING_URI``, else
+    ``sqlite:///<workspace>/mlflow.db``). A SQLite store is initialised here, once, before the
+    SuperLink (and so any ServerApp) starts. Without MLflow installed runs are not tracked,
+    unless ``tracking_uri`` asks for it: then that is an error.
+    """
+    uri: str | None = resolve_tracking_uri(workspace_root=workspace.root, explicit=tracking_uri)
+    env = {WORKSPACE_ENV: str(workspace.root)}
+    if mlflow_available():
+        assert uri is not None
+        prepare_store(uri=uri)
+        env[TRACKING_URI_ENV] = uri
+    elif tracking_uri is not None:
+        raise ConfigError(
+            "--tracking-uri needs MLflow, which is not installed",
+            hint="pip install 'medfed[tracking]'",
+        )
+    else:
+        log.warning("MLflow is not installed: runs are not tracked (install medfed[tracking])")
+        uri = None
     process = start_superlink(
         workspace=workspace,
         log_file=log_file or logs_dir(workspace) / "superlink.log",
-        env={WORKSPACE_ENV: str(workspace.root)},
+        env=env,
         flwr_home=flwr_home(workspace),
     )
     try:
@@ -62,7 +94,7 @@ def start_aggregator(*, workspace: Workspace, log_file: Path | None = None) -> A
     except BaseException:
         process.stop(grace_s=5.0)
         raise
-    return Aggregator(process=process, registrations=registrations)
+    return Aggregator(process=process, registrations=registrations, tracking_uri=uri)
 
 
 def submit(*, workspace: Workspace, settings: RunSettings) -> int:

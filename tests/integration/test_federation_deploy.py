@@ -20,7 +20,7 @@ from medfed.config import load_site_config
 from medfed.demo import DemoSetup, prepare_federation
 from medfed.privacy import SiteLedger
 from medfed.transport.deploy import start_supernode
-from medfed.transport.flwr_cli import wait_for_nodes
+from medfed.transport.flwr_cli import wait_for_nodes, wait_for_run
 from medfed.transport.processes import ManagedProcess, ProcessGroup, free_port
 from medfed.transport.runner import flwr_home, follow, start_aggregator, submit
 
@@ -80,6 +80,19 @@ def _ledger(setup: DemoSetup, site: str) -> SiteLedger:
     )
 
 
+def _mlflow_statuses(setup: DemoSetup, runs: int | None = None) -> set[str]:
+    """The statuses of the run's MLflow runs (parent and one per site) in the workspace store."""
+    from mlflow import MlflowClient
+
+    from medfed.tracking.info import read_tracking_info
+
+    info = read_tracking_info(run_dir=setup.workspace.root / "runs" / setup.settings.run_name)
+    assert info is not None
+    found = MlflowClient(tracking_uri=info.tracking_uri).search_runs([info.experiment_id])
+    assert len(found) == (runs or 1 + len(setup.site_configs))
+    return {run.info.status for run in found}
+
+
 def _events(setup: DemoSetup, run_id: int, timeout_s: float = 900) -> Iterator[dict[str, Any]]:
     return follow(
         workspace=setup.workspace,
@@ -122,6 +135,20 @@ def test_demo_command_runs_a_federation_over_tls_that_learns(tmp_path: Path) -> 
         assert 0 < site["epsilon_spent"] <= site["epsilon_cap"]
     superlink_log = (root / "workspace/logs/superlink.log").read_text()
     assert "https://127.0.0.1" in superlink_log  # TLS on the one SuperLink port
+    # The ServerApp logged the run to the workspace's MLflow store and ended its runs.
+    from mlflow import MlflowClient
+
+    from medfed.tracking.info import read_tracking_info
+
+    info = read_tracking_info(run_dir=root / "workspace/runs/demo")
+    assert info is not None and f"MLflow run {info.parent_run_id}" in done.stdout
+    assert info.tracking_uri == f"sqlite:///{root.absolute() / 'workspace' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=info.tracking_uri)
+    runs = client.search_runs([info.experiment_id])
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    version = client.get_model_version("medfed-demo", "1")
+    for site in summary["sites"]:
+        assert float(version.tags[f"medfed.epsilon.{site['site_id']}"]) == site["epsilon_spent"]
     # Nothing left running: no process mentions the demo's directory any more.
     assert _processes_mentioning(str(root)) == []
 
@@ -142,7 +169,10 @@ def test_a_killed_site_is_left_out_and_too_few_sites_end_the_run_cleanly(
                 _kill(nodes["site-c"])
             if event["event"] == "round_started" and event["round"] == 2:
                 _kill(nodes["site-b"])
+        # After its last event the ServerApp logs to MLflow and ends its runs: let it.
+        wait_for_run(flwr_home=flwr_home(setup.workspace), run_id=run_id, timeout_s=180)
 
+    assert _mlflow_statuses(setup) == {"KILLED"}  # run_stopped: ended early, cleanly
     done = [e for e in seen if e["event"] == "round_done"]
     assert [(e["round"], e["sites_answered"]) for e in done] == [(1, 2)]
     missing = {
@@ -173,7 +203,10 @@ def test_aggregator_restart_resumes_without_gap_or_double_spend(tmp_path: Path) 
         resumed = setup.settings.model_copy(update={"resume": True})
         run_id = submit(workspace=setup.workspace, settings=resumed)
         events = list(_events(setup, run_id))
+        wait_for_run(flwr_home=flwr_home(setup.workspace), run_id=run_id, timeout_s=180)
 
+    # The resumed ServerApp reopened the MLflow runs of the first attempt (no new ones).
+    assert _mlflow_statuses(setup, runs=3) == {"FINISHED"}
     assert events[0]["event"] == "run_started" and events[0]["resume_from"] == 1
     assert events[-1]["event"] == "run_finished", events[-1]
     assert [e["round"] for e in events if e["event"] == "round_done"] == [2, 3]

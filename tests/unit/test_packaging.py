@@ -36,7 +36,7 @@ def test_environment_lists_the_same_dependencies_as_pyproject() -> None:
 def test_environment_installs_the_package_itself_with_its_extras() -> None:
     environment = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_list = next(d["pip"] for d in environment["dependencies"] if isinstance(d, dict))
-    assert "-e .[site,aggregator,dev]" in pip_list
+    assert "-e .[site,aggregator,tracking,dev]" in pip_list
 
 
 def test_console_script_points_at_the_cli() -> None:

@@ -1,0 +1,123 @@
+"""The outcome of an audit: what was established per site, the findings and the checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medfed.audit.accounting import Epsilons
+from medfed.audit.findings import Check, Finding, fmt, number
+from medfed.audit.runs import RunEpsilon
+from medfed.privacy.budget import BudgetCap
+from medfed.privacy.ledger import LedgerReport
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SiteAudit:
+    """What the audit established about one site."""
+
+    site_id: str
+    key_id: str | None
+    copy: LedgerReport | None
+    site_ledger: LedgerReport | None
+    cap: BudgetCap | None
+    epsilons: Epsilons | None
+    site_ledger_epsilon: float | None
+    runs: tuple[RunEpsilon, ...] = ()
+
+    @property
+    def spent(self) -> float | None:
+        """Opacus-RDP epsilon spent: the larger of the copy's and the site's own ledger's."""
+        values = [
+            v
+            for v in (
+                None if self.epsilons is None else self.epsilons.opacus_rdp,
+                self.site_ledger_epsilon,
+            )
+            if v is not None
+        ]
+        return max(values) if values else None
+
+    def one_line(self) -> str:
+        """``site site-a: 4 entries; epsilon ... at delta ...; cap ...``."""
+        if self.copy is None:
+            return f"site {self.site_id}: ledger copy does not verify; epsilon not recomputed"
+        text = f"site {self.site_id}: {len(self.copy.entries)} entries"
+        eps = self.epsilons
+        if eps is not None:
+            text += (
+                f"; epsilon {fmt(eps.opacus_rdp)} (Opacus RDP), {fmt(eps.dp_accounting_rdp)} "
+                f"(dp-accounting RDP), {fmt(eps.pld)} (PLD) at delta {eps.delta:g}"
+            )
+        if self.site_ledger is not None:
+            text += f"; site ledger {len(self.site_ledger.entries)} entries"
+        return text + (f"; cap {self.cap.epsilon:g}" if self.cap is not None else "; no cap")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "site_id": self.site_id,
+            "key_id": self.key_id,
+            "copy_entries": None if self.copy is None else len(self.copy.entries),
+            "site_ledger_entries": None
+            if self.site_ledger is None
+            else len(self.site_ledger.entries),
+            "epsilon_cap": None if self.cap is None else self.cap.epsilon,
+            "delta": None if self.epsilons is None else self.epsilons.delta,
+            "epsilon_spent": number(self.spent),
+            "epsilon": None if self.epsilons is None else self.epsilons.to_json(),
+            "site_ledger_epsilon_opacus_rdp": number(self.site_ledger_epsilon),
+            "runs": [run.to_json() for run in self.runs],
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditResult:
+    """Everything ``medfed audit verify`` reports."""
+
+    workspace: Path
+    run_names: tuple[str, ...]
+    sites: tuple[SiteAudit, ...]
+    findings: tuple[Finding, ...]
+    checks: tuple[Check, ...]
+
+    @property
+    def passed(self) -> bool:
+        """True only when nothing was found (skipped checks are no failure)."""
+        return not self.findings
+
+    @property
+    def verdict(self) -> str:
+        return "PASS" if self.passed else "FAIL"
+
+    def site(self, site_id: str) -> SiteAudit:
+        for site in self.sites:
+            if site.site_id == site_id:
+                return site
+        raise KeyError(site_id)
+
+    def lines(self, *, verbose: bool = False) -> list[str]:
+        """The text report: one line per finding, the checks when ``verbose``, the verdict."""
+        out = [finding.one_line() for finding in self.findings]
+        out += [site.one_line() for site in self.sites]
+        checks = self.checks if verbose else [c for c in self.checks if c.status != "pass"]
+        out += [check.one_line() for check in checks]
+        passed = sum(1 for c in self.checks if c.status == "pass")
+        skipped = sum(1 for c in self.checks if c.status == "skipped")
+        out.append(
+            f"{self.verdict}: {len(self.findings)} finding(s), {passed} check(s) passed, "
+            f"{skipped} skipped; {len(self.sites)} site(s), run(s): "
+            f"{', '.join(self.run_names) or 'none'}"
+        )
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "workspace": str(self.workspace),
+            "verdict": self.verdict,
+            "passed": self.passed,
+            "runs": list(self.run_names),
+            "findings": [f.to_json() for f in self.findings],
+            "checks": [c.to_json() for c in self.checks],
+            "sites": {s.site_id: s.to_json() for s in self.sites},
+        }

@@ -1,0 +1,154 @@
+"""`medfed audit ...` commands: verify a workspace's privacy record, and write the auditor's report.
+
+``verify`` prints one line per finding (site, file, ledger line and seq, what is wrong), then
+PASS or FAIL, and exits 0 only on PASS; on FAIL the last line on stderr is the audit error and
+the exit code is :class:`~medfed.errors.AuditError`'s. The accounting libraries, MLflow and
+matplotlib are imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from medfed.errors import AuditError, ConfigError
+
+app = typer.Typer(
+    help="Independent verification of ledgers, epsilons and budgets; the auditor's report.",
+    no_args_is_help=True,
+)
+
+WorkspaceOption = Annotated[
+    Path, typer.Option("--workspace", help="The aggregator's workspace (from `medfed provision`).")
+]
+RunOption = Annotated[
+    str | None,
+    typer.Option("--run", help="Check this run only (default: every run in the workspace)."),
+]
+LedgerOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--ledger",
+        help="SITE=PATH: a ledger a site handed over (its .head file next to it); repeatable.",
+    ),
+]
+TrackingOption = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow tracking URI (overrides the run's mlflow.json)."),
+]
+MlflowRunOption = Annotated[
+    str | None,
+    typer.Option("--mlflow-run", help="MLflow parent run id of the run (without mlflow.json)."),
+]
+Format = Literal["html", "json", "pdf"]
+
+
+def parse_ledgers(values: list[str] | None) -> dict[str, Path]:
+    """``SITE=PATH`` options as a mapping; ConfigError naming a malformed or repeated one."""
+    found: dict[str, Path] = {}
+    for value in values or []:
+        site, sep, path = value.partition("=")
+        if not sep or not site.strip() or not path.strip():
+            raise ConfigError(
+                f"--ledger {value!r} is not SITE=PATH", hint="e.g. --ledger site-a=ledger.jsonl"
+            )
+        if site.strip() in found:
+            raise ConfigError(f"--ledger gives site {site.strip()!r} twice")
+        found[site.strip()] = Path(path.strip())
+    return found
+
+
+@app.command()
+def verify(
+    workspace: WorkspaceOption,
+    run: RunOption = None,
+    ledger: LedgerOption = None,
+    tracking_uri: TrackingOption = None,
+    mlflow_run: MlflowRunOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also list every check that passed.")
+    ] = False,
+) -> None:
+    """Verify every site's ledger, recompute epsilon with two libraries, check the budgets."""
+    from medfed.audit import verify_workspace
+
+    result = verify_workspace(
+        workspace=workspace,
+        run_name=run,
+        site_ledgers=parse_ledgers(ledger),
+        tracking_uri=tracking_uri,
+        mlflow_run=mlflow_run,
+    )
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        for line in result.lines(verbose=verbose):
+            typer.echo(line)
+    if not result.passed:
+        sites = sorted({f.site_id for f in result.findings if f.site_id})
+        raise AuditError(
+            f"{len(result.findings)} finding(s)"
+            + (f" for site(s) {', '.join(sites)}" if sites else ""),
+            hint="each FINDING line above names the site, the file and the entry; restore "
+            "ledgers from backup, never edit them",
+        )
+
+
+@app.command()
+def report(
+    workspace: WorkspaceOption,
+    out: Annotated[Path, typer.Option("--out", help="Where to write the report.")],
+    run: RunOption = None,
+    fmt: Annotated[
+        Format | None,
+        typer.Option("--format", help="html, json or pdf (default: from --out's suffix)."),
+    ] = None,
+    ledger: LedgerOption = None,
+    tracking_uri: TrackingOption = None,
+    mlflow_run: MlflowRunOption = None,
+) -> None:
+    """Write the per-site privacy statement, its plots and the verification results."""
+    from medfed.audit import build_report
+
+    chosen: Format = fmt or _format_of(out)
+    if chosen == "pdf":
+        from medfed.audit.render import plots_available
+
+        if not plots_available():
+            raise ConfigError(
+                "a PDF report needs matplotlib, which is not installed",
+                hint="pip install 'medfed[tracking]' (MLflow brings matplotlib), or use "
+                "--format html",
+            )
+    built = build_report(
+        workspace=workspace,
+        run_name=run,
+        site_ledgers=parse_ledgers(ledger),
+        tracking_uri=tracking_uri,
+        mlflow_run=mlflow_run,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if chosen == "pdf":
+        built.write_pdf(out)
+    elif chosen == "json":
+        out.write_text(built.to_json_text(), encoding="utf-8")
+    else:
+        out.write_text(built.to_html(), encoding="utf-8")
+    result = built.verification
+    typer.echo(
+        f"{chosen} report written to {out}: {len(built.sites)} site(s); verification "
+        f"{result.verdict} ({len(result.findings)} finding(s))"
+    )
+
+
+def _format_of(out: Path) -> Format:
+    suffix = out.suffix.lower()
+    if suffix == ".json":
+        return "json"
+    if suffix == ".pdf":
+        return "pdf"
+    return "html"

@@ -1,0 +1,118 @@
+"""build_report: the per-site privacy statement in JSON, self-contained HTML and PDF."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from audit_support import CAP, DELTA, NOISE, PATIENTS, SAMPLE_RATE, STEPS, Federation, lines_of
+
+from medfed.audit import build_report, verify_workspace
+from medfed.audit import render as render_module
+from medfed.errors import ConfigError
+
+
+def test_the_statement_holds_what_an_auditor_needs(federation: Federation) -> None:
+    report = build_report(workspace=federation.workspace_dir)
+    data = json.loads(report.to_json_text())
+
+    assert data["verdict"] == "PASS" and set(data["sites"]) == {"site-a", "site-b"}
+    site = data["sites"]["site-a"]
+    assert site["privacy_unit"].startswith("patient")
+    assert site["adjacency"] == "add/remove one patient"
+    assert "Poisson" in site["sampling"] and site["sample_rates"] == [SAMPLE_RATE]
+    assert site["noise_multipliers"] == [NOISE] and site["clipping_norms"] == [1.0]
+    assert site["dataset_sizes"] == [PATIENTS]
+    assert site["steps_total"] == 2 * STEPS
+    assert site["delta"] == DELTA and site["epsilon_cap"] == CAP.epsilon
+    assert site["rounds_participated"] == 2 and site["runs"] == {"run-1": [1, 2]}
+    assert site["ledger_accountants"] == {
+        "rdp": "rdp-improved (Balle et al. 2020; Opacus default orders)"
+    }
+    eps = site["epsilon"]
+    assert site["epsilon_spent"] == eps["opacus_rdp"]
+    assert site["epsilon_remaining"] == pytest.approx(CAP.epsilon - eps["opacus_rdp"])
+    assert {"opacus_rdp", "dp_accounting_rdp", "pld", "accountants"} <= set(eps)
+    assert "dp-accounting RdpAccountant" in eps["accountants"]["dp_accounting_rdp"]
+    [versions] = site["library_versions"]
+    assert "opacus" in versions["versions"] and versions["seqs"] == [0, 2]
+    curve = [row["epsilon_after"] for row in site["rounds"]]
+    assert curve[0] < curve[1] == eps["opacus_rdp"]
+    assert [p["round"] for p in site["dice_vs_epsilon"]] == [1, 2]
+    summary = json.loads((federation.workspace_dir / "runs/run-1/summary.json").read_text())
+    assert site["epsilon_spent"] == pytest.approx(summary["sites"][0]["epsilon_spent"], rel=1e-12)
+    assert data["verification"]["findings"] == []
+
+
+def test_html_is_self_contained_and_escaped(federation: Federation) -> None:
+    federation.train("site-b", run="<script>alert(1)</script>", round_=1)
+    html = build_report(workspace=federation.workspace_dir).to_html()
+
+    assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+    assert "<script" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)
+    assert '<link rel="stylesheet"' not in html
+    for site in ("site-a", "site-b"):
+        assert f'<section id="site-{site}">' in html
+    if render_module.plots_available():
+        assert html.count("<svg") == 4  # epsilon and Dice per site
+
+
+def test_findings_are_embedded(federation: Federation) -> None:
+    path = federation.copy_path("site-a")
+    path.write_bytes(path.read_bytes().replace(b'"steps":4', b'"steps":3', 1))
+
+    report = build_report(workspace=federation.workspace_dir)
+    assert report.verification.verdict == "FAIL"
+    site = report.site("site-a")
+    assert not site.verified and site.rounds == () and len(site.findings) == 1
+    html = report.to_html()
+    assert "FINDING [ledger-copy] site site-a: ledgers/site-a.ledger.jsonl: line 1 (seq 0)" in html
+    assert report.to_json()["sites"]["site-a"]["findings"][0]["line"] == 1
+
+
+def test_models_come_from_the_runs_checkpoints_without_mlflow(federation: Federation) -> None:
+    run = federation.workspace_dir / "runs" / "run-1"
+    for round_, sites in ((1, ["site-b"]), (2, ["site-a", "site-b"])):
+        directory = run / "global" / f"round-{round_:04d}"
+        directory.mkdir(parents=True)
+        meta = {"metadata": {"round": round_, "sites": sites}, "weights": {"sha256": "ab"}}
+        (directory / "model.json").write_text(json.dumps(meta))
+    summary = json.loads((run / "summary.json").read_text())
+    summary["model"] = str(run / "global" / "round-0002")
+    (run / "summary.json").write_text(json.dumps(summary))
+
+    report = build_report(workspace=federation.workspace_dir)
+    a, b = report.site("site-a"), report.site("site-b")
+    assert a.models_source.startswith("run checkpoints")
+    assert [(m["round"], m["direct"], m["final"]) for m in a.models] == [(2, True, True)]
+    assert [(m["round"], m["direct"]) for m in b.models] == [(1, True), (2, True)]
+
+
+def test_without_matplotlib_plots_are_left_out_with_a_note(
+    federation: Federation, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(render_module, "plots_available", lambda: False)
+    report = build_report(workspace=federation.workspace_dir)
+    html = report.to_html()
+    assert "<svg" not in html and "matplotlib is not installed" in html
+    with pytest.raises(ConfigError, match="PDF report needs matplotlib"):
+        report.write_pdf(tmp_path / "report.pdf")
+
+
+def test_pdf_report(federation: Federation, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out" / "report.pdf"
+    build_report(workspace=federation.workspace_dir).write_pdf(out)
+    assert out.read_bytes().startswith(b"%PDF")
+
+
+def test_report_and_verify_agree(federation: Federation) -> None:
+    lines = lines_of(federation.copy_path("site-b"))
+    result = verify_workspace(workspace=federation.workspace_dir)
+    report = build_report(workspace=federation.workspace_dir)
+    assert report.verification.to_json() == result.to_json()
+    assert len(report.site("site-b").rounds) == len(lines) // 2

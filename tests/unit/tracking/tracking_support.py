@@ -1,0 +1,115 @@
+"""A synthetic federation run: the events `run_federation` emits, as it writes them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medfed.aggregator.run_store import RunStore
+from medfed.config.run import RunSettings
+
+SITES = ("site-a", "site-b")
+CAPS = {"site-a": 8.0, "site-b": 6.0}
+ROUNDS = 2
+
+
+@dataclass(frozen=True)
+class FakeRun:
+    """A run directory whose events are written as the real round loop writes them."""
+
+    workspace: Path
+    run_dir: Path
+    settings: RunSettings
+    store: RunStore
+    checkpoint: Path
+
+    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+        return self.store.event(kind, run_name=self.settings.run_name, **fields)
+
+    def epsilon(self, site: str, round_index: int) -> float:
+        return (0.9 if site == "site-a" else 1.3) * round_index
+
+    def events(self, *, last: str = "run_finished") -> Iterator[dict[str, Any]]:
+        """run_started .. ``last``: two rounds of two sites, then the final evaluation."""
+        yield self.emit(
+            "run_started",
+            resume_from=None,
+            rounds=ROUNDS,
+            sites=list(SITES),
+            settings=self.settings.model_dump(mode="json"),
+        )
+        yield self.emit("sites_online", online=list(SITES), missing=[])
+        sent = received = 0
+        for round_index in range(1, ROUNDS + 1):
+            yield self.emit("round_started", round=round_index, sites=list(SITES))
+            for index, site in enumerate(SITES):
+                yield self.emit(
+                    "site_update",
+                    site=site,
+                    round=round_index,
+                    patients=10 + index,
+                    loss=1.0 / round_index + index,
+                    dice_before=0.1 * round_index + 0.01 * index,
+                    dice_after=0.1 * round_index + 0.05,
+                    epsilon_spent=self.epsilon(site, round_index),
+                    epsilon_cap=CAPS[site],
+                    train_seconds=None if index else 1.5,  # None is skipped, not logged
+                )
+            sent += 1000 * round_index
+            received += 500 * round_index
+            yield self.emit(
+                "round_done",
+                round=round_index,
+                sites_answered=2,
+                sites_asked=2,
+                dice_before=0.1 * round_index,
+                loss=0.5 / round_index,
+                seconds=2.0 + round_index,
+                bytes_sent=sent,
+                bytes_received=received,
+                epsilon={s: self.epsilon(s, round_index) for s in SITES},
+            )
+        if last == "run_failed":
+            yield self.emit("run_failed", reason="something broke")
+            return
+        yield self.emit("site_timeout", site="site-b", round=ROUNDS + 1, message_type="evaluate")
+        yield self.emit("evaluation", round=ROUNDS, dice=0.42, sites={"site-a": 0.42})
+        yield self.emit(
+            last,
+            status="finished" if last == "run_finished" else "stopped",
+            reason="all rounds done",
+            summary=self.summary(),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        budgets = {
+            "accountant": "rdp",
+            "ledger_copies": str(self.workspace / "ledgers"),
+            "sites": {
+                site: {
+                    "site_id": site,
+                    "epsilon_spent": self.epsilon(site, ROUNDS),
+                    "epsilon_cap": CAPS[site],
+                    "delta": 1e-5,
+                    "accountant": "rdp",
+                }
+                for site in SITES
+            },
+            "sites_without_cap": {},
+        }
+        return {
+            "run_name": self.settings.run_name,
+            "status": "finished",
+            "reason": "all rounds done",
+            "rounds_completed": ROUNDS,
+            "dice_initial": 0.1,
+            "dice_final": 0.42,
+            "model": str(self.checkpoint),
+            "sites": [
+                {"site_id": s, "rounds": ROUNDS, "epsilon_spent": self.epsilon(s, ROUNDS)}
+                for s in SITES
+            ],
+            "budgets": budgets,
+        }
