@@ -6,11 +6,14 @@ import json
 import signal
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from medfed.errors import ConfigError
+
+if TYPE_CHECKING:
+    from medfed.transport.processes import ManagedProcess
 
 aggregator_app = typer.Typer(help="Run the aggregator (Flower SuperLink).", no_args_is_help=True)
 
@@ -52,27 +55,16 @@ def aggregator_start(workspace: WorkspaceOption, tracking_uri: TrackingUriOption
     loaded = load_workspace(workspace)
     aggregator = start_aggregator(workspace=loaded, tracking_uri=tracking_uri)
     process = aggregator.process
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        console.print(f"SuperLink listening on {loaded.manifest.address} (TLS, node auth on)")
-        for item in aggregator.registrations:
-            state = "already registered" if item.already_registered else f"node {item.node_id}"
-            console.print(f"  site {item.site_id}: {state}")
-        if aggregator.tracking_uri is not None:
-            console.print(f"MLflow tracking: {aggregator.tracking_uri}")
-        else:
-            console.print("MLflow tracking: off (MLflow is not installed)")
-        console.print(f"log: {process.log_file}; Ctrl-C stops the aggregator")
-        while process.running():
-            time.sleep(1.0)
-        raise ConfigError(
-            f"the SuperLink exited with code {process.poll()}",
-            hint=f"see {process.log_file}: {process.log_tail(3)}",
-        )
-    except KeyboardInterrupt:
-        console.print("stopping the aggregator")
-    finally:
-        process.stop()
+    console.print(f"SuperLink listening on {loaded.manifest.address} (TLS, node auth on)")
+    for item in aggregator.registrations:
+        state = "already registered" if item.already_registered else f"node {item.node_id}"
+        console.print(f"  site {item.site_id}: {state}")
+    if aggregator.tracking_uri is not None:
+        console.print(f"MLflow tracking: {aggregator.tracking_uri}")
+    else:
+        console.print("MLflow tracking: off (MLflow is not installed)")
+    console.print(f"log: {process.log_file}; Ctrl-C stops the aggregator")
+    _serve(console, process, what="the SuperLink", stopping="stopping the aggregator")
 
 
 def site_start(
@@ -89,21 +81,29 @@ def site_start(
     site = load_site_config(config)
     log_file = site.paths.workdir / "logs" / "supernode.log"
     process = start_supernode(config_path=config.absolute(), site=site, log_file=log_file)
+    assert site.transport is not None  # start_supernode refuses a config without one
+    console.print(
+        f"site {site.site_id}: node connecting to {site.transport.superlink_address}; "
+        f"log: {log_file}; Ctrl-C stops it"
+    )
+    _serve(console, process, what="the SuperNode", stopping="stopping the site node")
+
+
+def _serve(console: Any, process: ManagedProcess, *, what: str, stopping: str) -> None:
+    """Wait in the foreground until Ctrl-C or SIGTERM (a service manager), then stop it all.
+
+    The process ending by itself is an error: a service must be restarted, not left down.
+    """
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        assert site.transport is not None  # start_supernode refuses a config without one
-        console.print(
-            f"site {site.site_id}: node connecting to {site.transport.superlink_address}; "
-            f"log: {log_file}; Ctrl-C stops it"
-        )
         while process.running():
             time.sleep(1.0)
         raise ConfigError(
-            f"the SuperNode exited with code {process.poll()}",
-            hint=f"see {log_file}: {process.log_tail(3)}",
+            f"{what} exited with code {process.poll()}",
+            hint=f"see {process.log_file}: {process.log_tail(3)}",
         )
     except KeyboardInterrupt:
-        console.print("stopping the site node")
+        console.print(stopping)
     finally:
         process.stop()
 
@@ -215,12 +215,13 @@ def demo(
         port=port or free_port(),
     )
     started = time.monotonic()
+
+    def show(event: dict[str, Any]) -> None:
+        _show(console, iter([event]), final=False)
+
     if in_process:
         from medfed.tracking.uri import mlflow_available, resolve_tracking_uri
         from medfed.transport.inprocess import run_in_process
-
-        def show(event: dict[str, Any]) -> None:
-            _show(console, iter([event]), final=False)
 
         uri = None
         if tracking_uri is not None or mlflow_available():
@@ -234,11 +235,7 @@ def demo(
         )
         summary = json.loads((result.directory / "summary.json").read_text(encoding="utf-8"))
     else:
-        summary = run_deployed(
-            setup=setup,
-            on_event=lambda event: _show(console, iter([event]), final=False),
-            tracking_uri=tracking_uri,
-        )
+        summary = run_deployed(setup=setup, on_event=show, tracking_uri=tracking_uri)
     from medfed.cli.progress import print_summary
 
     print_summary(console, summary)
