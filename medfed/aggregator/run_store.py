@@ -64,19 +64,23 @@ class RunStore:
         A fresh run refuses a name that already has completed rounds, so that nobody resumes
         or overwrites a run by accident.
         """
-        state = self._read_state()
-        if state is not None and not settings.resume:
-            raise ConfigError(
-                f"run {settings.run_name!r} already exists in {self.directory} "
-                f"(round {state['round']} done)",
-                hint="resume it with resume=true (`medfed run --resume`), or choose another "
-                "run name",
-            )
+        state = self.check_name(settings)
         make_private_dirs(self.directory)
         if state is None:
             replace_file(self.directory / "settings.json", _json(settings.model_dump(mode="json")))
             return None
         return self._resume_point(state)
+
+    def check_name(self, settings: RunSettings) -> dict[str, Any] | None:
+        """The stored state; refuses a fresh run under a name that has completed rounds."""
+        state = self._read_state()
+        if state is not None and not settings.resume:
+            raise ConfigError(
+                f"run {settings.run_name!r} already exists in {self.directory} "
+                f"(round {state['round']} done)",
+                hint="resume it (`medfed run --resume`, resume=true), or choose another run name",
+            )
+        return state
 
     def save_round(
         self,
@@ -113,7 +117,6 @@ class RunStore:
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         """Append one event line (flushed at once, so a follower sees it)."""
         record = {"time": time.time(), "event": kind, **fields}
-        make_private_dirs(self.directory)
         with self.events_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, default=_jsonable) + "\n")
         return record

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from medfed.aggregator.run_store import read_events, run_directory
+from medfed.aggregator.run_store import RunStore, read_events, run_directory
 from medfed.aggregator.serverapp import WORKSPACE_ENV
 from medfed.config.run import RUN_CONFIG_KEY, RunSettings
 from medfed.errors import ConfigError, TransportError
@@ -103,12 +103,7 @@ def submit(*, workspace: Workspace, settings: RunSettings) -> int:
     The run's name is checked here too, so that a taken name is refused before Flower starts
     a ServerApp that would refuse it.
     """
-    state = run_directory(workspace.root, settings.run_name) / "state.json"
-    if state.exists() and not settings.resume:
-        raise ConfigError(
-            f"run {settings.run_name!r} already exists in {state.parent}",
-            hint="pass --resume to continue it, or choose another --name",
-        )
+    RunStore(directory=run_directory(workspace.root, settings.run_name)).check_name(settings)
     return submit_run(
         app_dir=app_directory(),
         flwr_home=flwr_home(workspace),
