@@ -14,11 +14,14 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medfed.config.run import RunSettings
 from medfed.errors import ConfigError, TransportError
 from medfed.transport.provision import SUPERLINK_PORT, Workspace
+
+if TYPE_CHECKING:
+    from medfed.transport.processes import ManagedProcess, ProcessGroup
 
 DEMO_CAP = 8.0
 DEMO_DELTA = 1e-5
@@ -165,6 +168,33 @@ def prepare_federation(
     )
 
 
+def start_site_nodes(*, group: ProcessGroup, setup: DemoSetup) -> dict[str, ManagedProcess]:
+    """One SuperNode per site, owned by ``group``; returns once all of them are online."""
+    from medfed.config import load_site_config
+    from medfed.transport.deploy import start_supernode
+    from medfed.transport.flwr_cli import wait_for_nodes
+    from medfed.transport.runner import flwr_home, logs_dir
+
+    logs = logs_dir(setup.workspace)
+    nodes = {
+        site: group.add(
+            start_supernode(
+                config_path=path,
+                site=load_site_config(path),
+                log_file=logs / f"supernode-{site}.log",
+            )
+        )
+        for site, path in sorted(setup.site_configs.items())
+    }
+    wait_for_nodes(
+        flwr_home=flwr_home(setup.workspace),
+        count=len(nodes),
+        timeout_s=120.0,
+        watch=list(nodes.values()),
+    )
+    return nodes
+
+
 def run_deployed(
     *,
     setup: DemoSetup,
@@ -179,30 +209,15 @@ def run_deployed(
     workspace's SQLite store; see :func:`medfed.transport.runner.start_aggregator`). Returns
     the run's summary.
     """
-    from medfed.config import load_site_config
-    from medfed.transport.deploy import start_supernode
-    from medfed.transport.flwr_cli import wait_for_nodes, wait_for_run
+    from medfed.transport.flwr_cli import wait_for_run
     from medfed.transport.processes import ProcessGroup
-    from medfed.transport.runner import flwr_home, follow, logs_dir, start_aggregator, submit
+    from medfed.transport.runner import flwr_home, follow, start_aggregator, submit
 
     workspace = setup.workspace
-    logs = logs_dir(workspace)
     with ProcessGroup(handle_signals=True) as group:
         aggregator = start_aggregator(workspace=workspace, tracking_uri=tracking_uri)
         group.add(aggregator.process)
-        nodes = [
-            group.add(
-                start_supernode(
-                    config_path=path,
-                    site=load_site_config(path),
-                    log_file=logs / f"supernode-{site}.log",
-                )
-            )
-            for site, path in sorted(setup.site_configs.items())
-        ]
-        wait_for_nodes(
-            flwr_home=flwr_home(workspace), count=len(nodes), timeout_s=120.0, watch=nodes
-        )
+        start_site_nodes(group=group, setup=setup)
         run_id = submit(workspace=workspace, settings=setup.settings)
 
         def alive() -> None:

@@ -17,9 +17,8 @@ from typing import Any
 import pytest
 
 from medfed.config import load_site_config
-from medfed.demo import DemoSetup, prepare_federation
+from medfed.demo import DemoSetup, prepare_federation, start_site_nodes
 from medfed.privacy import SiteLedger
-from medfed.transport.deploy import start_supernode
 from medfed.transport.flwr_cli import wait_for_nodes, wait_for_run
 from medfed.transport.processes import ManagedProcess, ProcessGroup, free_port
 from medfed.transport.runner import flwr_home, follow, start_aggregator, submit
@@ -31,27 +30,6 @@ def _setup(tmp_path: Path, **kwargs: Any) -> DemoSetup:
     options: dict[str, Any] = {"sites": 3, "cases": 16, "size": 32, "rounds": 2, "local_epochs": 1}
     options.update(kwargs)
     return prepare_federation(root=tmp_path / "fed", port=free_port(), **options)
-
-
-def _start_nodes(group: ProcessGroup, setup: DemoSetup) -> dict[str, ManagedProcess]:
-    logs = setup.workspace.root / "logs"
-    nodes = {
-        site: group.add(
-            start_supernode(
-                config_path=path,
-                site=load_site_config(path),
-                log_file=logs / f"supernode-{site}.log",
-            )
-        )
-        for site, path in sorted(setup.site_configs.items())
-    }
-    wait_for_nodes(
-        flwr_home=flwr_home(setup.workspace),
-        count=len(nodes),
-        timeout_s=120,
-        watch=list(nodes.values()),
-    )
-    return nodes
 
 
 def _kill(process: ManagedProcess) -> None:
@@ -160,7 +138,7 @@ def test_a_killed_site_is_left_out_and_too_few_sites_end_the_run_cleanly(
     settings = setup.settings.model_copy(update={"min_sites": 2, "round_timeout_s": 90.0})
     with ProcessGroup() as group:
         group.add(start_aggregator(workspace=setup.workspace).process)
-        nodes = _start_nodes(group, setup)
+        nodes = start_site_nodes(group=group, setup=setup)
         run_id = submit(workspace=setup.workspace, settings=settings)
         seen: list[dict[str, Any]] = []
         for event in _events(setup, run_id):
@@ -191,7 +169,7 @@ def test_aggregator_restart_resumes_without_gap_or_double_spend(tmp_path: Path) 
     setup = _setup(tmp_path, sites=2, rounds=3)
     with ProcessGroup() as group:
         aggregator = group.add(start_aggregator(workspace=setup.workspace).process)
-        _start_nodes(group, setup)
+        start_site_nodes(group=group, setup=setup)
         run_id = submit(workspace=setup.workspace, settings=setup.settings)
         for event in _events(setup, run_id):
             if event["event"] == "round_done" and event["round"] == 1:
