@@ -195,18 +195,18 @@ class _RoundOutcome:
     seconds: float = 0.0
 
 
-def _node_sites(loop: _Loop) -> dict[int, str]:
-    """Online Flower nodes whose authenticated key is a provisioned site's key."""
-    found: dict[int, str] = {}
+def _site_nodes(loop: _Loop) -> dict[str, int]:
+    """The run's sites online now, with the Flower node whose authenticated key is theirs."""
+    found: dict[str, int] = {}
     for node in loop.grid.get_nodes():
         site = loop.workspace.site_for_node_key(bytes(node.public_key))
         if site is not None and site in loop.sites:
-            found[int(node.node_id)] = site
+            found[site] = int(node.node_id)
     return found
 
 
 def _online(loop: _Loop) -> dict[str, int]:
-    nodes = {site: node for node, site in _node_sites(loop).items()}
+    nodes = _site_nodes(loop)
     for site, record in loop.sites.items():
         if site not in nodes and record.status in ("waiting", "active"):
             record.status = "offline"
@@ -218,7 +218,7 @@ def _online(loop: _Loop) -> dict[str, int]:
 def _wait_for_sites(loop: _Loop) -> dict[str, int]:
     deadline = time.monotonic() + loop.settings.wait_for_sites_s
     while True:
-        nodes = {site: node for node, site in _node_sites(loop).items()}
+        nodes = _site_nodes(loop)
         if len(nodes) == len(loop.sites) or time.monotonic() >= deadline:
             break
         time.sleep(_POLL_S)
@@ -476,7 +476,8 @@ def _finish(
     dice_initial: float,
     dice_final: float = math.nan,
 ) -> FederationResult:
-    budgets = loop.tracker.state_json()["sites"]
+    budget_state = loop.tracker.state_json()
+    budgets = budget_state["sites"]
     sites = [record.to_json(budgets.get(site)) for site, record in sorted(loop.sites.items())]
     if model_dir is None and completed > 0:
         model_dir = loop.store.directory / "global" / f"round-{completed:04d}"
@@ -491,7 +492,7 @@ def _finish(
         directory=loop.store.directory,
         model=model_dir,
     )
-    summary = result.summary(loop.tracker.state_json())
+    summary = result.summary(budget_state)
     loop.store.write_summary(summary)
     loop.emit(
         "run_finished" if status == "finished" else "run_stopped",

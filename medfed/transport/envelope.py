@@ -141,6 +141,17 @@ def _field(record: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -
     return value
 
 
+def _json_object(record: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """A text field holding a JSON object (model settings, a network spec)."""
+    try:
+        value = json.loads(_field(record, key, str))
+    except json.JSONDecodeError:
+        raise EnvelopeError(f"message field {key!r} is not JSON") from None
+    if not isinstance(value, dict):
+        raise EnvelopeError(f"message field {key!r} is not a JSON object")
+    return value
+
+
 def _optional_float(record: Mapping[str, Any], key: str) -> float | None:
     value = _field(record, key, (int, float))
     return None if math.isnan(value) else float(value)
@@ -172,16 +183,10 @@ def request_content(request: RoundRequest) -> RecordDict:
 
 def read_request(content: RecordDict) -> RoundRequest:
     config = _record(content, "config", ConfigRecord)
-    try:
-        model = json.loads(_field(config, "model", str))
-    except json.JSONDecodeError:
-        raise EnvelopeError("message field 'model' is not JSON") from None
-    if not isinstance(model, dict):
-        raise EnvelopeError("message field 'model' is not a JSON object")
     return RoundRequest(
         run_name=_field(config, "run_name", str),
         round=_field(config, "round", int),
-        model=model,
+        model=_json_object(config, "model"),
         local_epochs=_field(config, "local_epochs", int),
         learning_rate=_optional_float(config, "learning_rate"),
         noise_multiplier=_optional_float(config, "noise_multiplier"),
@@ -278,12 +283,10 @@ def init_content(reply: InitReply) -> RecordDict:
 
 def read_init(content: RecordDict) -> InitReply:
     site = _record(content, "site", ConfigRecord)
-    try:
-        spec = json.loads(_field(site, "spec", str))
-    except json.JSONDecodeError:
-        raise EnvelopeError("message field 'spec' is not JSON") from None
     return InitReply(
-        site_id=_field(site, "site_id", str), weights=_read_arrays(content, "global"), spec=spec
+        site_id=_field(site, "site_id", str),
+        weights=_read_arrays(content, "global"),
+        spec=_json_object(site, "spec"),
     )
 
 
