@@ -78,9 +78,12 @@ def check_policy(config: SiteConfig, request: RoundRequest) -> None:
 def round_config(config: SiteConfig, request: RoundRequest) -> SiteConfig:
     """The site's configuration with the run's model and training settings applied.
 
-    Re-validated as a whole, so a run's model that does not fit the site's patch size is a
-    clear :class:`ConfigError` and not a shape error deep in a network.
+    The run is checked against the site's policy first (:func:`check_policy`), so no caller
+    can apply settings the site has not agreed to. The result is re-validated as a whole, so
+    a run's model that does not fit the site's patch size is a clear :class:`ConfigError` and
+    not a shape error deep in a network.
     """
+    check_policy(config, request)
     data = config.model_dump()
     try:
         data["model"] = ModelSection.model_validate(request.model).model_dump()
@@ -126,7 +129,6 @@ def initial_model(*, config: SiteConfig, request: RoundRequest) -> InitReply:
     from medfed.models import build_model, spec_from_config
     from medfed.models.checkpoint import model_weights
 
-    check_policy(config, request)
     effective = round_config(config, request)
     spec = spec_from_config(effective)
     with torch.random.fork_rng(devices=[]):
@@ -137,10 +139,9 @@ def initial_model(*, config: SiteConfig, request: RoundRequest) -> InitReply:
 
 def train_round(*, config: SiteConfig, request: RoundRequest) -> RoundReply:
     """Train one round from the global model, or replay a round already trained."""
-    check_policy(config, request)
+    effective = round_config(config, request)
     if request.weights is None:
         raise ConfigError(f"round {request.round} of {request.run_name!r} came without a model")
-    effective = round_config(config, request)
     digest = weights_digest(request.weights)
     from medfed.privacy.storage import locked, make_private_dirs
 
@@ -201,10 +202,9 @@ def evaluate_round(*, config: SiteConfig, request: RoundRequest) -> EvaluationRe
     from medfed.models.checkpoint import load_weights_into
     from medfed.site.evaluate import evaluate_dice
 
-    check_policy(config, request)
+    effective = round_config(config, request)
     if request.weights is None:
         raise ConfigError(f"evaluation of {request.run_name!r} came without a model")
-    effective = round_config(config, request)
     device = resolve_device(name=effective.training.device, threads=effective.training.threads)
     spec = spec_from_config(effective)
     with torch.random.fork_rng(devices=[]):
