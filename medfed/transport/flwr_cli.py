@@ -60,6 +60,8 @@ def run_flwr(
 ) -> dict[str, Any]:
     """Run ``flwr ARGS --format json``; its JSON reply (TransportError on failure if check)."""
     command = [find_command("flwr"), *args, "--format", "json"]
+    # A run's settings are a long JSON value: error messages show the command, not the data.
+    shown = " ".join(arg if len(arg) <= 60 else arg[:57] + "..." for arg in args)
     make_private_dirs(Path(flwr_home))
     try:
         done = subprocess.run(
@@ -73,7 +75,7 @@ def run_flwr(
         )
     except subprocess.TimeoutExpired:
         raise TransportError(
-            f"`flwr {' '.join(args)}` did not answer within {timeout_s:.0f} s",
+            f"`flwr {shown}` did not answer within {timeout_s:.0f} s",
             hint="is the SuperLink running and reachable?",
         ) from None
     try:
@@ -83,13 +85,13 @@ def run_flwr(
     if not isinstance(reply, dict):
         output = (done.stderr.strip() or done.stdout.strip())[-500:]
         raise TransportError(
-            f"`flwr {' '.join(args)}` failed with code {done.returncode}: {output}",
+            f"`flwr {shown}` failed with code {done.returncode}: {output}",
             hint="run the command by hand with FLWR_HOME set to see Flower's message",
         )
     # In JSON mode flwr reports failures as {"success": false, ...} and may still exit with 0.
     if check and not reply.get("success"):
         raise TransportError(
-            f"`flwr {' '.join(args)}` failed: {flwr_error_text(reply)}",
+            f"`flwr {shown}` failed: {flwr_error_text(reply)}",
             hint="is the SuperLink running, and is the connection in "
             f"{Path(flwr_home) / 'config.toml'} right?",
         )

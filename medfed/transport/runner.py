@@ -104,6 +104,11 @@ def submit(*, workspace: Workspace, settings: RunSettings) -> int:
     a ServerApp that would refuse it.
     """
     RunStore(directory=run_directory(workspace.root, settings.run_name)).check_name(settings)
+    if not (flwr_home(workspace) / "config.toml").is_file():
+        raise TransportError(
+            f"no aggregator has been started for the workspace {workspace.root}",
+            hint=f"start it first: medfed aggregator start --workspace {workspace.root}",
+        )
     return submit_run(
         app_dir=app_directory(),
         flwr_home=flwr_home(workspace),
