@@ -117,6 +117,7 @@ class RunStore:
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         """Append one event line (flushed at once, so a follower sees it)."""
         record = {"time": time.time(), "event": kind, **fields}
+        make_private_dirs(self.directory)  # events may come before start() (tests, tools)
         with self.events_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, default=_jsonable) + "\n")
         return record
