@@ -35,6 +35,11 @@ class RunSettings(BaseModel):
         pattern=RUN_NAME_PATTERN.pattern,
         description="Stable name of the run: its output directory, ledger run id, resume key.",
     )
+    project: str = Field(
+        default="default",
+        pattern=RUN_NAME_PATTERN.pattern,
+        description="The study this run belongs to; sites accept runs by project and name.",
+    )
     rounds: int = Field(default=3, ge=1, le=1000)
     local_epochs: int = Field(default=2, ge=1, le=1000)
     learning_rate: float | None = Field(default=None, gt=0, description="Null: each site's.")

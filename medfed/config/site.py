@@ -146,6 +146,18 @@ class PolicySection(_Strict):
     max_epsilon_per_round: float | None = Field(
         default=None, gt=0, description="Refuse rounds that would spend more than this alone."
     )
+    max_rounds_per_run: int | None = Field(
+        default=None, ge=1, description="Refuse runs that plan more rounds than this."
+    )
+    max_parameters: int | None = Field(
+        default=None, ge=1, description="Refuse networks with more trainable parameters."
+    )
+    accepted_projects: list[str] = Field(
+        default=["*"], min_length=1, description="Glob patterns of the projects a run may be in."
+    )
+    accepted_runs: list[str] = Field(
+        default=["*"], min_length=1, description="Glob patterns of the run names accepted."
+    )
 
 
 class SiteConfig(_Strict):
