@@ -6,9 +6,12 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from medfed.site.preflight import PreflightReport
 
 app = typer.Typer(help="Run a hospital's site node.", no_args_is_help=True)
 
@@ -80,3 +83,143 @@ def train(
     )
     typer.echo(f"checkpoint: {result.checkpoint}")
     typer.echo(f"metrics:    {result.metrics_file}")
+
+
+@app.command()
+def init(
+    kit: Annotated[
+        Path, typer.Option("--kit", help="The site's kit directory made by `medfed provision`.")
+    ],
+    data: Annotated[
+        Path, typer.Option("--data", help="The dataset manifest (CSV or YAML) of this site.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The site.yaml to write.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    workdir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Work directory (ledger, logs, cache). Default: medfed-work next to --out."
+        ),
+    ] = None,
+    epsilon_cap: Annotated[
+        float | None, typer.Option(help="Lifetime privacy cap agreed with the federation.")
+    ] = None,
+    delta: Annotated[
+        float | None, typer.Option(help="Delta of the cap (below 1/patients).")
+    ] = None,
+    noise_multiplier: Annotated[
+        float | None, typer.Option(help="DP-SGD noise multiplier (default 1.0).")
+    ] = None,
+) -> None:
+    """Write a commented site.yaml from the provisioning kit and the dataset manifest."""
+    from medfed.site.onboarding import init_site
+
+    result = init_site(
+        kit=kit,
+        manifest=data,
+        out=out,
+        force=force,
+        workdir=workdir,
+        epsilon_cap=epsilon_cap,
+        delta=delta,
+        noise_multiplier=noise_multiplier,
+    )
+    typer.echo(
+        f"wrote {result.path} for site {result.site_id} ({result.n_cases} cases; aggregator "
+        f"{result.superlink_address}; work directory {result.workdir})"
+    )
+    typer.echo("next:")
+    typer.echo(f"  medfed site check --config {result.path}")
+    typer.echo(f"  medfed site start --config {result.path}")
+
+
+@app.command()
+def check(
+    config: ConfigOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    min_free_gb: Annotated[
+        float, typer.Option(min=0, help="Warn when the work directory has less free disk.")
+    ] = 5.0,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds to wait for the aggregator per check.")
+    ] = 5.0,
+) -> None:
+    """Preflight before going live: keys, certificates, aggregator, registration, data, ledger.
+
+    Every check says PASS, WARN or FAIL, with the fix. Exits 0 when nothing failed (warnings
+    allowed) and 11 when any check failed.
+    """
+    from medfed.site.preflight import PREFLIGHT_FAILED_EXIT_CODE, run_preflight
+
+    report = run_preflight(
+        config_path=config, min_free_bytes=int(min_free_gb * 1024**3), timeout_s=timeout
+    )
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_preflight(report)
+    if not report.ok:
+        raise typer.Exit(code=PREFLIGHT_FAILED_EXIT_CODE)
+
+
+def _print_preflight(report: PreflightReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    colours = {"PASS": "green", "WARN": "yellow", "FAIL": "red"}
+    table = Table(title=f"medfed site check: {report.site_id or report.config_path}")
+    table.add_column("check", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    # Folded, not cut: the operator needs whole paths and whole commands.
+    table.add_column("detail", overflow="fold")
+    table.add_column("fix", overflow="fold")
+    for result in report.results:
+        colour = colours[result.status]
+        table.add_row(result.name, f"[{colour}]{result.status}[/]", result.detail, result.fix or "")
+    console = Console(highlight=False)
+    console.print(table)
+    counts = {s: sum(1 for r in report.results if r.status == s) for s in colours}
+    verdict = "ready" if report.ok else "NOT ready"
+    console.print(
+        f"{verdict}: {counts['PASS']} passed, {counts['WARN']} warning(s), {counts['FAIL']} failed"
+    )
+
+
+@app.command()
+def status(
+    config: ConfigOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Whether the node runs, its last run and round, its privacy budget and its last error."""
+    from medfed.config import load_site_config
+    from medfed.site.node_status import read_status
+
+    state = read_status(config=load_site_config(config))
+    if as_json:
+        typer.echo(json.dumps(state.to_dict(), indent=2))
+        return
+    online = (
+        f"online (pid {state.pid}, since {state.started_at})"
+        if state.online
+        else (f"offline: {state.offline_reason}")
+    )
+    typer.echo(f"site {state.site_id}: {online}")
+    if state.last_run_id is not None:
+        round_text = "-" if state.last_round is None or state.last_round < 0 else state.last_round
+        typer.echo(
+            f"last message: {state.last_kind} of run {state.last_run_id} round {round_text} "
+            f"at {state.last_message_at} ({state.messages} handled, {state.declined} declined)"
+        )
+    else:
+        typer.echo("last message: none yet")
+    if state.budget_error is not None:
+        typer.echo(f"privacy budget: unknown, {state.budget_error}")
+    else:
+        typer.echo(
+            f"privacy budget: epsilon {state.epsilon_spent:.3g} of {state.epsilon_cap:g} spent, "
+            f"{state.epsilon_remaining:.3g} left"
+        )
+    if state.last_error is not None:
+        typer.echo(f"last error: {state.last_error} (at {state.last_error_at})")
+    else:
+        typer.echo("last error: none")

@@ -13,11 +13,11 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from medfed.config.site import SiteConfig
-from medfed.errors import ConfigError, MedfedError
+from medfed.errors import ConfigError, DataError, MedfedError
 from medfed.transport.envelope import (
     EnvelopeError,
     decline_error,
@@ -52,14 +52,75 @@ def _handle(
     context: Context,
     work: Callable[[SiteConfig, Message], RecordDict],
 ) -> Message:
-    site = "?"
+    kind = message.metadata.message_type
+    run_id, round_ = _run_and_round(message)
     try:
         config = site_config_from(context)
-        site = config.site_id
-        return Message(work(config, message), reply_to=message)
     except MedfedError as exc:
-        log.warning("site %s declines %s: %s", site, message.metadata.message_type, exc.message)
+        # No site config: no site id, no workdir to record in; the node log says why.
+        extra = {"run_id": run_id, "round": round_, "site_id": None}
+        log.warning("site node declines %s: %s", kind, exc.one_line(), extra=extra)
         return Message(decline_error(exc), reply_to=message)
+    extra = {"run_id": run_id, "round": round_, "site_id": config.site_id}
+    error: str | None = None
+    try:
+        reply = Message(work(config, message), reply_to=message)
+    except MedfedError as exc:
+        shared = _shareable(exc)
+        error = shared.one_line()
+        log.warning("site %s declines %s: %s", config.site_id, kind, error, extra=extra)
+        return Message(decline_error(shared), reply_to=message)
+    except Exception as exc:
+        # Flower turns it into an error reply; the status still shows the node failed here.
+        error = f"unexpected {type(exc).__name__} (see the node log)"
+        raise
+    finally:
+        _record(config, run_id=run_id, round_=round_, kind=kind, error=error)
+    log.info("site %s answered %s", config.site_id, kind, extra=extra)
+    return reply
+
+
+def _shareable(exc: MedfedError) -> MedfedError:
+    """The refusal as logs, the node status and the aggregator see it.
+
+    Dataset errors name patients' files, so only their kind leaves the check; the full list is
+    what `medfed data check` prints to the operator at the site.
+    """
+    if isinstance(exc, DataError):
+        return DataError("the dataset failed its check", hint="run `medfed data check` at the site")
+    return exc
+
+
+def _run_and_round(message: Message) -> tuple[str, int]:
+    """The medfed run name and round a request names, else Flower's run id and -1.
+
+    Read without validating the request: a malformed one is still recorded, and then refused
+    by the handler with its own error.
+    """
+    run_id = f"flower-{message.metadata.run_id}"
+    round_ = -1
+    try:
+        config = message.content["config"] if message.has_content() else None
+    except (KeyError, TypeError):
+        config = None
+    if isinstance(config, ConfigRecord):
+        name = config.get("run_name")
+        if isinstance(name, str) and name:
+            run_id = name
+        number = config.get("round")
+        if isinstance(number, int) and not isinstance(number, bool):
+            round_ = number
+    return run_id, round_
+
+
+def _record(config: SiteConfig, *, run_id: str, round_: int, kind: str, error: str | None) -> None:
+    from medfed.site.node_status import record_message
+
+    try:
+        record_message(config=config, run_id=run_id, round=round_, kind=kind, error=error)
+    except OSError as exc:
+        # The status file is for operators; it must never cost the federation a reply.
+        log.warning("site %s: cannot record node status (%s)", config.site_id, exc.strerror)
 
 
 def _train(config: SiteConfig, message: Message) -> RecordDict:
