@@ -253,7 +253,9 @@ def _request(
     settings = loop.settings
     return RoundRequest(
         run_name=settings.run_name,
+        project=settings.project,
         round=round_index,
+        planned_rounds=settings.rounds,
         model=settings.model.model_dump(mode="json"),
         local_epochs=settings.local_epochs,
         learning_rate=settings.learning_rate,

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from medfed.errors import ConfigError
+from medfed.errors import ConfigError, MedfedError
+from medfed.logs import LOG_FORMAT_ENV, configure_logging, resolve_log_format
 
 if TYPE_CHECKING:
     from medfed.transport.processes import ManagedProcess
@@ -30,9 +34,34 @@ TrackingUriOption = Annotated[
 ]
 
 
+# How long a stopping node gives a round in progress to abort cleanly (the ClientApp commits
+# the steps it took to the ledger) before what is left is killed; the systemd unit's
+# TimeoutStopSec is longer.
+STOP_GRACE_S = 30.0
+
+LogFormatOption = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format",
+        envvar=LOG_FORMAT_ENV,
+        help="text | json (one JSON object per line, for log shippers); also reaches the "
+        "Flower app processes. Default: text.",
+        show_envvar=True,
+    ),
+]
+
+
+class _Signalled(KeyboardInterrupt):
+    """A stop signal from a service manager, handled like Ctrl-C and remembered by name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     # SIGTERM from a service manager stops the processes the same way Ctrl-C does.
-    raise KeyboardInterrupt
+    raise _Signalled(signal.Signals(signum).name)
 
 
 def _console() -> Any:
@@ -42,7 +71,11 @@ def _console() -> Any:
 
 
 @aggregator_app.command("start")
-def aggregator_start(workspace: WorkspaceOption, tracking_uri: TrackingUriOption = None) -> None:
+def aggregator_start(
+    workspace: WorkspaceOption,
+    tracking_uri: TrackingUriOption = None,
+    log_format: LogFormatOption = None,
+) -> None:
     """Start the SuperLink (TLS, node authentication) and register the provisioned sites.
 
     Every run is logged to MLflow (one parent run, one child run per site). Runs in the
@@ -51,48 +84,94 @@ def aggregator_start(workspace: WorkspaceOption, tracking_uri: TrackingUriOption
     from medfed.transport.provision import load_workspace
     from medfed.transport.runner import start_aggregator
 
-    console = _console()
+    chosen = resolve_log_format(log_format)
+    say = _reporter(chosen, "medfed.aggregator")
+    # The SuperLink's environment reaches the ServerApp processes it starts.
+    os.environ[LOG_FORMAT_ENV] = chosen
     loaded = load_workspace(workspace)
     aggregator = start_aggregator(workspace=loaded, tracking_uri=tracking_uri)
     process = aggregator.process
-    console.print(f"SuperLink listening on {loaded.manifest.address} (TLS, node auth on)")
+    say(f"SuperLink listening on {loaded.manifest.address} (TLS, node auth on)")
     for item in aggregator.registrations:
         state = "already registered" if item.already_registered else f"node {item.node_id}"
-        console.print(f"  site {item.site_id}: {state}")
+        say(f"  site {item.site_id}: {state}")
     if aggregator.tracking_uri is not None:
-        console.print(f"MLflow tracking: {aggregator.tracking_uri}")
+        say(f"MLflow tracking: {aggregator.tracking_uri}")
     else:
-        console.print("MLflow tracking: off (MLflow is not installed)")
-    console.print(f"log: {process.log_file}; Ctrl-C stops the aggregator")
-    _serve(console, process, what="the SuperLink", stopping="stopping the aggregator")
+        say("MLflow tracking: off (MLflow is not installed)")
+    say(f"log: {process.log_file}; Ctrl-C stops the aggregator")
+    _serve(say, process, what="the SuperLink", stopping="stopping the aggregator")
 
 
 def site_start(
     config: Annotated[Path, typer.Option("--config", "-c", help="The site's site.yaml.")],
+    log_format: LogFormatOption = None,
 ) -> None:
     """Start this site's node (Flower SuperNode): TLS, its node key, its site config.
 
     Runs in the foreground until Ctrl-C or SIGTERM; reconnects when the aggregator restarts.
+
+    Runs only the medfed app of this medfed version (see policy.allowed_app_hashes).
+
+    SIGTERM aborts a round in progress; the steps taken are committed to the ledger first.
     """
     from medfed.config import load_site_config
+    from medfed.site.node_status import record_node_start, record_node_stop
     from medfed.transport.deploy import start_supernode
 
-    console = _console()
+    chosen = resolve_log_format(log_format)
+    say = _reporter(chosen, "medfed.site")
     site = load_site_config(config)
     log_file = site.paths.workdir / "logs" / "supernode.log"
-    process = start_supernode(config_path=config.absolute(), site=site, log_file=log_file)
-    assert site.transport is not None  # start_supernode refuses a config without one
-    console.print(
-        f"site {site.site_id}: node connecting to {site.transport.superlink_address}; "
-        f"log: {log_file}; Ctrl-C stops it"
+    process = start_supernode(
+        config_path=config.absolute(),
+        site=site,
+        log_file=log_file,
+        env={LOG_FORMAT_ENV: chosen},
     )
-    _serve(console, process, what="the SuperNode", stopping="stopping the site node")
+    assert site.transport is not None  # start_supernode refuses a config without one
+    reason = "stopped"
+    record_node_start(config=site, pid=os.getpid())
+    try:
+        say(
+            f"site {site.site_id}: node connecting to {site.transport.superlink_address}; "
+            f"log: {log_file}; Ctrl-C stops it",
+            site_id=site.site_id,
+        )
+        reason = _serve(say, process, what="the SuperNode", stopping="stopping the site node")
+    except MedfedError as exc:
+        reason = exc.one_line()
+        raise
+    except BaseException as exc:
+        reason = f"unexpected {type(exc).__name__}"
+        raise
+    finally:
+        record_node_stop(config=site, reason=reason)
 
 
-def _serve(console: Any, process: ManagedProcess, *, what: str, stopping: str) -> None:
+def _reporter(log_format: str, logger: str) -> Callable[..., None]:
+    """How a service command reports: console lines, or JSON log lines on stderr."""
+    if log_format == "json":
+        configure_logging(log_format="json")
+        named = logging.getLogger(logger)
+
+        def say_json(message: str, **context: Any) -> None:
+            named.info("%s", message.strip(), extra=context)
+
+        return say_json
+    console = _console()
+
+    def say_text(message: str, **context: Any) -> None:
+        console.print(message)
+
+    return say_text
+
+
+def _serve(say: Callable[..., None], process: ManagedProcess, *, what: str, stopping: str) -> str:
     """Wait in the foreground until Ctrl-C or SIGTERM (a service manager), then stop it all.
 
-    The process ending by itself is an error: a service must be restarted, not left down.
+    Returns the name of the signal that stopped it. The process ending by itself is an error:
+    a service must be restarted, not left down.
     """
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -102,10 +181,14 @@ def _serve(console: Any, process: ManagedProcess, *, what: str, stopping: str) -
             f"{what} exited with code {process.poll()}",
             hint=f"see {process.log_file}: {process.log_tail(3)}",
         )
-    except KeyboardInterrupt:
-        console.print(stopping)
+    except KeyboardInterrupt as exc:
+        say(stopping)
+        return exc.name if isinstance(exc, _Signalled) else "SIGINT"
     finally:
-        process.stop()
+        # A second signal must not cut the stop short: the round's abort is what it waits for.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
+        process.stop(grace_s=STOP_GRACE_S)
 
 
 def run(
@@ -133,6 +216,10 @@ def run(
         typer.Option("--settings", help="JSON file of run settings (options above override)."),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run of this name.")] = False,
+    project: Annotated[
+        str | None,
+        typer.Option(help="The study the run belongs to; sites accept runs by project."),
+    ] = None,
     follow_run: Annotated[
         bool, typer.Option("--follow/--no-follow", help="Stream progress until the end.")
     ] = True,
@@ -165,6 +252,8 @@ def run(
         seed=seed,
         resume=resume,
     )
+    if project is not None:
+        data["project"] = project
     settings = parse_run_settings(data, source="run settings")
     loaded = load_workspace(workspace)
     console = _console()

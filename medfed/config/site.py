@@ -8,6 +8,7 @@ configuration file by :func:`medfed.config.loading.load_site_config`.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Literal, Self
 
@@ -19,6 +20,9 @@ Accountant = Literal["rdp", "prv", "pld"]
 # MONAI's DiceCELoss does not give: both are left out (see benchmarks/README.md).
 GradSampleMode = Literal["vmap", "hooks", "functorch"]
 DeviceName = Literal["auto", "cpu", "cuda"]
+# The allow-list entry that stands for the Flower app of the installed medfed version.
+MEDFED_APP = "medfed"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class _Strict(BaseModel):
@@ -158,6 +162,30 @@ class PolicySection(_Strict):
     accepted_runs: list[str] = Field(
         default=["*"], min_length=1, description="Glob patterns of the run names accepted."
     )
+    allowed_app_hashes: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Flower app bundles this node runs, by SHA-256 (of the .fab file or medfed's "
+        "content digest); 'medfed' stands for the installed medfed's own app. Null: only that.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        for name in ("accepted_projects", "accepted_runs"):
+            if any(not pattern.strip() for pattern in getattr(self, name)):
+                raise ValueError(f"{name} holds an empty pattern")
+        for entry in self.allowed_app_hashes or []:
+            if entry != MEDFED_APP and not _SHA256.match(entry):
+                raise ValueError(
+                    f"allowed_app_hashes entry {entry!r} is neither {MEDFED_APP!r} nor a "
+                    "SHA-256 of 64 lowercase hex digits"
+                )
+        return self
+
+    @property
+    def app_allow_list(self) -> tuple[str, ...]:
+        """The allow-list with its default filled in: ('medfed',) when none is set."""
+        return tuple(self.allowed_app_hashes or (MEDFED_APP,))
 
 
 class SiteConfig(_Strict):

@@ -12,6 +12,7 @@ spent once and are not spent twice.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -41,9 +42,41 @@ _REPLY_FILE = "reply.json"
 def check_policy(config: SiteConfig, request: RoundRequest) -> None:
     """Refuse a round whose settings break the site's policy; every broken rule is named.
 
-    Limits that need the round's sampling plan (noise from a per-round epsilon target, the
-    epsilon of one round) are checked by the trainer, still before any step is taken.
+    Runs before any data is read. The network size rule builds the requested network (on
+    PyTorch's meta device where it can) to count its trainable parameters; limits that need
+    the round's sampling plan (noise from a per-round epsilon target, the epsilon of one
+    round) are checked by the trainer, still before any step is taken.
     """
+    problems = _rule_problems(config, request)
+    if config.policy.max_parameters is not None:
+        try:
+            count = trainable_parameters(_apply(config, request))
+        except ConfigError as exc:
+            if not problems:
+                raise
+            problems.append(exc.message)
+        else:
+            if count > config.policy.max_parameters:
+                problems.append(
+                    f"the network has {count:,} trainable parameters, more than "
+                    f"policy.max_parameters {config.policy.max_parameters:,}"
+                )
+    if problems:
+        log.warning(
+            "site %s declines run %r: %s",
+            config.site_id,
+            request.run_name,
+            "; ".join(problems),
+            extra={"run_id": request.run_name, "round": request.round, "site_id": config.site_id},
+        )
+        raise PolicyError(
+            f"site {config.site_id} declines run {request.run_name!r}: " + "; ".join(problems),
+            hint="change the run settings, or the site's policy section if the site agrees",
+        )
+
+
+def _rule_problems(config: SiteConfig, request: RoundRequest) -> list[str]:
+    """The broken rules that need nothing but the request and the policy."""
     policy = config.policy
     problems: list[str] = []
     network = request.model.get("network", config.model.network)
@@ -66,13 +99,48 @@ def check_policy(config: SiteConfig, request: RoundRequest) -> None:
             f"noise multiplier {noise:g} is below policy.min_noise_multiplier "
             f"{policy.min_noise_multiplier:g}"
         )
+    if policy.max_rounds_per_run is not None and request.planned_rounds > policy.max_rounds_per_run:
+        problems.append(
+            f"the run plans {request.planned_rounds} rounds, more than "
+            f"policy.max_rounds_per_run {policy.max_rounds_per_run}"
+        )
     if not RUN_NAME_PATTERN.match(request.run_name):
         problems.append(f"run name {request.run_name!r} is not a valid name")
-    if problems:
-        raise PolicyError(
-            f"site {config.site_id} declines run {request.run_name!r}: " + "; ".join(problems),
-            hint="change the run settings, or the site's policy section if the site agrees",
+    elif not _matches(request.run_name, policy.accepted_runs):
+        problems.append(
+            f"run name {request.run_name!r} matches none of policy.accepted_runs "
+            f"{policy.accepted_runs}"
         )
+    if not RUN_NAME_PATTERN.match(request.project):
+        problems.append(f"project {request.project!r} is not a valid name")
+    elif not _matches(request.project, policy.accepted_projects):
+        problems.append(
+            f"project {request.project!r} matches none of policy.accepted_projects "
+            f"{policy.accepted_projects}"
+        )
+    return problems
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    # Case-sensitive on every platform: run and project names are identifiers.
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def trainable_parameters(config: SiteConfig) -> int:
+    """Trainable parameters of the network ``config`` describes (built, never trained)."""
+    import torch
+
+    from medfed.models import build_model, spec_from_config
+
+    spec = spec_from_config(config)
+    try:
+        # No memory and no random numbers for the weights: only the shapes are needed.
+        with torch.device("meta"):
+            model = build_model(spec=spec)
+    except Exception:  # a layer that cannot be built on the meta device: build it for real
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(spec=spec)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def round_config(config: SiteConfig, request: RoundRequest) -> SiteConfig:
@@ -84,6 +152,10 @@ def round_config(config: SiteConfig, request: RoundRequest) -> SiteConfig:
     not a shape error deep in a network.
     """
     check_policy(config, request)
+    return _apply(config, request)
+
+
+def _apply(config: SiteConfig, request: RoundRequest) -> SiteConfig:
     data = config.model_dump()
     try:
         data["model"] = ModelSection.model_validate(request.model).model_dump()
@@ -262,13 +334,15 @@ def _reply_dir(config: SiteConfig, request: RoundRequest) -> Path:
 def _store_reply(
     config: SiteConfig, request: RoundRequest, digest: str, update: SiteUpdate
 ) -> None:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     from medfed.privacy.storage import replace_file
 
     directory = _reply_dir(config, request)
     weights = {name: np.ascontiguousarray(array) for name, array in update.weights.items()}
-    save_file(weights, str(directory / "update.safetensors"))
+    # Atomic and fsynced like the reply file: a node stopped mid-write leaves the old file or
+    # none, and the round is trained again instead of replayed from a torn update.
+    replace_file(directory / "update.safetensors", save(weights), mode=0o600)
     record: dict[str, Any] = {
         "global_sha256": digest,
         "update_sha256": weights_digest(update.weights),

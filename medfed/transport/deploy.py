@@ -6,13 +6,14 @@ admin registers every site's node key with ``flwr supernode register`` and submi
 ``flwr run``; each site runs ``flower-supernode`` with its TLS root and node key, and hands its
 ``site.yaml`` to the ClientApp as the node config ``site-config``. All ``flwr`` commands run as
 subprocesses with ``--format json`` against a named connection in ``$FLWR_HOME/config.toml``;
-nothing here imports Flower. Processes are started and stopped by
-:mod:`medfed.transport.processes`; the `flwr` command line is wrapped in
-:mod:`medfed.transport.flwr_cli`.
+only the site's app guard (:func:`app_guard_env`) imports parts of Flower, to check them.
+Processes are started and stopped by :mod:`medfed.transport.processes`; the `flwr` command line
+is wrapped in :mod:`medfed.transport.flwr_cli`.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,12 +34,15 @@ from medfed.transport.processes import (
     check_port_free,
     free_port,
     launch,
+    venv_bin_dir,
     wait_until_tls_ready,
 )
 from medfed.transport.provision import Workspace
 
 # The node_config key under which a ClientApp finds the absolute path of its site's site.yaml.
 NODE_CONFIG_SITE_KEY = "site-config"
+# Under the site's workdir: the app guard that the SuperNode runs as `flwr-clientapp`.
+GUARD_BIN_DIR = "bin"
 STATE_DIR = "state"
 SUPERLINK_DATABASE = "superlink.db"
 # flwr's ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE, as `flwr supernode register` reports it.
@@ -252,7 +256,9 @@ def start_supernode(
     fit on one host. ``flwr_home`` (installed app bundles) defaults to
     ``<workdir>/flwr-home``; the SuperNode and its ClientApps run in the site's workdir with
     ``env`` added to their environment. ``max_retries``/``max_wait_time_s`` bound the
-    reconnection attempts (unbounded by default, right for a service).
+    reconnection attempts (unbounded by default, right for a service). The SuperNode runs
+    each ClientApp through the site's app guard (:func:`app_guard_env`): only app bundles on
+    the site's allow-list are installed and run.
     """
     port = clientappio_port or free_port()
     if clientappio_port is not None:
@@ -267,14 +273,45 @@ def start_supernode(
     workdir = site.paths.workdir
     if not workdir.is_absolute():
         workdir = Path(config_path).absolute().parent / workdir
+    guard_env = app_guard_env(site=site, bin_dir=workdir / GUARD_BIN_DIR)
     return launch(
         name=f"supernode[{site.site_id}]",
         argv=argv,
         log_file=log_file,
         flwr_home=flwr_home or workdir / "flwr-home",
-        env=env,
+        env={**(env or {}), **guard_env},
         cwd=workdir,
     )
+
+
+def app_guard_env(*, site: SiteConfig, bin_dir: Path) -> dict[str, str]:
+    """Install the app guard for a SuperNode; the environment that makes it run.
+
+    Flower's SuperNode starts ``flwr-clientapp`` by name from its ``PATH``: the guard written
+    to ``bin_dir`` comes first there, and gets the site's allow-list (``'medfed'`` resolved to
+    the installed medfed app's digests) in ``MEDFED_ALLOWED_APPS``. Flower internals the guard
+    depends on are checked here, so a node that could not check apps does not start.
+    """
+    from medfed.config.site import MEDFED_APP
+    from medfed.site.app_guard import (
+        ALLOWED_APPS_ENV,
+        SITE_ID_ENV,
+        check_flower_internals,
+        write_guard,
+    )
+    from medfed.transport.app_bundle import medfed_app
+
+    check_flower_internals()
+    allowed: list[str] = []
+    for entry in site.policy.app_allow_list:
+        allowed += sorted(medfed_app().digests) if entry == MEDFED_APP else [entry]
+    write_guard(bin_dir)
+    path = os.pathsep.join([str(bin_dir), str(venv_bin_dir()), os.environ.get("PATH", os.defpath)])
+    return {
+        "PATH": path,
+        ALLOWED_APPS_ENV: ",".join(dict.fromkeys(allowed)),
+        SITE_ID_ENV: site.site_id,
+    }
 
 
 # --- helpers -----------------------------------------------------------------------------------

@@ -43,6 +43,9 @@ DECLINE_CODES: Final[Mapping[str, int]] = {
 }
 _CODE_NAMES = {value: key for key, value in DECLINE_CODES.items()}
 _ONE_LINE = re.compile(r"^error\[([a-z-]+)\]: ")
+# How flwr-clientapp words an exception raised outside the app's handlers (flwr 1.41), e.g. a
+# site's app allow-list refusing the bundle: "<class 'module.Name'>:<'message'>".
+_RAISED = re.compile(r"^<class '[\w.]+'>:<'(.*)'>$", re.DOTALL)
 
 
 class EnvelopeError(MedfedError):
@@ -54,10 +57,16 @@ class EnvelopeError(MedfedError):
 
 @dataclass(frozen=True, eq=False)
 class RoundRequest:
-    """What the aggregator asks of one site for one round (training or evaluation)."""
+    """What the aggregator asks of one site for one round (training or evaluation).
+
+    ``project`` and ``planned_rounds`` (the run's total rounds) are there for the site's
+    policy, which accepts runs by project and name and limits the rounds of one run.
+    """
 
     run_name: str
+    project: str
     round: int
+    planned_rounds: int
     model: Mapping[str, Any]
     local_epochs: int
     learning_rate: float | None
@@ -161,7 +170,9 @@ def request_content(request: RoundRequest) -> RecordDict:
     config = ConfigRecord(
         {
             "run_name": request.run_name,
+            "project": request.project,
             "round": request.round,
+            "planned_rounds": request.planned_rounds,
             "model": json.dumps(dict(request.model), sort_keys=True),
             "local_epochs": request.local_epochs,
             # NaN stands for "unset": config records hold no None.
@@ -185,7 +196,9 @@ def read_request(content: RecordDict) -> RoundRequest:
     config = _record(content, "config", ConfigRecord)
     return RoundRequest(
         run_name=_field(config, "run_name", str),
+        project=_field(config, "project", str),
         round=_field(config, "round", int),
+        planned_rounds=_field(config, "planned_rounds", int),
         model=_json_object(config, "model"),
         local_epochs=_field(config, "local_epochs", int),
         learning_rate=_optional_float(config, "learning_rate"),
@@ -300,6 +313,9 @@ def decline_error(error: MedfedError) -> Error:
 def read_decline(error: Error) -> Decline:
     """What an error reply means: a medfed refusal, or a failure inside Flower or the app."""
     reason = error.reason or ""
+    raised = _RAISED.match(reason.strip())
+    if raised:
+        reason = raised.group(1)
     code = _CODE_NAMES.get(error.code)
     if code is None:
         match = _ONE_LINE.match(reason)

@@ -18,6 +18,7 @@ import time
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -27,6 +28,7 @@ from medfed.config.site import SiteConfig
 from medfed.errors import ConfigError, TransportError
 from medfed.privacy.storage import replace_file
 from medfed.transport import certs
+from medfed.transport.app_bundle import describe_app
 from medfed.transport.deploy import (
     NODE_CONFIG_SITE_KEY,
     node_config_arg,
@@ -58,6 +60,8 @@ pytestmark = pytest.mark.slow
 
 APP_DIR = Path(__file__).parent / "flower_echo_app"
 SITES = ["hospital-a", "hospital-b"]
+# A site policy that lets the echo test app run besides medfed's own app.
+ECHO_ALLOWED = {"allowed_app_hashes": ["medfed", describe_app(APP_DIR).content_digest]}
 
 
 @pytest.fixture
@@ -65,7 +69,14 @@ def workspace(tmp_path: Path) -> Workspace:
     return provision_workspace(out=tmp_path / "ws", sites=SITES, host="127.0.0.1", port=free_port())
 
 
-def write_site(ws: Workspace, site_id: str, directory: Path, **transport: Path) -> Path:
+def write_site(
+    ws: Workspace,
+    site_id: str,
+    directory: Path,
+    *,
+    policy: dict[str, Any] | None = None,
+    **transport: Path,
+) -> Path:
     """A site.yaml for ``site_id`` in ``directory`` (kit files by absolute path)."""
     kit = ws.path(ws.site(site_id).kit)
     section = {
@@ -78,6 +89,7 @@ def write_site(ws: Workspace, site_id: str, directory: Path, **transport: Path) 
         "site_id": site_id,
         "data": {"manifest": "manifest.csv"},
         "paths": {"workdir": "work"},
+        "policy": policy or {},
         "transport": section,
     }
     directory.mkdir(parents=True, exist_ok=True)
@@ -127,8 +139,11 @@ def test_registered_nodes_run_the_echo_app(tmp_path: Path, workspace: Workspace)
         configs: dict[str, Path] = {}
         nodes = []
         for site_id in SITES:
-            # A space in the path: --node-config must quote it.
-            configs[site_id] = write_site(workspace, site_id, tmp_path / f"site {site_id}")
+            # A space in the path: --node-config must quote it. The echo app is not medfed's:
+            # the sites' app guard runs it only because their allow-list names it.
+            configs[site_id] = write_site(
+                workspace, site_id, tmp_path / f"site {site_id}", policy=ECHO_ALLOWED
+            )
             site = load_site_config(configs[site_id])
             nodes.append(
                 group.add(
@@ -179,8 +194,68 @@ def test_registered_nodes_run_the_echo_app(tmp_path: Path, workspace: Workspace)
         assert echo["cwd"] == str(workdir)
         assert echo["flwr_home"] == str(workdir / "flwr-home")
         assert echo["telemetry"] == "0"
-        assert echo["path0"] == str(venv_bin_dir())
-        assert "flwr-clientapp" in echo["argv"]
+        # The SuperNode found the app guard first on its PATH, then this environment's bin.
+        assert echo["path0"] == str(workdir / "bin")
+        assert echo["path1"] == str(venv_bin_dir())
+        assert echo["argv"].startswith(f"{workdir / 'bin' / 'flwr-clientapp'} --runtime-api")
+
+
+def test_a_node_runs_only_the_app_bundles_its_allow_list_names(
+    tmp_path: Path, workspace: Workspace
+) -> None:
+    flwr_home = tmp_path / "flwr-home"
+    echo_out = tmp_path / "echo.json"
+    guarded, allowing = SITES
+    policies = {guarded: None, allowing: ECHO_ALLOWED}  # None: the medfed app only
+    with ProcessGroup(grace_s=10.0) as group:
+        link = group.add(
+            start_superlink(
+                workspace=workspace,
+                log_file=tmp_path / "logs/superlink.log",
+                env={"MEDFED_ECHO_OUT": str(echo_out)},
+            )
+        )
+        ids = {
+            r.site_id: r.node_id for r in register_sites(workspace=workspace, flwr_home=flwr_home)
+        }
+        nodes: dict[str, ManagedProcess] = {}
+        for site_id, policy in policies.items():
+            path = write_site(workspace, site_id, tmp_path / site_id, policy=policy)
+            nodes[site_id] = group.add(
+                start_supernode(
+                    config_path=path,
+                    site=load_site_config(path),
+                    log_file=tmp_path / f"logs/{site_id}.log",
+                    env={"MEDFED_LOG_FORMAT": "json"},
+                )
+            )
+        wait_for_nodes(flwr_home=flwr_home, count=2, timeout_s=60, watch=list(nodes.values()))
+        run_id = submit_run(
+            app_dir=APP_DIR, flwr_home=flwr_home, run_config={"min-nodes": 2, "wait-s": 30.0}
+        )
+        status = wait_for_run(flwr_home=flwr_home, run_id=run_id, timeout_s=120, poll_s=0.5)
+        assert status.succeeded, (status, link.log_tail(20))
+        assert all(node.running() for node in nodes.values())  # a refusal stops no node
+        guarded_log = nodes[guarded].log_text()
+
+    replies = {r["src_node_id"]: r for r in json.loads(echo_out.read_text())["replies"]}
+    assert replies[ids[allowing]]["error"] is None
+    assert replies[ids[allowing]]["content"]["greeting"] == "hello"
+    refused = replies[ids[guarded]]
+    assert refused["content"] is None
+    assert (
+        "error[app-refused]" in refused["error"]
+        and "not on this site's allow-list" in (refused["error"])
+    )
+    assert describe_app(APP_DIR).content_digest in refused["error"]
+    # Logged by the guard as a JSON line; nothing of the refused app was installed.
+    lines = [json.loads(line) for line in guarded_log.splitlines() if line.startswith("{")]
+    logged = [e for e in lines if e["logger"] == "medfed.site.app_guard"]
+    assert logged and logged[0]["level"] == "ERROR" and logged[0]["site_id"] == guarded
+    assert "allow-list" in logged[0]["message"]
+    apps = tmp_path / guarded / "work" / "flwr-home" / "apps"
+    assert not apps.exists() or not any(apps.iterdir())
+    assert any((tmp_path / allowing / "work" / "flwr-home" / "apps").iterdir())
 
 
 def test_unregistered_insecure_keyless_and_wrong_ca_nodes_are_refused(

@@ -168,7 +168,14 @@ def test_a_run_that_breaks_site_policy_is_declined_before_any_data_is_read(
     setup = _setup(tmp_path, sites=2, rounds=1)
     path = setup.site_configs["site-b"]
     config = load_site_config(path)
-    policy = config.policy.model_copy(update={"max_local_epochs": 1})
+    policy = config.policy.model_copy(
+        update={
+            "max_local_epochs": 1,
+            "max_rounds_per_run": 1,  # the run plans 1 round: allowed
+            "max_parameters": 1000,
+            "accepted_projects": ["cardio-*"],
+        }
+    )
     dump_site_config(config.model_copy(update={"policy": policy}), path)
     cache = config.cache_dir
 
@@ -182,9 +189,12 @@ def test_a_run_that_breaks_site_policy_is_declined_before_any_data_is_read(
     declined = [e for e in _events(setup) if e["event"] == "site_declined"]
     assert [e["site"] for e in declined] == ["site-b"]
     assert declined[0]["code"] == "policy"
-    assert "max_local_epochs" in declined[0]["reason"]
+    reason = declined[0]["reason"]
+    assert "max_local_epochs" in reason and "max_parameters" in reason
+    assert "accepted_projects" in reason and "max_rounds_per_run" not in reason
     assert not config.ledger_path.exists()
     assert not cache.exists() or not any(cache.rglob("*.npz"))
+    assert not (config.paths.workdir / "federation").exists()  # no stored reply either
 
 
 def test_resume_continues_from_the_last_round_without_spending_twice(tmp_path: Path) -> None:

@@ -32,7 +32,9 @@ def _config(tmp_path: Path, **policy: object) -> SiteConfig:
 def _request(**changes: object) -> RoundRequest:
     values: dict[str, object] = {
         "run_name": "study",
+        "project": "default",
         "round": 1,
+        "planned_rounds": 3,
         "model": {"network": "unet"},
         "local_epochs": 2,
         "learning_rate": None,

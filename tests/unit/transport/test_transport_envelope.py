@@ -30,7 +30,9 @@ WEIGHTS = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.one
 def _request(**changes: object) -> RoundRequest:
     values: dict[str, object] = {
         "run_name": "study-1",
+        "project": "liver",
         "round": 3,
+        "planned_rounds": 5,
         "model": {"network": "unet", "channels": [8, 16], "strides": [2]},
         "local_epochs": 2,
         "learning_rate": None,
@@ -48,6 +50,7 @@ def _request(**changes: object) -> RoundRequest:
 def test_a_request_round_trips_with_unset_values_kept_unset() -> None:
     back = read_request(request_content(_request()))
     assert back.run_name == "study-1" and back.round == 3 and back.ledger_known == 4
+    assert back.project == "liver" and back.planned_rounds == 5
     assert back.learning_rate is None and back.max_grad_norm is None
     assert back.noise_multiplier == 1.1
     assert back.model == {"network": "unet", "channels": [8, 16], "strides": [2]}
@@ -124,6 +127,13 @@ def test_declines_carry_the_error_code_and_one_line_reason() -> None:
 def test_flower_errors_keep_the_last_line_of_their_traceback() -> None:
     decline = read_decline(Error(code=2, reason="Traceback ...\n  File x\nValueError: boom"))
     assert decline.code == "flower-2" and decline.reason == "ValueError: boom"
+
+
+def test_an_error_raised_outside_the_handlers_keeps_its_medfed_code() -> None:
+    # flwr-clientapp's wording of an exception raised before the app ran (the app guard).
+    reason = "<class 'medfed.site.app_guard.AppRefusedError'>:<'error[app-refused]: no'>"
+    decline = read_decline(Error(code=2, reason=reason))
+    assert decline.code == "app-refused" and decline.reason == "error[app-refused]: no"
 
 
 def test_run_settings_refuse_unknown_keys_and_report_every_problem() -> None:

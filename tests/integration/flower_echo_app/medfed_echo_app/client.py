@@ -23,6 +23,7 @@ def query(msg: Message, context: Context) -> Message:
             "cwd": os.getcwd(),
             "executable": sys.executable,
             "path0": os.environ.get("PATH", "").split(os.pathsep)[0],
+            "path1": [*os.environ.get("PATH", "").split(os.pathsep), ""][1],
             "flwr_home": os.environ.get("FLWR_HOME", ""),
             "telemetry": os.environ.get("FLWR_TELEMETRY_ENABLED", ""),
             "argv": " ".join(sys.argv),
