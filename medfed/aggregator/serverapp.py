@@ -50,11 +50,12 @@ def settings_from(context: Context) -> RunSettings:
 def main(grid: Grid, context: Context) -> None:
     from medfed.aggregator.federation import run_federation
     from medfed.aggregator.run_store import run_directory
+    from medfed.logs import configure_from_env
     from medfed.tracking.tracker import tracking
     from medfed.tracking.uri import TRACKING_URI_ENV
     from medfed.transport.provision import load_workspace
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_from_env()
     try:
         settings = settings_from(context)
         workspace = load_workspace(workspace_from_environment())

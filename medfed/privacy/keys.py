@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from medfed.errors import LedgerError
-from medfed.privacy.storage import fsync_dir, make_private_dirs, replace_file
+from medfed.privacy.storage import fsync_dir, make_private_dirs, replace_file, write_all
 
 _RESTORE_HINT = "restore the key from the site's backup; a new key cannot sign the existing ledger"
 
@@ -82,7 +82,7 @@ def _create_key_file(path: Path) -> None:
     fd = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     try:
         os.fchmod(fd, 0o600)
-        os.write(fd, pem)
+        write_all(fd, pem)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -7,6 +7,7 @@ reports after a crash is what is on disk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -113,7 +114,7 @@ def replace_file(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     fd = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
     try:
         os.fchmod(fd, mode)
-        os.write(fd, data)
+        write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -122,6 +123,16 @@ def replace_file(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     os.close(fd)
     os.replace(temporary, path)
     fsync_dir(path.parent)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte: ``os.write`` may write fewer than asked (a full disk, a signal)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written == 0:
+            raise OSError(errno.ENOSPC, "no space left to write", str(fd))
+        view = view[written:]
 
 
 def fsync_dir(directory: Path) -> None:

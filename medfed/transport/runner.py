@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from medfed.tracking.uri import (
     prepare_store,
     resolve_tracking_uri,
 )
+from medfed.transport.app_bundle import medfed_app_directory
 from medfed.transport.deploy import STATE_DIR, SiteRegistration, register_sites, start_superlink
 from medfed.transport.flwr_cli import DEFAULT_CONNECTION, run_status, submit_run
 from medfed.transport.processes import ManagedProcess
@@ -34,14 +34,6 @@ from medfed.transport.provision import Workspace
 TERMINAL_EVENTS = frozenset({"run_finished", "run_stopped", "run_failed"})
 
 log = logging.getLogger("medfed.transport")
-
-
-def app_directory() -> Path:
-    """The Flower app every medfed run ships (settings only; the code is the installed medfed)."""
-    path = Path(str(resources.files("medfed.transport") / "flwr_app"))
-    if not (path / "pyproject.toml").is_file():
-        raise ConfigError(f"{path}: the medfed Flower app is missing", hint="reinstall medfed")
-    return path
 
 
 def flwr_home(workspace: Workspace) -> Path:
@@ -110,7 +102,7 @@ def submit(*, workspace: Workspace, settings: RunSettings) -> int:
             hint=f"start it first: medfed aggregator start --workspace {workspace.root}",
         )
     return submit_run(
-        app_dir=app_directory(),
+        app_dir=medfed_app_directory(),
         flwr_home=flwr_home(workspace),
         connection=DEFAULT_CONNECTION,
         run_config={RUN_CONFIG_KEY: settings.to_json()},
