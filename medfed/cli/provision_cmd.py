@@ -74,8 +74,10 @@ def describe(workspace: Workspace) -> str:
         "     (the SuperLink with TLS and node authentication; it registers every site's node "
         "key; expose only /v1/fleet/* to hospitals through a proxy)",
         "  2. Copy each sites/<site>/ kit to its hospital over a secure channel (it holds that "
-        "site's private node key and ledger key), and fill in site.template.yaml there.",
-        "  3. At each site: medfed site start --config site.yaml",
+        "site's private node key and ledger key; sites/README.md in medfed's sources says how "
+        "to run a node as a service).",
+        "  3. At each site: medfed site init --kit KIT --data MANIFEST --out site.yaml, then "
+        "medfed site check --config site.yaml, then medfed site start --config site.yaml",
         f"  4. Submit a run: medfed run --workspace {shlex.quote(str(root))} --name NAME",
     ]
     return "\n".join(lines)
