@@ -1,16 +1,16 @@
 """A complete synthetic federation on this machine: workspace, non-IID sites, run settings.
 
-Used by `medfed demo`, by the in-process runner in notebooks and by the tests. Each site gets
-its own synthetic patients (a different intensity shift per site, so the data is non-IID), a
-configuration that uses its provisioning kit (TLS CA, node key, ledger key), and the run's
-noise multiplier is planned so that the whole run spends 90% of the sites' cap.
+Used by `medfed demo`, the benchmarks and the tests. The sites come from
+:func:`medfed.api.sites.make_synthetic_sites` (its own synthetic patients per site, with a
+different intensity shift per site, so the data is non-IID, and a configuration that uses its
+provisioning kit: TLS CA, node key, ledger key); the run's noise multiplier is planned so that
+the whole run spends 90% of the sites' cap.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from medfed.config.run import RunSettings
 from medfed.errors import ConfigError, TransportError
-from medfed.transport.provision import SUPERLINK_PORT, Workspace
+from medfed.transport.provision import Workspace
 
 if TYPE_CHECKING:
+    from medfed.api.sites import SyntheticSites
     from medfed.transport.processes import ManagedProcess, ProcessGroup
 
 DEMO_CAP = 8.0
@@ -43,12 +44,6 @@ class DemoSetup:
     train_patients: dict[str, int]
 
 
-def site_names(count: int) -> list[str]:
-    if count < 1 or count > 26:
-        raise ConfigError(f"--sites must be between 1 and 26, not {count}")
-    return [f"site-{chr(ord('a') + index)}" for index in range(count)]
-
-
 def planned_noise(
     *, train_patients: Sequence[int], epochs: int, cap: float = DEMO_CAP, delta: float = DEMO_DELTA
 ) -> float:
@@ -57,15 +52,15 @@ def planned_noise(
     The smallest site has the highest sampling rate and so the highest epsilon; planning for
     it keeps every site within the cap. Rounded up to 0.01 (more noise, less epsilon).
     """
-    from medfed.privacy import noise_for_target_epsilon, plan_sampling
+    from medfed.api.planner import plan_noise
 
-    plan = plan_sampling(dataset_size=min(train_patients), batch_size=BATCH_SIZE, epochs=epochs)
-    noise = noise_for_target_epsilon(
+    noise = plan_noise(
+        dataset_size=min(train_patients),
+        batch_size=BATCH_SIZE,
+        epochs_per_round=epochs,
+        rounds=1,
         target_epsilon=PLANNED_SHARE * cap,
-        sample_rate=plan.sample_rate,
-        steps=plan.steps,
         delta=delta,
-        accountant="rdp",
     )
     return math.ceil(noise * 100) / 100
 
@@ -99,56 +94,20 @@ def prepare_federation(
     min_sites: int | None = None,
 ) -> DemoSetup:
     """Provision a workspace under ``root`` and write one synthetic site per name."""
-    from medfed.config.loading import dump_site_config, load_site_config
-    from medfed.config.site import TransportSection
-    from medfed.data.synth import synthesize_site
-    from medfed.transport.provision import provision_workspace
+    from medfed.api.sites import make_synthetic_sites
 
-    root = Path(root).absolute()
-    if root.exists() and any(root.iterdir()):
-        raise ConfigError(
-            f"{root} is not empty", hint="choose a new --workspace directory, or delete this one"
-        )
-    names = site_names(sites)
-    workspace = provision_workspace(
-        out=root / "workspace", sites=names, host="127.0.0.1", port=port or SUPERLINK_PORT
+    made = make_synthetic_sites(
+        root=root,
+        sites=sites,
+        cases=cases,
+        size=size,
+        seed=seed,
+        epsilon_cap=DEMO_CAP,
+        delta=DEMO_DELTA,
+        port=port,
     )
-    configs: dict[str, Path] = {}
-    train_patients: dict[str, int] = {}
-    for index, name in enumerate(names):
-        site_dir = root / "sites" / name
-        # Spread the sites' intensity shifts over [-0.5, 0.5]: non-IID but learnable together.
-        shift = 0.0 if sites == 1 else -0.5 + index / (sites - 1)
-        result = synthesize_site(
-            out=site_dir / "data",
-            cases=cases,
-            size=size,
-            seed=seed + 101 * index,
-            site_shift=shift,
-            site_id=name,
-        )
-        base = load_site_config(result.config)
-        kit = workspace.root / workspace.site(name).kit
-        data = base.model_dump()
-        data["paths"]["workdir"] = site_dir / "work"
-        data["paths"]["signing_key"] = kit / "ledger_key.pem"
-        # Sites share this machine's cores: one thread each, fewer when they outnumber the cores.
-        data["training"]["threads"] = max(1, (os.cpu_count() or 1) // sites)
-        data["privacy"]["epsilon_cap"] = DEMO_CAP
-        data["privacy"]["delta"] = DEMO_DELTA
-        data["transport"] = TransportSection(
-            superlink_address=workspace.manifest.address,
-            root_certificates=kit / "ca.crt",
-            node_private_key=kit / "node_key",
-            node_public_key=kit / "node_key.pub",
-        ).model_dump()
-        config = type(base).model_validate(data)
-        path = site_dir / "site.yaml"
-        dump_site_config(config, path)
-        configs[name] = path
-        train_patients[name] = result.n_train
     noise = planned_noise(
-        train_patients=list(train_patients.values()), epochs=rounds * local_epochs
+        train_patients=list(made.train_patients.values()), epochs=rounds * local_epochs
     )
     settings = RunSettings(
         run_name=run_name,
@@ -156,19 +115,21 @@ def prepare_federation(
         local_epochs=local_epochs,
         noise_multiplier=noise,
         min_sites=min(sites, 2) if min_sites is None else min_sites,
-        sites=names,
+        sites=made.sites,
         seed=seed,
     )
     return DemoSetup(
-        root=root,
-        workspace=workspace,
-        site_configs=configs,
+        root=made.root,
+        workspace=made.workspace,
+        site_configs=dict(made.site_configs),
         settings=settings,
-        train_patients=train_patients,
+        train_patients=dict(made.train_patients),
     )
 
 
-def start_site_nodes(*, group: ProcessGroup, setup: DemoSetup) -> dict[str, ManagedProcess]:
+def start_site_nodes(
+    *, group: ProcessGroup, setup: DemoSetup | SyntheticSites
+) -> dict[str, ManagedProcess]:
     """One SuperNode per site, owned by ``group``; returns once all of them are online."""
     from medfed.config import load_site_config
     from medfed.transport.deploy import start_supernode

@@ -46,15 +46,20 @@ def venv_bin_dir() -> Path:
     return Path(sys.executable).parent
 
 
+_FORCED_COLOUR = ("FORCE_COLOR", "CLICOLOR_FORCE")
+
+
 def flower_env(*, flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for a Flower process or ``flwr`` command.
 
     The current environment, plus: this interpreter's ``bin`` first on ``PATH`` (SuperLink and
     SuperNode find ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` there),
     ``FLWR_HOME`` (config, installed apps) in a private directory instead of ``~/.flwr``, no
-    telemetry and no update check (nothing leaves the machine), then ``extra``.
+    telemetry and no update check (nothing leaves the machine), then ``extra``. Forced colours
+    (Jupyter kernels export ``FORCE_COLOR``) are dropped: they wrap ``flwr --format json`` output
+    in ANSI codes that no parser reads.
     """
-    env = dict(os.environ)
+    env = {name: value for name, value in os.environ.items() if name not in _FORCED_COLOUR}
     path = env.get("PATH", os.defpath)
     env["PATH"] = os.pathsep.join([str(venv_bin_dir()), path])
     env["FLWR_HOME"] = str(Path(flwr_home).absolute())

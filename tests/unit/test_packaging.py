@@ -43,11 +43,3 @@ def test_console_script_points_at_the_cli() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["scripts"]["medfed"] == "medfed.cli.app:main"
     assert project["requires-python"] == ">=3.11"
-
-
-def test_public_api_is_curated() -> None:
-    import medfed
-
-    assert set(medfed.__all__) == {"MedfedError", "__version__"}
-    for name in medfed.__all__:
-        assert hasattr(medfed, name)
