@@ -4,6 +4,10 @@ The order is the privacy contract: the ledger entry that reserves the round's st
 (and fsynced) before the first noisy step, and the commit with the steps actually taken is
 written after the last one. A crash in between leaves the full reservation on the books, so a
 crash can only over-count the privacy spent.
+
+The network, the optimiser, the batching and the validation Dice come from small public
+functions that :mod:`medfed.baselines` reuses, so that a non-private baseline differs from DP
+training in privacy only.
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ import math
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,7 +41,10 @@ from medfed.site.dp import (
     per_sample_gradient_rows,
     prepare_empty_step,
 )
-from medfed.site.evaluate import evaluate_dice
+from medfed.site.evaluate import Volumes, evaluate_dice
+
+if TYPE_CHECKING:
+    from medfed.models.spec import ModelSpec
 
 log = logging.getLogger("medfed.site")
 
@@ -107,11 +114,47 @@ class TrainResult:
         return data
 
 
-def _optimizer(config: SiteConfig, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(*, config: SiteConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The site's optimiser over ``model``'s trainable parameters (before any DP wrapping)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if config.training.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.training.learning_rate)
     return torch.optim.SGD(params, lr=config.training.learning_rate, momentum=0.9)
+
+
+def build_site_model(
+    *,
+    config: SiteConfig,
+    device: torch.device,
+    initial_weights: Mapping[str, np.ndarray] | None = None,
+) -> tuple[nn.Module, ModelSpec]:
+    """The network ``config`` describes, seeded with ``training.seed`` and placed on ``device``.
+
+    ``initial_weights`` (a global model) replace the seeded initialisation. DP and non-private
+    training both start here, so that a baseline trains exactly the network the sites train.
+    """
+    from medfed.models import build_model, place_model, spec_from_config
+    from medfed.models.checkpoint import load_weights_into
+
+    torch.manual_seed(config.training.seed)
+    spec = spec_from_config(config)
+    model = place_model(model=build_model(spec=spec), spec=spec, device=device)
+    if initial_weights is not None:
+        load_weights_into(model=model, weights=initial_weights)
+    return model, spec
+
+
+def validation_dice(
+    *, model: nn.Module, config: SiteConfig, dataset: Volumes, device: torch.device
+) -> float:
+    """Mean foreground Dice of ``model`` on a site's validation volumes, as the site reports it."""
+    return evaluate_dice(
+        model=model,
+        dataset=dataset,
+        patch_size=config.data.patch_size,
+        num_classes=len(config.data.classes),
+        device=device,
+    )
 
 
 def _noise_multiplier(config: SiteConfig, plan: SamplingPlan) -> float:
@@ -156,10 +199,11 @@ def _check_round_policy(config: SiteConfig, plan: RoundPlan) -> None:
             )
 
 
-def _collate(items: list[dict[str, Any]], device: torch.device) -> dict[str, torch.Tensor]:
+def collate_patients(*, items: Sequence[Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """Stack patient items (``image``, ``label``, ``patient``) into one batch on ``device``."""
     from torch.utils.data import default_collate
 
-    batch = default_collate(items)
+    batch = default_collate(list(items))
     return {key: torch.as_tensor(value).to(device) for key, value in batch.items()}
 
 
@@ -180,14 +224,8 @@ def train_local(
     not depend on patient data, so adding it after clipping and noise costs no privacy.
     """
     from medfed.data import build_datasets
-    from medfed.models import (
-        build_model,
-        place_model,
-        resolve_device,
-        save_checkpoint,
-        spec_from_config,
-    )
-    from medfed.models.checkpoint import load_weights_into, model_weights
+    from medfed.models import resolve_device, save_checkpoint
+    from medfed.models.checkpoint import model_weights
     from medfed.privacy import (
         BudgetCap,
         SiteLedger,
@@ -229,27 +267,16 @@ def train_local(
     check_budget(history=prior, planned=round_plan.dp_steps, cap=cap, accountant=privacy.accountant)
 
     device = resolve_device(name=config.training.device, threads=config.training.threads)
-    torch.manual_seed(config.training.seed)
-    spec = spec_from_config(config)
-    model = place_model(model=build_model(spec=spec), spec=spec, device=device)
-    if initial_weights is not None:
-        load_weights_into(model=model, weights=initial_weights)
-    num_classes = len(config.data.classes)
+    model, spec = build_site_model(config=config, device=device, initial_weights=initial_weights)
 
     def dice() -> float:
-        return evaluate_dice(
-            model=model,
-            dataset=datasets.val,
-            patch_size=config.data.patch_size,
-            num_classes=num_classes,
-            device=device,
-        )
+        return validation_dice(model=model, config=config, dataset=datasets.val, device=device)
 
     dice_before = dice()
     dp = make_private(
         model=model,
-        num_classes=num_classes,
-        optimizer=_optimizer(config, model),
+        num_classes=len(config.data.classes),
+        optimizer=make_optimizer(config=config, model=model),
         noise_multiplier=noise,
         max_grad_norm=privacy.max_grad_norm,
         expected_batch_size=plan.expected_batch_size,
@@ -424,7 +451,7 @@ def _dp_step(
         prepare_empty_step(dp.module)
         dp.optimizer.step()
         return None
-    batch = _collate([dataset[index] for index in patients], device)
+    batch = collate_patients(items=[dataset[index] for index in patients], device=device)
     check_one_example_per_patient(batch["patient"].tolist(), int(batch["image"].shape[0]))
     loss = dp.per_sample_gradients(batch["image"], batch["label"])
     rows = per_sample_gradient_rows(dp.module)
