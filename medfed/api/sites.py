@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from medfed.errors import ConfigError
 from medfed.transport.provision import SUPERLINK_PORT, Workspace
@@ -73,6 +73,8 @@ def make_synthetic_sites(
     epsilon_cap: float = DEFAULT_CAP,
     delta: float = DEFAULT_DELTA,
     port: int | None = None,
+    training: Mapping[str, Any] | None = None,
+    full_batch: bool = False,
 ) -> SyntheticSites:
     """Write ``sites`` synthetic sites and a workspace for them under ``root`` (new or empty).
 
@@ -83,9 +85,16 @@ def make_synthetic_sites(
     it they share one acquisition style and differ only in their patients. The same arguments
     give the same data byte for byte under any ``root``, so several studies can compare
     settings on identical sites, each with a fresh privacy budget.
+
+    ``training`` overrides keys of every site's ``training`` section (``optimizer``,
+    ``learning_rate``, ...); ``full_batch`` sets each site's batch size to its number of
+    training patients, so that every DP step samples each patient with probability 1 (few,
+    large, noisier steps: what DP-SGD on small sites does best, see benchmarks/README.md).
     """
-    from medfed.config.loading import dump_site_config, load_site_config
-    from medfed.config.site import TransportSection
+    from pydantic import ValidationError
+
+    from medfed.config.loading import dump_site_config, format_validation_error, load_site_config
+    from medfed.config.site import TrainingSection, TransportSection
     from medfed.data.synth import MIN_CASES, MIN_SIZE, synthesize_site
     from medfed.privacy.accounting import check_delta
     from medfed.transport.provision import provision_workspace
@@ -102,6 +111,11 @@ def make_synthetic_sites(
     if not isinstance(epsilon_cap, int | float) or not 0 < epsilon_cap < float("inf"):
         raise ConfigError(f"epsilon_cap must be a finite number > 0, not {epsilon_cap!r}")
     check_delta(delta)
+    try:
+        TrainingSection.model_validate(training or {})
+    except ValidationError as exc:
+        problems = format_validation_error(Path("training"), exc).replace("\n", "; ")
+        raise ConfigError(problems, hint="see sites/site.example.yaml for the settings") from None
     root = Path(root).expanduser().absolute()
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise ConfigError(
@@ -133,6 +147,9 @@ def make_synthetic_sites(
         data["paths"]["signing_key"] = kit / "ledger_key.pem"
         # The sites share this machine's cores: one thread each, fewer when they outnumber them.
         data["training"]["threads"] = max(1, (os.cpu_count() or 1) // sites)
+        data["training"].update(training or {})
+        if full_batch:
+            data["training"]["batch_size"] = result.n_train
         data["privacy"]["epsilon_cap"] = epsilon_cap
         data["privacy"]["delta"] = delta
         data["transport"] = TransportSection(

@@ -25,11 +25,13 @@ RESULT_MARK = "MEDFED-TEST-RESULT "
 SMALL: Mapping[str, Mapping[str, Any]] = {
     "01_quickstart": {"cases": 8, "size": 16, "rounds": 2, "local_epochs": 1},
     "02_privacy_utility": {
-        "cases": 30,
+        "cases": 20,
         "size": 16,
-        "rounds": 2,
-        "local_epochs": 8,
+        "rounds": 12,
         "epsilons": [2.0, 8.0],
+        "central_epochs": 12,
+        "nonprivate_rounds": 3,
+        "nonprivate_local_epochs": 4,
         "track": False,
     },
     "03_audit": {},

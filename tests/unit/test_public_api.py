@@ -87,6 +87,7 @@ def test_errors_are_medfed_errors_with_codes() -> None:
         ({"size": 4}, "at least 8"),
         ({"epsilon_cap": 0.0}, "epsilon_cap"),
         ({"delta": 1.5}, "delta"),
+        ({"training": {"optimzer": "sgd"}}, "training: optimzer: unknown setting"),
     ],
 )
 def test_bad_synthetic_sites_are_refused_before_anything_is_written(
@@ -96,6 +97,21 @@ def test_bad_synthetic_sites_are_refused_before_anything_is_written(
     with pytest.raises(MedfedError, match=message):
         medfed.make_synthetic_sites(root=root, **arguments)  # type: ignore[arg-type]
     assert not root.exists()
+
+
+def test_synthetic_sites_take_training_settings_and_full_batches(tmp_path: Path) -> None:
+    sites = medfed.make_synthetic_sites(
+        root=tmp_path / "study",
+        sites=2,
+        cases=6,
+        size=8,
+        training={"optimizer": "sgd"},
+        full_batch=True,
+    )
+    for site in sites.sites:
+        training = sites.config(site).training
+        assert training.optimizer == "sgd"
+        assert training.batch_size == sites.train_patients[site] == 5
 
 
 def test_synthetic_sites_refuse_a_non_empty_directory(tmp_path: Path) -> None:
