@@ -12,10 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import yaml
+from site_support import no_gpu, write_dataset
 
 from medfed.privacy.storage import replace_file
 from medfed.site.onboarding import init_site
@@ -30,27 +29,6 @@ pytestmark = pytest.mark.slow
 
 SITE = "hospital-a"
 NETWORK_CHECKS = ("aggregator reachable", "TLS", "node registered")
-
-
-def write_dataset(directory: Path, *, cases: int) -> Path:
-    rows = ["patient_id,image,label"]
-    for dirname in ("images", "labels"):
-        (directory / dirname).mkdir(parents=True)
-    for index in range(cases):
-        label = np.zeros((16, 16, 16), np.uint8)
-        label[4:9, 5:10, 6:11] = 1
-        image = np.random.default_rng(index).normal(size=label.shape).astype(np.float32) + label
-        name = f"p{index:02d}.nii.gz"
-        nib.save(nib.Nifti1Image(image, np.eye(4)), directory / "images" / name)
-        nib.save(nib.Nifti1Image(label, np.eye(4)), directory / "labels" / name)
-        rows.append(f"p{index:02d},images/{name},labels/{name}")
-    manifest = directory / "manifest.csv"
-    manifest.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return manifest
-
-
-def no_gpu() -> str | None:
-    return None
 
 
 def test_site_check_against_a_live_superlink(tmp_path: Path) -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from site_support import policy_site, round_request
 
-from medfed.config.site import SiteConfig
 from medfed.errors import ConfigError, LedgerError, PolicyError
 from medfed.site.federated import (
     check_policy,
@@ -15,49 +15,19 @@ from medfed.site.federated import (
     round_config,
     weights_digest,
 )
-from medfed.transport.envelope import RoundRequest
-
-
-def _config(tmp_path: Path, **policy: object) -> SiteConfig:
-    return SiteConfig.model_validate(
-        {
-            "site_id": "site-a",
-            "data": {"manifest": str(tmp_path / "manifest.csv")},
-            "paths": {"workdir": str(tmp_path / "work")},
-            "policy": policy,
-        }
-    )
-
-
-def _request(**changes: object) -> RoundRequest:
-    values: dict[str, object] = {
-        "run_name": "study",
-        "project": "default",
-        "round": 1,
-        "planned_rounds": 3,
-        "model": {"network": "unet"},
-        "local_epochs": 2,
-        "learning_rate": None,
-        "noise_multiplier": None,
-        "max_grad_norm": None,
-        "proximal_mu": 0.0,
-        "seed": 0,
-        "ledger_known": 0,
-        "weights": None,
-    }
-    values.update(changes)
-    return RoundRequest(**values)  # type: ignore[arg-type]
 
 
 def test_every_broken_policy_rule_is_named(tmp_path: Path) -> None:
-    config = _config(
+    config = policy_site(
         tmp_path, allowed_networks=["unet"], max_local_epochs=3, min_noise_multiplier=1.0
     )
-    check_policy(config, _request())
+    check_policy(config, round_request())
     with pytest.raises(PolicyError) as caught:
         check_policy(
             config,
-            _request(model={"network": "attention_unet"}, local_epochs=5, noise_multiplier=0.5),
+            round_request(
+                model={"network": "attention_unet"}, local_epochs=5, noise_multiplier=0.5
+            ),
         )
     text = caught.value.message
     assert "allowed_networks" in text and "max_local_epochs" in text
@@ -65,10 +35,10 @@ def test_every_broken_policy_rule_is_named(tmp_path: Path) -> None:
 
 
 def test_the_run_settings_replace_the_site_settings(tmp_path: Path) -> None:
-    config = _config(tmp_path)
+    config = policy_site(tmp_path)
     effective = round_config(
         config,
-        _request(
+        round_request(
             model={"network": "unet", "channels": [4, 8, 16], "strides": [2, 2]},
             local_epochs=4,
             learning_rate=0.005,
@@ -83,13 +53,13 @@ def test_the_run_settings_replace_the_site_settings(tmp_path: Path) -> None:
 
 
 def test_a_model_that_does_not_fit_the_site_is_a_config_error(tmp_path: Path) -> None:
-    config = _config(tmp_path)
+    config = policy_site(tmp_path)
     with pytest.raises(ConfigError, match="patch_size"):
-        round_config(config, _request(model={"channels": [4] * 7, "strides": [2] * 6}))
+        round_config(config, round_request(model={"channels": [4] * 7, "strides": [2] * 6}))
 
 
 def test_a_ledger_shorter_than_the_aggregator_copy_is_refused(tmp_path: Path) -> None:
-    config = _config(tmp_path)
+    config = policy_site(tmp_path)
     assert ledger_lines_since(config, 0) == (0, ())
     with pytest.raises(LedgerError, match="rolled back"):
         ledger_lines_since(config, 2)

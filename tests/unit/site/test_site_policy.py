@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from site_support import policy_site, round_request
 
 from medfed.config.site import MEDFED_APP, PolicySection, SiteConfig
 from medfed.errors import ConfigError, PolicyError
@@ -17,36 +18,9 @@ from medfed.transport.envelope import RoundRequest
 SMALL_UNET = {"network": "unet", "channels": [4, 8], "strides": [2]}
 
 
-def _config(tmp_path: Path, **policy: Any) -> SiteConfig:
-    # The manifest does not exist: a policy check that touched the data would fail.
-    return SiteConfig.model_validate(
-        {
-            "site_id": "site-a",
-            "data": {"manifest": str(tmp_path / "missing" / "manifest.csv")},
-            "paths": {"workdir": str(tmp_path / "work")},
-            "policy": policy,
-        }
-    )
-
-
 def _request(**changes: Any) -> RoundRequest:
-    values: dict[str, Any] = {
-        "run_name": "liver-2026",
-        "project": "oncology",
-        "round": 1,
-        "planned_rounds": 3,
-        "model": SMALL_UNET,
-        "local_epochs": 2,
-        "learning_rate": None,
-        "noise_multiplier": None,
-        "max_grad_norm": None,
-        "proximal_mu": 0.0,
-        "seed": 0,
-        "ledger_known": 0,
-        "weights": None,
-    }
-    values.update(changes)
-    return RoundRequest(**values)
+    values = {"run_name": "liver-2026", "project": "oncology", "model": SMALL_UNET}
+    return round_request(**{**values, **changes})
 
 
 def _refusal(config: SiteConfig, request: RoundRequest) -> str:
@@ -70,7 +44,7 @@ def _refusal(config: SiteConfig, request: RoundRequest) -> str:
 def test_each_rule_refuses_what_it_forbids_and_allows_its_limit(
     tmp_path: Path, policy: dict[str, Any], changes: dict[str, Any], rule: str
 ) -> None:
-    config = _config(tmp_path, **policy)
+    config = policy_site(tmp_path, **policy)
     assert rule in _refusal(config, _request(**changes))
     limits: dict[str, dict[str, Any]] = {
         "allowed_networks": {"model": SMALL_UNET},
@@ -83,15 +57,15 @@ def test_each_rule_refuses_what_it_forbids_and_allows_its_limit(
     }
     within = limits[next(iter(policy))]
     if "max_parameters" in policy:
-        limit = trainable_parameters(round_config(_config(tmp_path), _request()))
-        config = _config(tmp_path, max_parameters=limit)  # exactly the network's size
+        limit = trainable_parameters(round_config(policy_site(tmp_path), _request()))
+        config = policy_site(tmp_path, max_parameters=limit)  # exactly the network's size
     check_policy(config, _request(**within))
 
 
 def test_every_broken_rule_is_named_in_one_refusal_and_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = _config(
+    config = policy_site(
         tmp_path,
         allowed_networks=["unet"],
         max_local_epochs=1,
@@ -123,19 +97,19 @@ def test_every_broken_rule_is_named_in_one_refusal_and_logged(
 
 
 def test_globs_are_case_sensitive_and_match_whole_names(tmp_path: Path) -> None:
-    config = _config(tmp_path, accepted_projects=["onco*"], accepted_runs=["liver-?026"])
+    config = policy_site(tmp_path, accepted_projects=["onco*"], accepted_runs=["liver-?026"])
     check_policy(config, _request())
     assert "accepted_projects" in _refusal(config, _request(project="Oncology"))
     assert "accepted_runs" in _refusal(config, _request(run_name="liver-2026b"))
 
 
 def test_a_network_too_big_is_counted_from_the_request_not_the_site(tmp_path: Path) -> None:
-    config = _config(tmp_path)
+    config = policy_site(tmp_path)
     small = trainable_parameters(round_config(config, _request()))
     big_model = {"network": "unet", "channels": [16, 32, 64], "strides": [2, 2]}
     big = trainable_parameters(round_config(config, _request(model=big_model)))
     assert 0 < small < big
-    limited = _config(tmp_path, max_parameters=small)
+    limited = policy_site(tmp_path, max_parameters=small)
     text = _refusal(limited, _request(model=big_model))
     assert f"{big:,} trainable parameters" in text
 
@@ -143,13 +117,13 @@ def test_a_network_too_big_is_counted_from_the_request_not_the_site(tmp_path: Pa
 def test_a_model_that_does_not_fit_is_still_a_config_error_with_a_size_limit(
     tmp_path: Path,
 ) -> None:
-    config = _config(tmp_path, max_parameters=10**9)
+    config = policy_site(tmp_path, max_parameters=10**9)
     bad = {"channels": [4] * 7, "strides": [2] * 6}
     with pytest.raises(ConfigError, match="patch_size"):
         check_policy(config, _request(model=bad))
     # Beside another broken rule it becomes one more named reason of the refusal.
     text = _refusal(
-        _config(tmp_path, max_parameters=10**9, max_local_epochs=1), _request(model=bad)
+        policy_site(tmp_path, max_parameters=10**9, max_local_epochs=1), _request(model=bad)
     )
     assert "max_local_epochs" in text and "patch_size" in text
 

@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
+from site_support import no_gpu, write_dataset
 from typer.testing import CliRunner
 
 from medfed.cli.app import app
@@ -116,28 +117,6 @@ def site_yaml(tmp_path: Path, workspace: Workspace, server: TlsServer) -> Path:
 @pytest.fixture
 def site(site_yaml: Path) -> SiteConfig:
     return load_site_config(site_yaml)
-
-
-def write_dataset(directory: Path, *, cases: int) -> Path:
-    """``cases`` 16^3 NIfTI images with a cubic lesion each, and their manifest."""
-    rows = ["patient_id,image,label"]
-    for dirname in ("images", "labels"):
-        (directory / dirname).mkdir(parents=True)
-    for index in range(cases):
-        label = np.zeros((16, 16, 16), np.uint8)
-        label[4:9, 5:10, 6:11] = 1
-        image = np.random.default_rng(index).normal(size=label.shape).astype(np.float32) + label
-        name = f"p{index:02d}.nii.gz"
-        nib.save(nib.Nifti1Image(image, np.eye(4)), directory / "images" / name)
-        nib.save(nib.Nifti1Image(label, np.eye(4)), directory / "labels" / name)
-        rows.append(f"p{index:02d},images/{name},labels/{name}")
-    manifest = directory / "manifest.csv"
-    manifest.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return manifest
-
-
-def no_gpu() -> str | None:
-    return None
 
 
 def test_a_good_setup_passes(site_yaml: Path) -> None:
