@@ -104,6 +104,7 @@ def run_federation(
     loop.sites = {site: SiteRecord(site_id=site) for site in wanted}
     loop.emit(
         "run_started",
+        flower_run_id=grid.run.run_id,
         resume_from=None if resume is None else resume.round,
         rounds=settings.rounds,
         sites=wanted,

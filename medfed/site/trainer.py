@@ -33,6 +33,7 @@ from medfed.errors import PolicyError, PrivacyUnitError, TrainingError
 from medfed.models.checkpoint import unwrap
 from medfed.privacy.sampling import SamplingPlan, plan_sampling
 from medfed.privacy.site_ledger import RoundPlan
+from medfed.privacy.storage import replace_file
 from medfed.site.dp import (
     DPComponents,
     PoissonPatientSampler,
@@ -466,6 +467,4 @@ def _dp_step(
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    tmp.replace(path)
+    replace_file(path, json.dumps(data, indent=2, default=str).encode("utf-8"))

@@ -120,34 +120,40 @@ def follow(
 ) -> Iterator[dict[str, Any]]:
     """Yield the run's events as they are written, until its last one.
 
-    Events from an earlier attempt under the same name (a resumed run) are skipped. ``alive``
-    is called while waiting; it raises to abort (e.g. when a process the caller watches died).
+    Only the events of Flower run ``run_id`` are yielded: earlier attempts under the same name (a
+    resumed run) are skipped by the Flower run id their ``run_started`` names, so a run that
+    ended before this is called is still read whole. ``alive`` is called while waiting; it
+    raises to abort (e.g. when a process the caller watches died).
     """
     path = run_directory(workspace.root, run_name) / "events.jsonl"
-    _, offset = read_events(path)
+    offset = 0
+    ours = False
+    ended: str | None = None  # Flower's final status, once it says the run is over
     deadline = time.monotonic() + timeout_s
     next_status = 0.0
     while True:
         events, offset = read_events(path, offset=offset)
         for event in events:
+            if event.get("event") == "run_started":
+                ours = event.get("flower_run_id") == run_id
+            if not ours:
+                continue
             yield event
             if event.get("event") in TERMINAL_EVENTS:
                 return
+        if ended is not None:
+            raise TransportError(
+                f"Flower run {run_id} ended ({ended}) without finishing {run_name!r}",
+                hint=f"see {logs_dir(workspace) / 'superlink.log'} for the ServerApp's output",
+            )
         now = time.monotonic()
         if now >= next_status:
             next_status = now + 5.0
             status = run_status(flwr_home=flwr_home(workspace), run_id=run_id)
             if status.finished:
-                events, offset = read_events(path, offset=offset)
-                yield from events
-                if not any(e.get("event") in TERMINAL_EVENTS for e in events):
-                    raise TransportError(
-                        f"Flower run {run_id} ended ({status.status}) without finishing "
-                        f"{run_name!r}: {status.details or 'no details'}",
-                        hint=f"see {logs_dir(workspace) / 'superlink.log'} for the ServerApp's "
-                        "output",
-                    )
-                return
+                # Read once more: the ServerApp may have written its last lines since.
+                ended = f"{status.status}: {status.details or 'no details'}"
+                continue
         if now >= deadline:
             raise TransportError(
                 f"run {run_name!r} did not finish within {timeout_s:.0f} s",
