@@ -60,7 +60,8 @@ def test_a_dead_server_costs_nothing_and_the_run_waits_on_disk(
     started = time.monotonic()
     tracker.close()
     assert time.monotonic() - started < 3.0
-    assert max(took) < 1.0 and sum(took) < 5.0
+    # One call may wait out the 1 s timeout (a loaded machine adds to it); the rest back off.
+    assert max(took) < 2.5 and sum(took) < 5.0
 
     assert tracker.pending > 0
     assert read_tracking_info(run_dir=run.run_dir) is None  # no run exists yet
