@@ -104,26 +104,21 @@ def _rule_problems(config: SiteConfig, request: RoundRequest) -> list[str]:
             f"the run plans {request.planned_rounds} rounds, more than "
             f"policy.max_rounds_per_run {policy.max_rounds_per_run}"
         )
-    if not RUN_NAME_PATTERN.match(request.run_name):
-        problems.append(f"run name {request.run_name!r} is not a valid name")
-    elif not _matches(request.run_name, policy.accepted_runs):
-        problems.append(
-            f"run name {request.run_name!r} matches none of policy.accepted_runs "
-            f"{policy.accepted_runs}"
-        )
-    if not RUN_NAME_PATTERN.match(request.project):
-        problems.append(f"project {request.project!r} is not a valid name")
-    elif not _matches(request.project, policy.accepted_projects):
-        problems.append(
-            f"project {request.project!r} matches none of policy.accepted_projects "
-            f"{policy.accepted_projects}"
-        )
+    problems += _name_problems("run name", request.run_name, "accepted_runs", policy.accepted_runs)
+    problems += _name_problems(
+        "project", request.project, "accepted_projects", policy.accepted_projects
+    )
     return problems
 
 
-def _matches(name: str, patterns: list[str]) -> bool:
+def _name_problems(what: str, name: str, rule: str, patterns: list[str]) -> list[str]:
+    """A run's or project's name: valid, and matching one of the policy's globs."""
+    if not RUN_NAME_PATTERN.match(name):
+        return [f"{what} {name!r} is not a valid name"]
     # Case-sensitive on every platform: run and project names are identifiers.
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+    if not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+        return [f"{what} {name!r} matches none of policy.{rule} {patterns}"]
+    return []
 
 
 def trainable_parameters(config: SiteConfig) -> int:
