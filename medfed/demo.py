@@ -34,7 +34,7 @@ PLANNED_SHARE = 0.9
 # sites' defaults (Adam at 0.02, channels 8-16-32) gained under 0.05 Dice in 5 of 23 runs; these
 # settings gained 0.10-0.29 in 14 of 14 (benchmarks/README.md, "Demo settings").
 DEMO_LEARNING_RATE = 1e-2
-DEMO_CHANNELS = (8, 16)
+DEMO_MODEL = ModelSection(channels=[8, 16], strides=[2])
 
 log = logging.getLogger("medfed.demo")
 
@@ -121,7 +121,7 @@ def prepare_federation(
         local_epochs=local_epochs,
         noise_multiplier=noise,
         learning_rate=DEMO_LEARNING_RATE,
-        model=ModelSection(channels=list(DEMO_CHANNELS), strides=[2] * (len(DEMO_CHANNELS) - 1)),
+        model=DEMO_MODEL,
         min_sites=min(sites, 2) if min_sites is None else min_sites,
         sites=made.sites,
         seed=seed,
