@@ -1,6 +1,7 @@
 """What DP-SGD costs per training step for medfed's default networks, per Opacus mode.
 
     python benchmarks/dp_overhead.py [--size 64] [--size2d 256] [--batch 4] [--steps 7] [--quick]
+    python benchmarks/dp_overhead.py --noise-only [--noise-rounds 9] [--json out.json]
 
 One step is forward + DiceCE loss + backward + Adam step. For the default 3D network (size^3)
 and 2D network (size2d^2), each configuration (no DP, and DP in each grad-sample mode) first has
@@ -16,12 +17,20 @@ hooks-stock = Opacus' own rules (unfold convs, functorch for ConvTranspose/PReLU
 functorch, ew, ghost = Opacus modes (ghost with a per-sample DiceCE; ghost-dicece with MONAI's
 DiceCELoss); vmap = the trainer's own whole-network torch.func mode (medfed.site.dp), one
 forward and one backward pass, with Opacus' DPOptimizer clipping and adding the noise.
+
+Noise (after the table, or alone with --noise-only): the cost of the Gaussian noise of one DP
+step from Opacus' torch.Generator against medfed.site.noise.CsprngGaussian (ChaCha20 keyed by
+os.urandom), plain and secure mode, for a 4.8M-parameter float32 set (--noise-params over
+--noise-tensors tensors) and for the default 3D network, whose whole vmap DP step is also timed
+with each noise source (CsprngDPOptimizer in place of Opacus' optimiser) to give the noise's
+share of the step. Sources are interleaved per round like the configurations above.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -29,12 +38,16 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
-from dp_steps import MODES, check_mode, default_spec, make_batch, make_step
+from dp_steps import MODES, Step, check_mode, default_spec, make_batch, make_step
 
 from medfed.models import build_model, memory_format_for, resolve_device
+from medfed.site.dp import make_private
+from medfed.site.noise import CsprngDPOptimizer, CsprngGaussian
 
 
 @dataclass
@@ -206,6 +219,198 @@ def table(rows: list[Row], memory_label: str) -> str:
     return "\n".join(lines)
 
 
+# --- noise: torch.Generator against the CSPRNG ---------------------------------------------
+
+#: The noise sources timed, in the JSON's names. torch_secure is Opacus' own secure mode (four
+#: torch draws), for reference; the ratios reported are to ``torch``.
+SOURCES = ("torch", "torch_secure", "csprng", "csprng_secure")
+STEP_SOURCES = ("torch", "csprng", "csprng_secure")
+
+
+def _noise_fn(source: str, device: torch.device) -> Callable[[list[torch.Tensor], float], None]:
+    """One DP step's noise for every tensor of a parameter set, as ``add_noise`` draws it."""
+    from opacus.optimizers.optimizer import _generate_noise
+
+    if source.startswith("torch"):
+        generator = torch.Generator(device=device).manual_seed(0)
+        secure = source == "torch_secure"
+
+        def opacus_noise(params: list[torch.Tensor], std: float) -> None:
+            for p in params:
+                _generate_noise(std=std, reference=p, generator=generator, secure_mode=secure)
+
+        return opacus_noise
+    gaussian, secure = CsprngGaussian(), source == "csprng_secure"
+
+    def csprng_noise(params: list[torch.Tensor], std: float) -> None:
+        gaussian.like_many(params, std=std, secure=secure)  # as CsprngDPOptimizer draws it
+
+    return csprng_noise
+
+
+def _dp_steps_by_source(args: argparse.Namespace, device: torch.device) -> dict[str, Step]:
+    """The vmap DP step of the default 3D network (trainer's layout), once per noise source.
+
+    The per-sample gradients are ``medfed.site.dp``'s vmap ones; the DP optimiser around Adam is
+    built here, so that the steps differ in the noise alone, whatever optimiser ``make_private``
+    itself wraps: Opacus' ``DPOptimizer`` with a torch.Generator for ``torch``,
+    ``CsprngDPOptimizer`` (plain or secure mode) for the others.
+    """
+    from opacus.optimizers import DPOptimizer
+
+    spec = default_spec(3)
+    layout = memory_format_for(spec=spec, device=device)
+    images, labels = make_batch(3, args.size, args.batch, torch.float32, device)
+    settings: dict[str, Any] = {
+        "noise_multiplier": 1.0,
+        "max_grad_norm": 1.0,
+        "expected_batch_size": args.batch,
+        "loss_reduction": "mean",
+    }
+    steps: dict[str, Step] = {}
+    for source in STEP_SOURCES:
+        torch.manual_seed(0)
+        model = build_model(spec=spec).to(device).to(memory_format=layout)
+        gradients = make_private(
+            model=model,
+            optimizer=torch.optim.Adam(model.parameters()),  # make_private's own: not used
+            num_classes=2,
+            grad_sample_mode="vmap",
+            secure_mode=False,
+            **{k: v for k, v in settings.items() if k != "loss_reduction"},
+        ).per_sample_gradients
+        adam = torch.optim.Adam(model.parameters())
+        optimizer: Any = (
+            DPOptimizer(adam, generator=torch.Generator(device=device).manual_seed(0), **settings)
+            if source == "torch"
+            else CsprngDPOptimizer(adam, secure_mode=source == "csprng_secure", **settings)
+        )
+
+        def step(optimizer: Any = optimizer, gradients: Any = gradients) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            gradients(images, labels)
+            optimizer.step()
+
+        steps[source] = step
+    return steps
+
+
+def _interleaved(
+    jobs: dict[str, Callable[[], None]], rounds: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds per call of every job, ``rounds`` rounds, the order rotated every round."""
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    order = list(jobs)
+    for round_index in range(rounds):
+        shift = round_index % len(order)
+        for name in order[shift:] + order[:shift]:
+            sync(device)
+            start = time.perf_counter()
+            jobs[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _summary(times: dict[str, list[float]]) -> dict[str, float]:
+    median = {name: statistics.median(samples) for name, samples in times.items()}
+
+    def ratio(name: str) -> float:
+        pairs = zip(times[name], times["torch"], strict=True)
+        return statistics.median(t / base for t, base in pairs)
+
+    out = {f"{name}_s": value for name, value in median.items()}
+    out |= {"csprng_over_torch": ratio("csprng"), "secure_over_torch": ratio("csprng_secure")}
+    if "torch_secure" in times:
+        out["torch_secure_over_torch"] = ratio("torch_secure")
+    return out
+
+
+def time_noise(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The ``noise`` object of the JSON: the 4.8M set at the top level, the network below it."""
+    std = 1.0  # noise_multiplier * max_grad_norm; the cost does not depend on it
+    per_tensor = args.noise_params // args.noise_tensors
+    large = [
+        torch.zeros(per_tensor, dtype=torch.float32, device=device)
+        for _ in range(args.noise_tensors)
+    ]
+    torch.manual_seed(0)
+    network = build_model(spec=default_spec(3)).to(device)
+    small = [p.detach() for p in network.parameters() if p.requires_grad]
+    jobs: dict[str, Callable[[], None]] = {}
+    for source in SOURCES:
+        noise = _noise_fn(source, device)
+        jobs[f"large/{source}"] = functools.partial(noise, large, std)
+        jobs[f"net/{source}"] = functools.partial(noise, small, std)
+    steps = _dp_steps_by_source(args, device)
+    for source, step in steps.items():
+        jobs[f"step/{source}"] = step
+    for job in jobs.values():  # warm-up, not timed
+        for _ in range(max(1, args.warmup)):
+            job()
+    times = _interleaved(jobs, args.noise_rounds, device)
+
+    def part(prefix: str) -> dict[str, list[float]]:
+        return {k.split("/")[1]: v for k, v in times.items() if k.startswith(prefix + "/")}
+
+    result: dict[str, Any] = _summary(part("large"))
+    result |= {
+        "params": per_tensor * len(large),
+        "tensors": len(large),
+        "rounds": args.noise_rounds,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+    net: dict[str, Any] = dict(_summary(part("net")))
+    step_times = part("step")
+    for source in STEP_SOURCES:
+        net[f"step_{source}_s"] = statistics.median(step_times[source])
+        # The noise's share of a step that draws it: noise median over that step's median.
+        net[f"share_{source}"] = net[f"{source}_s"] / net[f"step_{source}_s"]
+    net |= {
+        "name": f"3D {args.size}^3 default network, vmap DP step, batch {args.batch}",
+        "params": sum(p.numel() for p in small),
+        "tensors": len(small),
+        "layout": _layout_name(memory_format_for(spec=default_spec(3), device=device)),
+    }
+    result["network"] = net
+    return result
+
+
+def noise_table(noise: dict[str, Any]) -> str:
+    net = noise["network"]
+    lines = [
+        "| parameter set | params | tensors | torch.Generator ms | CSPRNG ms | CSPRNG secure ms "
+        "| CSPRNG / torch | secure / torch | Opacus secure ms (torch) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in (
+        (f"{noise['tensors']} x {noise['params'] // noise['tensors']:,} float32", noise),
+        (f"default 3D network ({net['layout']})", net),
+    ):
+        lines.append(
+            f"| {name} | {row['params']:,} | {row['tensors']} | {1000 * row['torch_s']:.2f} | "
+            f"{1000 * row['csprng_s']:.2f} | {1000 * row['csprng_secure_s']:.2f} | "
+            f"{row['csprng_over_torch']:.2f} | {row['secure_over_torch']:.2f} | "
+            f"{1000 * row['torch_secure_s']:.2f} |"
+        )
+    lines += [
+        "",
+        f"DP step of the {net['name']} ({net['layout']}), median ms and the noise's share:",
+        "",
+        "| noise | ms/step | noise ms | noise share of the step |",
+        "|---|---:|---:|---:|",
+    ]
+    for source, label in zip(
+        STEP_SOURCES, ("torch.Generator (Opacus)", "CSPRNG", "CSPRNG secure"), strict=True
+    ):
+        lines.append(
+            f"| {label} | {1000 * net[f'step_{source}_s']:.1f} | {1000 * net[f'{source}_s']:.2f} "
+            f"| {100 * net[f'share_{source}']:.2f}% |"
+        )
+    return "\n".join(lines)
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=64, help="3D input edge (voxels)")
@@ -219,7 +424,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layouts", choices=("both", "contiguous", "channels-last"), default="both")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     p.add_argument("--quick", action="store_true", help="small inputs, few steps, no memory")
-    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument(
+        "--json", default=None, help='also write {"rows": [...], "noise": {...}} to this file'
+    )
+    p.add_argument("--noise-only", action="store_true", help="only the noise measurement")
+    p.add_argument("--no-noise", action="store_true", help="skip the noise measurement")
+    p.add_argument("--noise-rounds", type=int, default=9, help="timed rounds of the noise part")
+    p.add_argument("--noise-params", type=int, default=4_800_000, help="large set's parameters")
+    p.add_argument("--noise-tensors", type=int, default=40, help="large set's tensors")
     p.add_argument("--probe-mode", help=argparse.SUPPRESS)
     p.add_argument("--probe-dims", type=int, help=argparse.SUPPRESS)
     p.add_argument("--probe-layout", help=argparse.SUPPRESS)
@@ -232,6 +444,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.size, args.size2d, args.steps, args.warmup = 32, 96, 3, 1
         args.no_memory = True
+        args.noise_rounds = min(args.noise_rounds, 3)
+    if args.noise_only and args.no_noise:
+        p.error("--noise-only and --no-noise exclude each other")
     return args
 
 
@@ -247,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
         f"batch {args.batch}, {args.steps} timed steps after {args.warmup} warm-up"
     )
     rows: list[Row] = []
-    for dims in (3, 2):
+    for dims in () if args.noise_only else (3, 2):
         spec = default_spec(dims)
         layouts = {
             "contiguous": torch.contiguous_format,
@@ -270,11 +485,20 @@ def main(argv: list[str] | None = None) -> None:
                 f"{load:.2f} -> {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
-    memory = "GPU MiB (step peak)" if device.type == "cuda" else "MiB step / peak RSS"
-    print("\n" + table(rows, memory))
+    if rows:
+        memory = "GPU MiB (step peak)" if device.type == "cuda" else "MiB step / peak RSS"
+        print("\n" + table(rows, memory))
+    report: dict[str, Any] = {"rows": [asdict(r) for r in rows]}
+    if not args.no_noise:
+        load = os.getloadavg()[0]
+        report["noise"] = time_noise(args, device)
+        print(
+            f"\nNoise, {args.noise_rounds} rounds: load average {load:.2f} -> "
+            f"{os.getloadavg()[0]:.2f}\n\n" + noise_table(report["noise"])
+        )
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump([asdict(r) for r in rows], handle, indent=1)
+            json.dump(report, handle, indent=1)
 
 
 if __name__ == "__main__":

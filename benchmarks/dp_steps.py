@@ -17,7 +17,7 @@ from torch import nn
 
 from medfed.config import ModelSection
 from medfed.models import ModelSpec, build_model
-from medfed.site.dp import make_private, segmentation_loss
+from medfed.site.dp import LossCoordinate, make_private, segmentation_loss
 
 MODES = ("none", "hooks", "hooks-stock", "functorch", "ew", "ghost", "ghost-dicece", "vmap")
 Step = Callable[[], None]
@@ -134,9 +134,7 @@ def make_step(
         )
 
         def vmap_step() -> None:
-            dp.optimizer.zero_grad(set_to_none=True)
-            dp.per_sample_gradients(images, labels)
-            dp.optimizer.step()
+            dp.step(images, labels)
 
         return vmap_step
     from opacus import PrivacyEngine
@@ -179,12 +177,21 @@ def check_mode(mode: str, dims: int, layout: torch.memory_format) -> float:
     model = build_model(spec=default_spec(dims)).to(torch.float64).to(memory_format=layout)
     reference = copy.deepcopy(model)
     rows = []
+    losses = []
     for i in range(images.shape[0]):
         reference.zero_grad(set_to_none=True)
-        loss_fn()(reference(images[i : i + 1]), labels[i : i + 1]).backward()
+        loss = loss_fn()(reference(images[i : i + 1]), labels[i : i + 1])
+        loss.backward()
+        losses.append(float(loss))
         rows.append([p.grad.detach().clone() for p in reference.parameters()])
     norms = torch.stack([torch.sqrt(sum((g**2).sum() for g in row)) for row in rows])
     clip = float(norms.median()) * 0.7  # some samples clipped, some not
+    if mode == "vmap":
+        # medfed's step clips each patient's gradient together with its training loss, one
+        # more coordinate of at most loss_share x clip (medfed.site.dp.LossCoordinate).
+        coordinate = LossCoordinate(clip=2.0, share=0.3, max_grad_norm=clip)
+        extra = torch.tensor([min(max(v, 0.0), 2.0) * coordinate.scale for v in losses])
+        norms = torch.sqrt(norms.to(torch.float64) ** 2 + extra.to(torch.float64) ** 2)
     factors = (clip / (norms + 1e-6)).clamp(max=1.0)
     expected = [
         sum(f * row[j] for f, row in zip(factors, rows, strict=True)) / len(rows)

@@ -8,8 +8,9 @@ temporary directory: once on the real deployment (`medfed.demo.run_deployed`: Su
 SuperNode per site as processes, TLS, node authentication, a new ClientApp process per message)
 and once in this process (`medfed.transport.inprocess.run_in_process`: the same ServerApp round
 loop and ClientApp, called directly). Per round: the round's wall time (`round_done.seconds`),
-the slowest site's compute and the sum over the sites (`site_update.train_seconds`: local
-training with its Dice evaluations before and after), the orchestration overhead (round time -
+the slowest site's compute and the sum over the sites (each site's own record of its round in
+`<workdir>/federation/<run>/round-NNNN/reply.json`: its ClientApp's local training and its Dice
+release, never sent to the aggregator), the orchestration overhead (round time -
 slowest compute) and round time / slowest compute. Also timed: the cold start of a ClientApp
 process (importing medfed's ClientApp, torch, MONAI and Opacus in a fresh interpreter), alone
 and as many at once as there are sites, as the deployment starts them at the start of a round.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import signal
 import statistics
@@ -43,8 +45,8 @@ COLD_START = "import medfed.site.clientapp, torch, monai, opacus"
 class Round:
     index: int
     seconds: float  # round_done.seconds: sending the round's messages to the last reply
-    slowest: float  # max site_update.train_seconds of the round
-    total: float  # sum of site_update.train_seconds of the round
+    slowest: float  # max of the sites' own round times
+    total: float  # sum of the sites' own round times
 
     @property
     def overhead(self) -> float:
@@ -130,22 +132,37 @@ def measure(args: argparse.Namespace, runner: str) -> Measured:
                 tracking_uri=default_tracking_uri(workspace_root=setup.workspace.root),
             )
         wall = time.perf_counter() - start
-    return summarise(runner, events, wall, (load_before, os.getloadavg()[0]))
+        seconds = site_seconds(setup)
+    return summarise(runner, events, seconds, wall, (load_before, os.getloadavg()[0]))
+
+
+def site_seconds(setup: DemoSetup) -> dict[int, list[float]]:
+    """Each round's time at each site, from the sites' own records (a site reports no timing:
+    its reply file, kept at the site, holds it)."""
+    found: dict[int, list[float]] = {}
+    for path in setup.site_configs.values():
+        config = load_site_config(path)
+        run_dir = config.paths.workdir / "federation" / setup.settings.run_name
+        for reply in sorted(run_dir.glob("round-*/reply.json")):
+            round_index = int(reply.parent.name.removeprefix("round-"))
+            seconds = json.loads(reply.read_text(encoding="utf-8"))["site_seconds"]
+            found.setdefault(round_index, []).append(float(seconds))
+    return found
 
 
 def summarise(
-    runner: str, events: list[dict[str, Any]], wall: float, load: tuple[float, float]
+    runner: str,
+    events: list[dict[str, Any]],
+    seconds: dict[int, list[float]],
+    wall: float,
+    load: tuple[float, float],
 ) -> Measured:
     def first(kind: str) -> float:
         return next((e["time"] for e in events if e["event"] == kind), float("nan"))
 
     rounds = []
     for done in (e for e in events if e["event"] == "round_done"):
-        computes = [
-            float(e["train_seconds"])
-            for e in events
-            if e["event"] == "site_update" and e["round"] == done["round"] and e["train_seconds"]
-        ]
+        computes = seconds.get(done["round"], [])
         rounds.append(
             Round(
                 index=done["round"],
@@ -256,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         "concurrently (one ClientApp process each, competing for the cores), the in-process "
         "runner one after another: its round time is close to the *sum* of the sites' compute, "
         "so compare the deployment's round time with that sum too. Each site's compute includes "
-        "loading its data and the Dice evaluations before and after training."
+        "loading its data and its Dice release."
     )
 
 

@@ -34,6 +34,12 @@ class ConfigError(MedfedError):
     exit_code = 2
 
 
+class RunSettingsError(ConfigError):
+    """A run's settings cannot be applied at a site: they do not fit its data or its network."""
+
+    code = "run-settings"
+
+
 class DataError(MedfedError):
     """A dataset, manifest or image file cannot be used."""
 

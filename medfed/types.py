@@ -7,6 +7,7 @@ torch or MONAI, so the aggregator can import it without pulling in training code
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -14,7 +15,7 @@ from types import MappingProxyType
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["SiteUpdate", "freeze_arrays"]
+__all__ = ["SiteUpdate", "freeze_arrays", "weights_digest"]
 
 
 def freeze_arrays(arrays: Mapping[str, npt.ArrayLike]) -> Mapping[str, np.ndarray]:
@@ -30,6 +31,20 @@ def freeze_arrays(arrays: Mapping[str, npt.ArrayLike]) -> Mapping[str, np.ndarra
         array.setflags(write=False)
         frozen[name] = array
     return MappingProxyType(frozen)
+
+
+def weights_digest(weights: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes: identifies one model's weights exactly.
+
+    Sites name the model a release was computed with by it, and the aggregator finds the
+    releases of the model it sent by it.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        array = np.ascontiguousarray(weights[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 # eq=False: comparing arrays element-wise has no single truth value, so equality is identity.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,3 +26,13 @@ def run_medfed() -> RunMedfed:
         )
 
     return run
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """Flower's Message reads the running task's identity; act as one, as the in-process grid
+    does."""
+    from medfed.transport.inprocess import _task_identity
+
+    with _task_identity(run_id=77):
+        yield

@@ -4,7 +4,10 @@ A site sends, with each reply, the lines of its ledger that the aggregator does 
 They are verified against the aggregator's copy and the site's registered public key *before*
 anything is stored, so that once the aggregator has seen an entry, a site can no longer roll
 its ledger back, rewrite it or start a new one without being noticed. Epsilon is recomputed
-from the copy, never taken from a number the site reports.
+from the copy, never taken from a number the site reports, with the accountant, at the delta
+and against the cap that the site's signed terms entries name: a site that raises its cap or
+its delta is flagged (:attr:`Receipt.alerts`), and so is a cap above the one the federation
+agreed with it (``caps``).
 
 The copies outlive the aggregator process: a new tracker on the same directory re-verifies and
 loads them, so a restart does not forget the privacy a site has spent. Files in ``directory``
@@ -12,7 +15,6 @@ loads them, so a restart does not forget the privacy a site has spent. Files in 
 
     <site>.ledger.jsonl       the exact lines received, in order (no head file: the aggregator
                               itself knows how many entries it holds)
-    <site>.cap.json           the cap the site reported last
     <site>.ledger.jsonl.lock  serialises writers of one copy
 
 One tracker should own a directory; the lock only keeps a second one from tearing a copy.
@@ -31,15 +33,13 @@ from typing import Any, Final
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from medfed.errors import BudgetExceededError, ConfigError, LedgerError, PrivacyError
-from medfed.privacy.accounting import AccountantName, DPSteps, check_accountant, compute_epsilon
-from medfed.privacy.budget import BudgetCap, check_budget
-from medfed.privacy.events import canonical_json
+from medfed.privacy.accounting import AccountantName, DPSteps, compute_epsilon
+from medfed.privacy.budget import BudgetCap, PrivacyTerms, check_budget
 from medfed.privacy.ledger import LedgerReport, verify_ledger_bytes
 from medfed.privacy.storage import (
     locked,
     make_private_dirs,
     read_bytes,
-    read_json_object,
     replace_file,
 )
 
@@ -97,6 +97,15 @@ class SiteBudget:
 
 
 @dataclass(frozen=True, slots=True)
+class Receipt:
+    """What :meth:`BudgetTracker.receive` stored: the budget now, and what needs attention."""
+
+    budget: SiteBudget
+    new_entries: int
+    alerts: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class _Copy:
     """One site's copy as verified: its exact bytes and what they hold."""
 
@@ -108,10 +117,10 @@ class BudgetTracker:
     """Keeps a verified copy of each registered site's ledger and the budget it implies.
 
     ``public_keys`` are the sites' registered ledger keys (``Workspace.ledger_public_key``); a
-    site without one cannot send entries. ``caps`` are caps the aggregator was configured with;
-    they stand for a site until it reports its own cap with :meth:`receive`, which then wins
-    (the site enforces its cap, and the aggregator tracks the same one). ``accountant`` is the
-    one accountant every site's epsilon is computed with here.
+    site without one cannot send entries. A site's budget is kept under the terms its ledger
+    names (accountant, delta, cap). ``caps`` are caps the federation agreed with its sites: a
+    ledger whose cap is above its agreed one is flagged, and for a format-1 ledger that has
+    no terms entry yet the agreed cap (RDP, at the ledger's strictest delta) stands in.
     """
 
     def __init__(
@@ -120,10 +129,8 @@ class BudgetTracker:
         directory: Path,
         public_keys: Mapping[str, Ed25519PublicKey],
         caps: Mapping[str, BudgetCap] | None = None,
-        accountant: AccountantName = "rdp",
     ) -> None:
         self._directory = Path(directory)
-        self._accountant: AccountantName = check_accountant(accountant)
         self._keys = _checked_keys(public_keys)
         self._configured_caps = dict(caps or {})
         for site_id, cap in self._configured_caps.items():
@@ -132,45 +139,68 @@ class BudgetTracker:
             if not isinstance(cap, BudgetCap):
                 raise ConfigError(f"cap of site {site_id!r} is not a BudgetCap: {cap!r}")
         self._copies: dict[str, _Copy] = {}
-        self._reported_caps: dict[str, BudgetCap] = {}
-        self._spent: dict[str, tuple[str, float, float]] = {}  # site: (last_hash, delta, eps)
+        self._spent: dict[str, tuple[str, PrivacyTerms, float]] = {}  # site: (last_hash, ...)
         self._mutex = threading.Lock()
         make_private_dirs(self._directory)
         for site_id in sorted(self._keys):
             with locked(self._ledger_path(site_id), exclusive=False):
                 self._copies[site_id] = self._read_copy(site_id)
-            reported = self._read_cap(site_id)
-            if reported is not None:
-                self._reported_caps[site_id] = reported
 
     @property
     def directory(self) -> Path:
         """Where the copies are kept."""
         return self._directory
 
-    @property
-    def accountant(self) -> AccountantName:
-        """The accountant every epsilon here is computed with."""
-        return self._accountant
+    def report(self, site_id: str) -> LedgerReport:
+        """The verified copy of the site's ledger."""
+        self._key(site_id)
+        return self._copies[site_id].report
+
+    def terms(self, site_id: str) -> PrivacyTerms | None:
+        """The terms the site's budget is kept under (None while none is known)."""
+        self._key(site_id)
+        report = self._copies[site_id].report
+        if report.terms is not None:
+            return report.terms
+        agreed, delta = self._configured_caps.get(site_id), report.legacy_delta
+        if agreed is None:
+            return None
+        return PrivacyTerms(
+            accountant="rdp", delta=delta or agreed.delta, epsilon_cap=agreed.epsilon
+        )
+
+    def alerts(self, site_id: str, *, since: int = 0) -> tuple[str, ...]:
+        """Terms changes from entry ``since`` on that raised the cap or the delta, and a cap
+        above the agreed one."""
+        report = self.report(site_id)
+        found = []
+        for change in report.terms_changes:
+            if change.seq < since:
+                continue
+            if change.raised:
+                found.append(f"site {site_id} raised its {change.raised}: {change.describe()}")
+            agreed = self._configured_caps.get(site_id)
+            if agreed is not None and change.after.epsilon_cap > agreed.epsilon:
+                found.append(
+                    f"site {site_id}'s ledger names cap {change.after.epsilon_cap:g} (seq "
+                    f"{change.seq}), above the {agreed.epsilon:g} agreed with it"
+                )
+        return tuple(found)
 
     def known_entries(self, site_id: str) -> int:
         """How many entries the aggregator holds: the site sends its ledger from this seq on."""
         self._key(site_id)
         return len(self._copies[site_id].report.entries)
 
-    def receive(
-        self, *, site_id: str, first_seq: int, lines: Sequence[str], cap: BudgetCap
-    ) -> SiteBudget:
-        """Verify and store the ledger lines a site sent from ``first_seq`` on, and its cap.
+    def receive(self, *, site_id: str, first_seq: int, lines: Sequence[str]) -> Receipt:
+        """Verify and store the ledger lines a site sent from ``first_seq`` on.
 
         Nothing is stored unless every line verifies as the continuation of the copy: seq,
         hash chain, canonical form, the site's registered key and signature, the site's id,
         and commits that close an open reservation of no more steps than it reserved.
-        ``lines`` may be empty (nothing new); the reported cap is stored either way.
+        ``lines`` may be empty (nothing new).
         """
         public_key = self._key(site_id)
-        if not isinstance(cap, BudgetCap):
-            raise PrivacyError(f"site {site_id!r} reported no valid cap: {cap!r}")
         if isinstance(first_seq, bool) or not isinstance(first_seq, int):
             raise LedgerError(
                 f"site {site_id!r} sent a first seq that is no integer: {first_seq!r}"
@@ -199,38 +229,38 @@ class BudgetTracker:
                     ) from None
                 replace_file(path, data, mode=0o600)
                 self._copies[site_id] = _Copy(data=data, report=report)
-            if self._reported_caps.get(site_id) != cap:
-                self._write_cap(site_id, cap)
-                self._reported_caps[site_id] = cap
-        return self.budget(site_id)
+        return Receipt(
+            budget=self.budget(site_id),
+            new_entries=len(lines),
+            alerts=self.alerts(site_id, since=count),
+        )
 
     def budget(self, site_id: str) -> SiteBudget:
-        """The site's budget from the copy; PrivacyError while no cap is known for it."""
-        self._key(site_id)
-        cap = self._cap(site_id)
+        """The site's budget from the copy; PrivacyError while no terms are known for it."""
+        terms = self._terms(site_id)
         report = self._copies[site_id].report
         return SiteBudget(
             site_id=site_id,
             entries=len(report.entries),
-            epsilon_spent=self._epsilon(site_id, report, cap.delta),
-            epsilon_cap=cap.epsilon,
-            delta=cap.delta,
-            accountant=self._accountant,
+            epsilon_spent=self._epsilon(site_id, report, terms),
+            epsilon_cap=terms.epsilon_cap,
+            delta=terms.delta,
+            accountant=terms.accountant,
             last_hash=report.last_hash,
         )
 
     def can_afford(self, *, site_id: str, planned: DPSteps) -> bool:
         """Whether ``planned`` steps on top of the site's history would stay within its cap.
 
-        The same composition the site runs before it reserves a round (at the cap's delta,
-        with this tracker's accountant), so the aggregator need not send work a site will
-        refuse.
+        The same composition the site runs before it reserves a round (its own accountant,
+        delta and cap), so the aggregator need not send work a site will refuse.
         """
-        self._key(site_id)
-        cap = self._cap(site_id)
+        terms = self._terms(site_id)
         history = self._copies[site_id].report.history
         try:
-            check_budget(history=history, planned=planned, cap=cap, accountant=self._accountant)
+            check_budget(
+                history=history, planned=planned, cap=terms.cap, accountant=terms.accountant
+            )
         except BudgetExceededError:
             return False
         return True
@@ -240,13 +270,12 @@ class BudgetTracker:
         return {
             site_id: self.budget(site_id)
             for site_id in sorted(self._keys)
-            if self._has_cap(site_id)
+            if self.terms(site_id) is not None
         }
 
     def state_json(self) -> dict[str, Any]:
         """A JSON-ready summary of every site's budget, for the run's output directory."""
         return {
-            "accountant": self._accountant,
             "ledger_copies": str(self._directory),
             "sites": {site_id: budget.to_json() for site_id, budget in self.all().items()},
             "sites_without_cap": {
@@ -255,7 +284,7 @@ class BudgetTracker:
                     "last_hash": self._copies[site_id].report.last_hash,
                 }
                 for site_id in sorted(self._keys)
-                if not self._has_cap(site_id)
+                if self.terms(site_id) is None
             },
         }
 
@@ -272,33 +301,29 @@ class BudgetTracker:
             )
         return key
 
-    def _has_cap(self, site_id: str) -> bool:
-        return site_id in self._reported_caps or site_id in self._configured_caps
-
-    def _cap(self, site_id: str) -> BudgetCap:
-        cap = self._reported_caps.get(site_id, self._configured_caps.get(site_id))
-        if cap is None:
+    def _terms(self, site_id: str) -> PrivacyTerms:
+        terms = self.terms(site_id)
+        if terms is None:
             raise PrivacyError(
-                f"no privacy cap is known for site {site_id!r}: it has not reported one yet",
-                hint="pass the federation's agreed caps to the tracker, or wait for the "
-                "site's first reply",
+                f"no privacy terms are known for site {site_id!r}: its ledger has no terms entry "
+                "yet",
+                hint="wait for the site's first reply, which carries its terms",
             )
-        return cap
+        return terms
 
-    def _epsilon(self, site_id: str, report: LedgerReport, delta: float) -> float:
-        """Epsilon of the copy, computed again only when the copy or the delta changed."""
+    def _epsilon(self, site_id: str, report: LedgerReport, terms: PrivacyTerms) -> float:
+        """Epsilon of the copy, computed again only when the copy or the terms changed."""
         cached = self._spent.get(site_id)
-        if cached is not None and cached[:2] == (report.last_hash, delta):
+        if cached is not None and cached[:2] == (report.last_hash, terms):
             return cached[2]
-        spent = compute_epsilon(history=report.history, delta=delta, accountant=self._accountant)
-        self._spent[site_id] = (report.last_hash, delta, spent)
+        spent = compute_epsilon(
+            history=report.history, delta=terms.delta, accountant=terms.accountant
+        )
+        self._spent[site_id] = (report.last_hash, terms, spent)
         return spent
 
     def _ledger_path(self, site_id: str) -> Path:
         return self._directory / f"{site_id}.ledger.jsonl"
-
-    def _cap_path(self, site_id: str) -> Path:
-        return self._directory / f"{site_id}.cap.json"
 
     def _read_copy(self, site_id: str) -> _Copy:
         path = self._ledger_path(site_id)
@@ -335,33 +360,6 @@ class BudgetTracker:
         held = self._read_copy(site_id)
         self._copies[site_id] = held
         return held
-
-    def _read_cap(self, site_id: str) -> BudgetCap | None:
-        path = self._cap_path(site_id)
-        obj = read_json_object(path)
-        if obj is None:
-            return None
-        if (
-            set(obj) != _CAP_FIELDS
-            or obj["v"] != _CAP_VERSION
-            or obj["site_id"] != site_id
-            or not all(_is_real(obj[name]) for name in ("epsilon", "delta"))
-        ):
-            raise LedgerError(
-                f"{path}: not the stored cap of site {site_id!r}",
-                hint="delete the file; the site reports its cap again with its next reply",
-            )
-        try:
-            return BudgetCap(epsilon=obj["epsilon"], delta=obj["delta"])
-        except PrivacyError as exc:
-            raise LedgerError(
-                f"{path}: {exc.message}",
-                hint="delete the file; the site reports its cap again with its next reply",
-            ) from None
-
-    def _write_cap(self, site_id: str, cap: BudgetCap) -> None:
-        obj = {"v": _CAP_VERSION, "site_id": site_id, "epsilon": cap.epsilon, "delta": cap.delta}
-        replace_file(self._cap_path(site_id), canonical_json(obj) + b"\n", mode=0o600)
 
 
 def _checked_keys(public_keys: Mapping[str, Ed25519PublicKey]) -> dict[str, Ed25519PublicKey]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,14 +24,14 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from medfed.aggregator.budget import BudgetTracker
+from medfed.aggregator.budget import BudgetTracker, SiteBudget
 from medfed.aggregator.outcome import FederationResult, SiteRecord, finite, weighted_mean
+from medfed.aggregator.releases import RoundRecord, finite_value, model_dice, round_record
 from medfed.aggregator.run_store import ResumePoint, RunStore, run_directory
 from medfed.aggregator.strategies import FedAdamState, aggregate
 from medfed.aggregator.validation import validate_update
 from medfed.config.run import RunSettings
 from medfed.errors import ConfigError, MedfedError
-from medfed.privacy import BudgetCap, DPSteps
 from medfed.transport.envelope import (
     EVALUATE,
     INIT,
@@ -44,6 +44,7 @@ from medfed.transport.envelope import (
     request_content,
 )
 from medfed.transport.provision import Workspace
+from medfed.types import SiteUpdate, weights_digest
 
 log = logging.getLogger("medfed.aggregator")
 
@@ -355,6 +356,7 @@ def _train_round(
 ) -> _RoundOutcome:
     loop.emit("round_started", round=round_index, sites=sorted(selected))
     started = time.monotonic()
+    digest = weights_digest(weights)
     replies, _ = _send(loop, TRAIN, round_index, selected, weights)
     outcome = _RoundOutcome(seconds=0.0)
     for site, reply in sorted(replies.items()):
@@ -364,16 +366,25 @@ def _train_round(
         try:
             answer = read_reply(reply.content)
             problems = []
-            if answer.update.site_id != site:
-                problems.append(f"reply claims to be from site {answer.update.site_id!r}")
-            budget = loop.tracker.receive(
+            if answer.site_id != site:
+                problems.append(f"reply claims to be from site {answer.site_id!r}")
+            budget = _receive(loop, site, round_index, answer.ledger_first_seq, answer.ledger_lines)
+            ledger = round_record(
+                loop.tracker.report(site),
+                run_id=loop.settings.run_name,
+                round=round_index,
+                model_sha256=digest,
+            )
+            problems += _coverage_problems(ledger, round_index)
+            update = SiteUpdate(
                 site_id=site,
-                first_seq=answer.ledger_first_seq,
-                lines=answer.ledger_lines,
-                cap=BudgetCap(epsilon=answer.epsilon_cap, delta=answer.delta),
+                round=answer.round,
+                weights=answer.weights,
+                num_patients=0 if ledger.patients is None else int(ledger.patients.value),
+                metrics={},
             )
             problems += validate_update(
-                update=answer.update, reference=weights, expected_round=round_index
+                update=update, reference=weights, expected_round=round_index
             )
         except MedfedError as exc:
             problems = [exc.message]
@@ -382,43 +393,71 @@ def _train_round(
             record.last_reason = "; ".join(problems)
             loop.emit("site_rejected", site=site, round=round_index, reasons=problems)
             continue
-        metrics = answer.update.metrics
         record.rounds += 1
-        record.num_patients = answer.update.num_patients
-        record.last_loss = metrics.get("loss", math.nan)
-        record.last_plan = _plan_of(metrics)
-        outcome.updates.append(answer.update)
-        weight = answer.update.num_patients
-        outcome.dice_before[site] = (
-            metrics.get("dice_before", math.nan),
-            int(metrics.get("val_patients", 1)),
-        )
-        outcome.losses[site] = (record.last_loss, weight)
+        record.num_patients = update.num_patients
+        record.last_loss = finite_value(ledger.loss)
+        record.last_plan = ledger.plan
+        outcome.updates.append(update)
+        outcome.dice_before[site] = (finite_value(ledger.dice), _validation_weight(loop, site))
+        outcome.losses[site] = (record.last_loss, update.num_patients)
         loop.emit(
             "site_update",
             site=site,
             round=round_index,
-            patients=answer.update.num_patients,
+            patients=update.num_patients,
             loss=finite(record.last_loss),
-            dice_before=finite(metrics.get("dice_before", math.nan)),
-            dice_after=finite(metrics.get("dice_after", math.nan)),
+            dice_before=finite(finite_value(ledger.dice)),
+            releases=_releases(ledger),
             epsilon_spent=finite(budget.epsilon_spent),
             epsilon_cap=budget.epsilon_cap,
-            train_seconds=finite(metrics.get("train_seconds", math.nan)),
+            delta=budget.delta,
+            accountant=budget.accountant,
         )
     outcome.seconds = time.monotonic() - started
     return outcome
 
 
-def _plan_of(metrics: Mapping[str, float]) -> DPSteps | None:
-    try:
-        return DPSteps(
-            noise_multiplier=float(metrics["noise_multiplier"]),
-            sample_rate=float(metrics["sample_rate"]),
-            steps=int(metrics["steps"]),
+def _receive(
+    loop: _Loop, site: str, round_index: int, first_seq: int, lines: Sequence[str]
+) -> SiteBudget:
+    """Store the site's new ledger lines; alert on raised caps or deltas."""
+    receipt = loop.tracker.receive(site_id=site, first_seq=first_seq, lines=lines)
+    for alert in receipt.alerts:
+        log.warning("%s", alert)
+        loop.emit("privacy_alert", site=site, round=round_index, alert=alert)
+    return receipt.budget
+
+
+def _coverage_problems(ledger: RoundRecord, round_index: int) -> list[str]:
+    """An update no committed reservation covers, or without a released count, is unusable."""
+    problems = []
+    if not ledger.committed:
+        problems.append(
+            f"the site's ledger holds no committed reservation of round {round_index}: its "
+            "update is covered by no privacy spend"
         )
-    except (KeyError, ValueError, MedfedError):
-        return None
+    if ledger.patients is None:
+        problems.append("the site's ledger holds no released patient count to weight it by")
+    return problems
+
+
+def _releases(ledger: RoundRecord) -> dict[str, Any]:
+    """Which mechanism released each number of a site's round (for events and MLflow)."""
+    return {
+        name: released.to_json()
+        for name, released in (
+            ("patients", ledger.patients),
+            ("loss", ledger.loss),
+            ("dice_before", ledger.dice),
+        )
+        if released is not None
+    }
+
+
+def _validation_weight(loop: _Loop, site: str) -> int:
+    """The site's released validation count: what its Dice is averaged with."""
+    entry = loop.tracker.report(site).latest_release("patients")
+    return 0 if entry is None else int(entry.values["validation"])
 
 
 def _evaluate(loop: _Loop, round_index: int, weights: Mapping[str, np.ndarray]) -> float:
@@ -430,8 +469,10 @@ def _evaluate(loop: _Loop, round_index: int, weights: Mapping[str, np.ndarray]) 
     }
     if not nodes:
         return math.nan
+    digest = weights_digest(weights)
     replies, _ = _send(loop, EVALUATE, round_index, nodes, weights)
     scores: dict[str, tuple[float, int]] = {}
+    releases: dict[str, Any] = {}
     for site, reply in sorted(replies.items()):
         if reply.has_error():
             decline = read_decline(reply.error)
@@ -439,19 +480,28 @@ def _evaluate(loop: _Loop, round_index: int, weights: Mapping[str, np.ndarray]) 
             continue
         try:
             evaluation = read_evaluation(reply.content)
+            _receive(loop, site, round_index, evaluation.ledger_first_seq, evaluation.ledger_lines)
         except MedfedError as exc:
             loop.emit("evaluation_failed", site=site, reason=exc.message)
             continue
-        loop.sites[site].dice = evaluation.dice
-        scores[site] = (evaluation.dice, evaluation.val_patients)
-    dice = weighted_mean(scores)
+        dice = model_dice(
+            loop.tracker.report(site), run_id=loop.settings.run_name, model_sha256=digest
+        )
+        if dice is None:
+            loop.emit("evaluation_failed", site=site, reason="the site released no Dice")
+            continue
+        loop.sites[site].dice = dice.value
+        scores[site] = (dice.value, _validation_weight(loop, site))
+        releases[site] = dice.to_json()
+    dice_mean = weighted_mean(scores)
     loop.emit(
         "evaluation",
         round=round_index,
-        dice=finite(dice),
+        dice=finite(dice_mean),
         sites={s: finite(d) for s, (d, _) in scores.items()},
+        releases=releases,
     )
-    return dice
+    return dice_mean
 
 
 def _epsilons(loop: _Loop) -> dict[str, float]:

@@ -63,7 +63,7 @@ class _Snapshot:
             self.sites[str(event["site"])] = {
                 "status": f"round {event.get('round')} done",
                 "loss": event.get("loss"),
-                "Dice": event.get("dice_after"),
+                "Dice": event.get("dice_before"),
                 "epsilon": event.get("epsilon_spent"),
                 "cap": event.get("epsilon_cap"),
             }

@@ -26,10 +26,10 @@ HISTORY_COLUMNS = (
     "dice",
     "epsilon",
     "dice_before",
-    "dice_after",
     "epsilon_cap",
     "patients",
-    "train_seconds",
+    "loss_release",
+    "dice_release",
 )
 ROUND_COLUMNS = (
     "round",
@@ -61,12 +61,15 @@ class FederationResults:
     """What one federation run produced, as tables.
 
     ``history``: one row per site and round the site trained in, with columns
-    ``round, site, loss, dice, epsilon, dice_before, dice_after, epsilon_cap, patients,
-    train_seconds``. ``loss`` is the site's mean DP-SGD training loss in that round;
-    ``dice_before`` is the Dice of the global model the round started from and ``dice_after``
-    that of the site's locally trained model, both on the site's own validation split;
-    ``dice`` is the Dice of the *global* model after the round on that split (the next
-    round's ``dice_before``, or the final evaluation after the last round); ``epsilon`` is the
+    ``round, site, loss, dice, epsilon, dice_before, epsilon_cap, patients, loss_release,
+    dice_release``. Every number is what the site released, as its ledger records it:
+    ``loss`` is the site's mean DP-SGD training loss in that round (noisy: a coordinate of the
+    DP-SGD steps); ``dice_before`` is the Dice of the global model the round started from on
+    the site's own validation split, and ``dice`` that of the *global* model after the round
+    (the next round's ``dice_before``, or the final evaluation after the last round), each
+    with Gaussian noise or declared public by the site; ``patients`` is the site's released
+    (noisy) training count; ``loss_release`` and ``dice_release`` name the mechanism and its
+    noise (``gaussian (std 0.12)``, ``dp-sgd (std 0.3)``, ``public``); ``epsilon`` is the
     epsilon the site had spent after the round (its whole ledger, at its delta).
 
     ``rounds``: one row per aggregated round (global Dice before it, mean loss, answers, time,
@@ -138,6 +141,7 @@ def results_from_events(
     updates: dict[tuple[int, str], dict[str, Any]] = {}
     rounds: dict[int, dict[str, Any]] = {}
     final: dict[str, float] = {}
+    final_releases: dict[str, Any] = {}
     final_dice = math.nan
     terminal: Mapping[str, Any] | None = None
     for event in records:
@@ -148,6 +152,7 @@ def results_from_events(
             rounds[int(event["round"])] = event
         elif kind == "evaluation":
             final = {str(s): _number(d) for s, d in dict(event.get("sites") or {}).items()}
+            final_releases = dict(event.get("releases") or {})
             final_dice = _number(event.get("dice"))
         elif kind in _STATUS:
             terminal = event
@@ -157,10 +162,12 @@ def results_from_events(
         following = updates.get((round_index + 1, site))
         if following is not None:
             dice = _number(following.get("dice_before"))
+            dice_release = _release(following, "dice_before")
         elif round_index == max(rounds, default=0):
             dice = final.get(site, math.nan)
+            dice_release = _describe(final_releases.get(site))
         else:
-            dice = math.nan
+            dice, dice_release = math.nan, ""
         history_rows.append(
             {
                 "round": round_index,
@@ -169,10 +176,10 @@ def results_from_events(
                 "dice": dice,
                 "epsilon": _number(event.get("epsilon_spent")),
                 "dice_before": _number(event.get("dice_before")),
-                "dice_after": _number(event.get("dice_after")),
                 "epsilon_cap": _number(event.get("epsilon_cap")),
                 "patients": int(event.get("patients") or 0),
-                "train_seconds": _number(event.get("train_seconds")),
+                "loss_release": _release(event, "loss"),
+                "dice_release": dice_release,
             }
         )
     round_rows = [
@@ -223,6 +230,21 @@ def results_from_events(
         tracking_uri=None if info is None else info.tracking_uri,
         events=tuple(records),
     )
+
+
+def _release(event: Mapping[str, Any], name: str) -> str:
+    return _describe(dict(event.get("releases") or {}).get(name))
+
+
+def _describe(release: Any) -> str:
+    """A release as a table cell: ``gaussian (std 0.12)``, ``public``; "" when none."""
+    if not isinstance(release, Mapping):
+        return ""
+    mechanism = str(release.get("mechanism", ""))
+    std = release.get("noise_std")
+    if isinstance(std, int | float) and not isinstance(std, bool) and math.isfinite(std):
+        return f"{mechanism} (std {std:.3g})"
+    return mechanism
 
 
 def _number(value: Any) -> float:

@@ -97,6 +97,7 @@ def make_synthetic_sites(
     from medfed.config.site import TrainingSection, TransportSection
     from medfed.data.synth import MIN_CASES, MIN_SIZE, synthesize_site
     from medfed.privacy.accounting import check_delta
+    from medfed.site.release import released_counts
     from medfed.transport.provision import provision_workspace
 
     names = site_names(sites)
@@ -152,6 +153,9 @@ def make_synthetic_sites(
             data["training"]["batch_size"] = result.n_train
         data["privacy"]["epsilon_cap"] = epsilon_cap
         data["privacy"]["delta"] = delta
+        # A study on synthetic sites plans whole runs against the cap, so one round may spend
+        # all of it; a hospital's `medfed site init` keeps the default of a quarter.
+        data["policy"]["max_epsilon_per_round"] = epsilon_cap
         data["transport"] = TransportSection(
             superlink_address=workspace.manifest.address,
             root_certificates=kit / "ca.crt",
@@ -162,7 +166,10 @@ def make_synthetic_sites(
         path = site_dir / "site.yaml"
         dump_site_config(config, path)
         configs[name] = path
-        train_patients[name] = result.n_train
+        # The site releases its (noisy) patient counts now, as it would at its first round:
+        # runs are planned from them, exactly as the sites will plan their steps.
+        counts = released_counts(config=load_site_config(path), run_id="onboarding")
+        train_patients[name] = counts.train
     return SyntheticSites(
         root=root, workspace=workspace, site_configs=configs, train_patients=train_patients
     )

@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any, Final
 from medfed.audit.accounting import ACCOUNTANT_DESCRIPTIONS
 from medfed.audit.findings import fmt
 from medfed.errors import ConfigError
+from medfed.privacy.events import DECLARED_PUBLIC
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from medfed.audit.report import AuditReport, RoundRow, SiteStatement
+    from medfed.audit.report import AuditReport, ReleaseRow, RoundRow, SiteStatement
 
 NO_PLOTS: Final = "Plots left out: matplotlib is not installed (pip install 'medfed[tracking]')."
 _STYLE: Final = """
@@ -61,7 +62,14 @@ def statement_rows(site: SiteStatement) -> list[tuple[str, str]]:
         ("privacy unit", PRIVACY_UNIT),
         ("adjacency", ADJACENCY),
         ("sampling", f"{SAMPLING}: q = {_list(data['sample_rates'])}"),
-        ("patients (dataset size)", _list(data["dataset_sizes"])),
+        (
+            "patients (released: training / validation)",
+            ", ".join(
+                f"{c['train']:g} / {c['validation']:g} (seq {c['seq']})"
+                for c in data["released_patient_counts"]
+            )
+            or "none released (format-1 ledger)",
+        ),
         ("noise multiplier(s)", _list(data["noise_multipliers"])),
         ("clipping norm(s)", _list(data["clipping_norms"])),
         (
@@ -70,6 +78,7 @@ def statement_rows(site: SiteStatement) -> list[tuple[str, str]]:
             f"{per_round or 'none'}",
         ),
         ("delta", fmt(site.delta) + f" (ledger entries: {_list(data['ledger_deltas'])})"),
+        ("terms (signed in the ledger)", "; ".join(site.terms) or "none (format-1 ledger)"),
         (
             "accountant in the ledger",
             "; ".join(
@@ -77,7 +86,7 @@ def statement_rows(site: SiteStatement) -> list[tuple[str, str]]:
             )
             or "n/a",
         ),
-        ("epsilon spent (Opacus RDP)", fmt(site.spent)),
+        (f"epsilon spent ({site.accountant}, the ledger's accountant)", fmt(site.spent)),
         ("cap / remaining", f"{fmt(site.cap)} / {fmt(site.remaining)}"),
         ("rounds participated", str(data["rounds_participated"])),
         (
@@ -164,6 +173,22 @@ def _site_html(site: SiteStatement, draw: bool) -> list[str]:
             numeric=(1,),
         ),
     ]
+    parts.append("<h3>Released quantities (everything that left the site besides the weights)</h3>")
+    parts.append(
+        _table(
+            ["seq", "run", "round", "quantity", "values", "unit", "noise std", "mechanism"],
+            [release_cells(row) for row in site.releases],
+            numeric=(0, 2),
+        )
+        if site.releases
+        else "<p>None recorded (format-1 ledger).</p>"
+    )
+    parts.append(
+        _table(
+            ["also public", "why"],
+            [(e(name), e(reason)) for name, reason in DECLARED_PUBLIC.items()],
+        )
+    )
     if site.rounds:
         parts.append("<h3>Rounds (ledger)</h3>")
         parts.append(
@@ -186,7 +211,7 @@ def _site_html(site: SiteStatement, draw: bool) -> list[str]:
         parts.append("<h3>Plots</h3>")
         for svg, caption in (
             (epsilon_svg(site), "epsilon after each round, against the cap"),
-            (dice_svg(site), "Dice after local training against epsilon"),
+            (dice_svg(site), "released Dice of each round's global model against epsilon"),
         ):
             if svg:
                 parts.append(f"<figure>{svg}<figcaption>{e(caption)}</figcaption></figure>")
@@ -207,6 +232,22 @@ def _site_html(site: SiteStatement, draw: bool) -> list[str]:
         parts.append("<p>None.</p>")
     parts.append("</section>")
     return parts
+
+
+def release_cells(row: ReleaseRow) -> tuple[str, ...]:
+    """One release as table cells (escaped), for the HTML and the PDF."""
+    r = row.release
+    values = ", ".join(f"{name} {fmt(value)}" for name, value in r.values.items())
+    return (
+        str(r.seq),
+        html.escape(r.run_id),
+        str(r.round),
+        html.escape(r.quantity),
+        html.escape(values),
+        html.escape(r.unit),
+        html.escape(fmt(r.noise_std)),
+        html.escape(row.cover),
+    )
 
 
 def _round_cells(row: RoundRow) -> tuple[str, ...]:
@@ -259,7 +300,7 @@ def epsilon_figure(site: SiteStatement) -> Figure | None:
     xs = list(range(1, len(site.rounds) + 1))
     ys = [r.epsilon_after if math.isfinite(r.epsilon_after) else math.nan for r in site.rounds]
     labels = [f"{r.reservation.run_id}/{r.reservation.round}" for r in site.rounds]
-    axes.plot(xs, ys, marker="o", label="epsilon (Opacus RDP)")
+    axes.plot(xs, ys, marker="o", label="epsilon (Opacus RDP, all charges to this round)")
     if site.cap is not None:
         axes.axhline(site.cap, color="#a31515", linestyle="--", label=f"cap {site.cap:g}")
     axes.set_xticks(xs, labels, rotation=45, fontsize=7)
@@ -273,12 +314,12 @@ def epsilon_figure(site: SiteStatement) -> Figure | None:
 
 
 def dice_figure(site: SiteStatement) -> Figure | None:
-    """Dice after local training against the epsilon the aggregator reported (per round)."""
+    """Released Dice of each round's global model against the epsilon reported after it."""
     points = [
-        (p["epsilon_spent"], p["dice_after"], f"{p['run_name']}/{p['round']}")
+        (p["epsilon_spent"], p["dice_before"], f"{p['run_name']}/{p['round']}")
         for p in site.dice
         if isinstance(p.get("epsilon_spent"), int | float)
-        and isinstance(p.get("dice_after"), int | float)
+        and isinstance(p.get("dice_before"), int | float)
     ]
     if not points:
         return None
@@ -290,7 +331,7 @@ def dice_figure(site: SiteStatement) -> Figure | None:
     for x, y, label in points:
         axes.annotate(label, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
     axes.set_xlabel("epsilon spent")
-    axes.set_ylabel("Dice after local training")
+    axes.set_ylabel("released Dice of the global model")
     axes.set_title(f"site {site.site_id}: Dice against epsilon")
     figure.tight_layout()
     return figure
@@ -350,6 +391,14 @@ def write_pdf(*, report: AuditReport, path: Path) -> None:
         for site in report.sites:
             text = [f"Site {site.site_id}", ""]
             text += [f"{item}: {value}" for item, value in statement_rows(site)]
+            text += [
+                "",
+                "released quantities (seq, run, round, quantity, values, unit, std, cover):",
+            ]
+            text += [
+                "  " + " | ".join(html.unescape(c) for c in release_cells(row))
+                for row in site.releases
+            ] or ["  none recorded"]
             text += ["", "epsilon by library:"]
             text += [f"  {name}: {value}  ({how})" for name, value, how in epsilon_rows(site)]
             text += ["", "findings:"] + ([f.one_line() for f in site.findings] or ["  none"])

@@ -24,17 +24,20 @@ from medfed.audit.mlflow_store import MlflowStore, resolve_target
 from medfed.audit.sources import RunRecord, read_runs
 from medfed.audit.verify import AuditResult, SiteAudit, verify_workspace
 from medfed.privacy.accounting import conversion_of
-from medfed.privacy.events import ReserveEntry
-from medfed.privacy.ledger import ReservationState
+from medfed.privacy.events import DECLARED_PUBLIC, ReleaseEntry, ReserveEntry, TermsEntry
+from medfed.privacy.ledger import LedgerReport, ReservationState
 
 MECHANISM: Final = (
-    "DP-SGD (Abadi et al. 2016): each sampled patient's gradient clipped to the clipping norm, "
-    "Gaussian noise of standard deviation noise multiplier x clipping norm added to the sum "
-    "(Opacus)"
+    "DP-SGD (Abadi et al. 2016): each sampled patient's gradient (with its clipped training loss "
+    "as one more coordinate) clipped to the clipping norm, Gaussian noise of standard deviation "
+    "noise multiplier x clipping norm from a CSPRNG added to the sum (Opacus' optimiser); "
+    "released counts and Dice through Gaussian mechanisms of their own, listed below"
 )
 PRIVACY_UNIT: Final = "patient (one image volume with its label; one crop per patient per step)"
 ADJACENCY: Final = "add/remove one patient"
-SAMPLING: Final = "Poisson sampling of patients, rate q per step"
+SAMPLING: Final = (
+    "Poisson sampling of patients, rate q = batch size / released training count per step"
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,6 +52,46 @@ class RoundRow:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ReleaseRow:
+    """One number that left the site besides the weights, with what covers it."""
+
+    release: ReleaseEntry
+
+    @property
+    def cover(self) -> str:
+        entry = self.release
+        if entry.mechanism == "gaussian":
+            return (
+                f"Gaussian mechanism, noise multiplier {entry.noise_multiplier:g} on sensitivity "
+                f"{entry.sensitivity:g}: charged as one unsampled Gaussian step"
+            )
+        if entry.mechanism == "dp-sgd":
+            return (
+                f"a coordinate of the clipped DP-SGD vectors of reservation seq "
+                f"{entry.reservation_seq} (per-patient loss bound {entry.sensitivity:g}): no "
+                "extra cost"
+            )
+        return f"declared public by the site's policy: {entry.reason}"
+
+    def to_json(self) -> dict[str, Any]:
+        entry = self.release
+        return {
+            "seq": entry.seq,
+            "run_id": entry.run_id,
+            "round": entry.round,
+            "quantity": entry.quantity,
+            "values": dict(entry.values),
+            "mechanism": entry.mechanism,
+            "unit": entry.unit,
+            "noise_multiplier": entry.noise_multiplier,
+            "sensitivity": entry.sensitivity,
+            "noise_std": entry.noise_std,
+            "model_sha256": entry.model_sha256,
+            "cover": self.cover,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SiteStatement:
     """The privacy statement of one site."""
 
@@ -57,8 +100,14 @@ class SiteStatement:
     verified: bool
     delta: float | None
     cap: float | None
+    accountant: str
+    epsilon_spent: float | None
     epsilons: Epsilons | None
     rounds: tuple[RoundRow, ...]
+    releases: tuple[ReleaseRow, ...]
+    terms: tuple[str, ...]
+    deltas: tuple[float, ...]
+    accountants: tuple[str, ...]
     library_versions: tuple[tuple[str, tuple[int, ...]], ...]  # (versions text, seqs)
     dice: tuple[Mapping[str, Any], ...]
     models: tuple[Mapping[str, Any], ...]
@@ -68,7 +117,8 @@ class SiteStatement:
 
     @property
     def spent(self) -> float | None:
-        return None if self.epsilons is None else self.epsilons.opacus_rdp
+        """Epsilon spent with the ledger's own accountant."""
+        return self.epsilon_spent
 
     @property
     def remaining(self) -> float | None:
@@ -94,7 +144,6 @@ class SiteStatement:
         return values
 
     def to_json(self) -> dict[str, Any]:
-        accountants = self.distinct("accountant")
         return {
             "site_id": self.site_id,
             "key_id": self.key_id,
@@ -104,7 +153,11 @@ class SiteStatement:
             "adjacency": ADJACENCY,
             "sampling": SAMPLING,
             "sample_rates": self.distinct("sample_rate"),
-            "dataset_sizes": self.distinct("dataset_size"),
+            "released_patient_counts": [
+                {"seq": row.release.seq, **dict(row.release.values)}
+                for row in self.releases
+                if row.release.quantity == "patients"
+            ],
             "noise_multipliers": self.distinct("noise_multiplier"),
             "clipping_norms": self.distinct("max_grad_norm"),
             "steps_total": sum(row.reservation.counted_steps for row in self.rounds),
@@ -118,8 +171,10 @@ class SiteStatement:
                 for row in self.rounds
             ],
             "delta": self.delta,
-            "ledger_deltas": self.distinct("delta"),
-            "ledger_accountants": {name: conversion_of(name) for name in accountants},
+            "ledger_deltas": list(self.deltas),
+            "ledger_accountants": {name: conversion_of(name) for name in self.accountants},
+            "terms": list(self.terms),
+            "accountant": self.accountant,
             "epsilon": None if self.epsilons is None else self.epsilons.to_json(),
             "epsilon_spent": number(self.spent),
             "epsilon_cap": self.cap,
@@ -130,6 +185,8 @@ class SiteStatement:
             "rounds_participated": len(self.rounds),
             "runs": self.runs,
             "rounds": [row.to_json() for row in self.rounds],
+            "releases": [row.to_json() for row in self.releases],
+            "declared_public": dict(DECLARED_PUBLIC),
             "dice_vs_epsilon": [dict(point) for point in self.dice],
             "models": [dict(model) for model in self.models],
             "models_source": self.models_source,
@@ -212,13 +269,18 @@ def _statement(
 ) -> SiteStatement:
     rows: list[RoundRow] = []
     versions: dict[str, list[int]] = {}
-    if site.copy is not None and site.epsilons is not None:
-        curve = cumulative_opacus_rdp(history=site.copy.history, delta=site.epsilons.delta)
+    copy = site.copy
+    if copy is not None and site.epsilons is not None:
+        charges = copy.charges
+        curve = cumulative_opacus_rdp(
+            history=[charge.steps for charge in charges], delta=site.epsilons.delta
+        )
+        after = {charge.seq: epsilon for charge, epsilon in zip(charges, curve, strict=True)}
         rows = [
-            RoundRow(reservation=state, epsilon_after=epsilon)
-            for state, epsilon in zip(site.copy.reservations, curve, strict=True)
+            RoundRow(reservation=state, epsilon_after=after[state.seq])
+            for state in copy.reservations
         ]
-        for entry in site.copy.entries:
+        for entry in copy.entries:
             if isinstance(entry, ReserveEntry):
                 text = ", ".join(f"{k} {v}" for k, v in sorted(entry.library_versions.items()))
                 versions.setdefault(text, []).append(entry.seq)
@@ -226,7 +288,6 @@ def _statement(
         {
             "run_name": run.name,
             "round": event.get("round"),
-            "dice_after": event.get("dice_after"),
             "dice_before": event.get("dice_before"),
             "epsilon_spent": event.get("epsilon_spent"),
         }
@@ -241,8 +302,14 @@ def _statement(
         verified=site.copy is not None,
         delta=None if site.epsilons is None else site.epsilons.delta,
         cap=None if site.cap is None else site.cap.epsilon,
+        accountant=site.accountant,
+        epsilon_spent=site.spent,
         epsilons=site.epsilons,
         rounds=tuple(rows),
+        releases=tuple(ReleaseRow(release=r) for r in (copy.releases if copy else ())),
+        terms=tuple(change.describe() for change in (copy.terms_changes if copy else ())),
+        deltas=_deltas(copy),
+        accountants=_accountants(copy),
         library_versions=tuple((text, tuple(seqs)) for text, seqs in versions.items()),
         dice=dice,
         models=tuple(found),
@@ -250,6 +317,30 @@ def _statement(
         findings=tuple(f for f in result.findings if f.site_id == site.site_id),
         site_ledger_entries=None if site.site_ledger is None else len(site.site_ledger.entries),
     )
+
+
+def _deltas(copy: LedgerReport | None) -> tuple[float, ...]:
+    """Every delta the ledger was kept under, in order (format-1 reservations' included)."""
+    return _distinct(copy, "delta")
+
+
+def _accountants(copy: LedgerReport | None) -> tuple[str, ...]:
+    return _distinct(copy, "accountant")
+
+
+def _distinct(copy: LedgerReport | None, name: str) -> tuple[Any, ...]:
+    """Distinct values of a terms field, from terms entries and format-1 reservations."""
+    found: list[Any] = []
+    for entry in () if copy is None else copy.entries:
+        if isinstance(entry, TermsEntry):
+            value = getattr(entry, name)
+        elif isinstance(entry, ReserveEntry):
+            value = getattr(entry, f"legacy_{name}")
+        else:
+            continue
+        if value is not None and value not in found:
+            found.append(value)
+    return tuple(found)
 
 
 class _ModelSource:

@@ -9,7 +9,7 @@ from typing import Any
 from medfed.audit.accounting import Epsilons
 from medfed.audit.findings import Check, Finding, fmt, number
 from medfed.audit.runs import RunEpsilon
-from medfed.privacy.budget import BudgetCap
+from medfed.privacy.budget import BudgetCap, PrivacyTerms
 from medfed.privacy.ledger import LedgerReport
 
 
@@ -21,22 +21,24 @@ class SiteAudit:
     key_id: str | None
     copy: LedgerReport | None
     site_ledger: LedgerReport | None
-    cap: BudgetCap | None
+    terms: PrivacyTerms | None
     epsilons: Epsilons | None
+    epsilon: float | None  # the copy's, with the ledger's own accountant at its delta
     site_ledger_epsilon: float | None
     runs: tuple[RunEpsilon, ...] = ()
 
     @property
+    def cap(self) -> BudgetCap | None:
+        return None if self.terms is None else self.terms.cap
+
+    @property
+    def accountant(self) -> str:
+        return "rdp" if self.terms is None else self.terms.accountant
+
+    @property
     def spent(self) -> float | None:
-        """Opacus-RDP epsilon spent: the larger of the copy's and the site's own ledger's."""
-        values = [
-            v
-            for v in (
-                None if self.epsilons is None else self.epsilons.opacus_rdp,
-                self.site_ledger_epsilon,
-            )
-            if v is not None
-        ]
+        """Epsilon spent with the ledger's accountant: the larger of copy's and site's own."""
+        values = [v for v in (self.epsilon, self.site_ledger_epsilon) if v is not None]
         return max(values) if values else None
 
     def one_line(self) -> str:
@@ -52,7 +54,11 @@ class SiteAudit:
             )
         if self.site_ledger is not None:
             text += f"; site ledger {len(self.site_ledger.entries)} entries"
-        return text + (f"; cap {self.cap.epsilon:g}" if self.cap is not None else "; no cap")
+        if self.terms is None:
+            return text + "; no terms"
+        return (
+            text + f"; {self.terms.accountant} {fmt(self.spent)} of cap {self.terms.epsilon_cap:g}"
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,9 +70,10 @@ class SiteAudit:
             else len(self.site_ledger.entries),
             "epsilon_cap": None if self.cap is None else self.cap.epsilon,
             "delta": None if self.epsilons is None else self.epsilons.delta,
+            "accountant": self.accountant,
             "epsilon_spent": number(self.spent),
             "epsilon": None if self.epsilons is None else self.epsilons.to_json(),
-            "site_ledger_epsilon_opacus_rdp": number(self.site_ledger_epsilon),
+            "site_ledger_epsilon": number(self.site_ledger_epsilon),
             "runs": [run.to_json() for run in self.runs],
         }
 

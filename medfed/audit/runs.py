@@ -1,10 +1,11 @@
 """A run's reported epsilons against the ledger: ``summary.json`` and MLflow, per site.
 
 A run's summary is written at its end, and later runs add entries to the same ledgers; so each
-site's reported epsilon is compared with the Opacus-RDP epsilon of the *prefix* of the
+site's reported epsilon is compared with the epsilon of the *prefix* of the
 aggregator's copy that existed at that run's end: as many entries as the summary's
-``budgets.sites.<site>.entries``, ending in its ``last_hash``. MLflow's last logged
-``epsilon_spent`` of the site's child run must equal the same number.
+``budgets.sites.<site>.entries``, ending in its ``last_hash``, with the accountant and at the
+delta the ledger names there. MLflow's last logged ``epsilon_spent`` of the site's child run
+must equal the same number.
 """
 
 from __future__ import annotations
@@ -114,7 +115,20 @@ def audit_run(
                 )
             )
             continue
-        recomputed = compute_epsilon(history=prefix.history, delta=delta, accountant="rdp")
+        terms = prefix.terms
+        if terms is not None and terms.delta != delta:
+            collect.findings.append(
+                Finding(
+                    site_id=site_id,
+                    check="summary",
+                    source=f"runs/{run.name}/summary.json",
+                    problem=f"budgets.sites.{site_id}.delta is {delta:g} but the site's ledger "
+                    f"names delta {terms.delta:g} at that run's end",
+                )
+            )
+            delta = terms.delta
+        accountant = "rdp" if terms is None else terms.accountant
+        recomputed = compute_epsilon(history=prefix.history, delta=delta, accountant=accountant)
         summary = _summary_epsilon(run, site_id, budget, recomputed, collect)
         step, logged = mlflow.check(site_id, recomputed, prefix, collect)
         epsilons.append(
@@ -211,8 +225,8 @@ def _summary_epsilon(
                     check="summary",
                     source=f"runs/{run.name}/summary.json",
                     problem=f"{where} is {value!r} but the ledger copy's first "
-                    f"{budget.get('entries')} entries give {fmt(recomputed, 10)} (Opacus RDP at "
-                    f"delta {budget.get('delta')})",
+                    f"{budget.get('entries')} entries give {fmt(recomputed, 10)} (the ledger's "
+                    f"accountant at delta {budget.get('delta')})",
                 )
             )
             return found

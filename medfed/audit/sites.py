@@ -15,10 +15,10 @@ from medfed.audit.accounting import (
 from medfed.audit.findings import Collector, Finding, fmt, ledger_finding, relative_difference
 from medfed.audit.result import SiteAudit
 from medfed.audit.runs import VerifiedCopy
-from medfed.audit.sources import ledger_copy_path, read_cap
+from medfed.audit.sources import ledger_copy_path
 from medfed.errors import ConfigError, LedgerError
 from medfed.privacy.accounting import compute_epsilon
-from medfed.privacy.budget import BudgetCap
+from medfed.privacy.budget import PrivacyTerms
 from medfed.privacy.ledger import LedgerReport, verify_ledger, verify_ledger_bytes
 from medfed.privacy.storage import read_bytes
 from medfed.transport.provision import Workspace
@@ -36,8 +36,9 @@ def audit_site(
         key_id=None,
         copy=None,
         site_ledger=None,
-        cap=None,
+        terms=None,
         epsilons=None,
+        epsilon=None,
         site_ledger_epsilon=None,
     )
     try:
@@ -66,18 +67,27 @@ def audit_site(
     own, own_data = _site_ledger(site_id, site_ledger, public_key, collect)
     if own_data is not None and site_ledger is not None:
         _compare(site_id, data, source, own_data, str(site_ledger), collect)
-    cap, why = read_cap(workspace_root=workspace.root, site_id=site_id)
-    if cap is None and copy is not None and copy.entries:
+    terms = _terms(copy, own)
+    if terms is None and copy is not None and copy.entries:
         collect.findings.append(
-            Finding(site_id=site_id, check="cap", problem=f"cannot check the budget: {why}")
+            Finding(
+                site_id=site_id,
+                check="cap",
+                problem="cannot check the budget: the ledger names no terms (accountant, delta, "
+                "cap); a format-1 ledger gets them with the site's next round",
+            )
         )
-    delta = _delta(cap, copy, own)
+    _check_terms(site_id, source, copy, collect)
+    delta = terms.delta if terms is not None else _legacy_delta(copy, own)
+    accountant = terms.accountant if terms is not None else "rdp"
     epsilons = (
         None if copy is None or delta is None else recompute(history=copy.history, delta=delta)
     )
-    site_epsilon = None
+    copy_epsilon = site_epsilon = None
+    if copy is not None and delta is not None:
+        copy_epsilon = compute_epsilon(history=copy.history, delta=delta, accountant=accountant)
     if own is not None and delta is not None:
-        site_epsilon = compute_epsilon(history=own.history, delta=delta, accountant="rdp")
+        site_epsilon = compute_epsilon(history=own.history, delta=delta, accountant=accountant)
     if epsilons is not None:
         check_libraries(site_id=site_id, eps=epsilons, collect=collect)
     audit = SiteAudit(
@@ -85,8 +95,9 @@ def audit_site(
         key_id=key,
         copy=copy,
         site_ledger=own,
-        cap=cap,
+        terms=terms,
         epsilons=epsilons,
+        epsilon=copy_epsilon,
         site_ledger_epsilon=site_epsilon,
     )
     _check_cap(audit, collect)
@@ -168,14 +179,42 @@ def _lines(data: bytes) -> list[bytes]:
     return lines[:-1] if lines[-1] == b"" else lines
 
 
-def _delta(
-    cap: BudgetCap | None, copy: LedgerReport | None, site: LedgerReport | None
-) -> float | None:
-    """The cap's delta; without a cap, the smallest delta the entries name (the strictest)."""
-    if cap is not None:
-        return cap.delta
-    deltas = [r.delta for report in (copy, site) if report for r in report.reservations]
+def _terms(copy: LedgerReport | None, site: LedgerReport | None) -> PrivacyTerms | None:
+    """The terms of the longer of the two ledgers (the site's may hold newer entries)."""
+    reports = [r for r in (site, copy) if r is not None]
+    reports.sort(key=lambda r: len(r.entries), reverse=True)
+    return next((r.terms for r in reports if r.terms is not None), None)
+
+
+def _legacy_delta(copy: LedgerReport | None, site: LedgerReport | None) -> float | None:
+    """Without terms, the smallest delta format-1 entries name (the strictest)."""
+    deltas = [r.legacy_delta for r in (copy, site) if r and r.legacy_delta is not None]
     return min(deltas) if deltas else None
+
+
+def _check_terms(site_id: str, source: str, copy: LedgerReport | None, collect: Collector) -> None:
+    """A raised cap or delta in the ledger's terms is for the auditor to look at."""
+    if copy is None:
+        return
+    raised = [c for c in copy.terms_changes if c.raised]
+    for change in raised:
+        collect.findings.append(
+            Finding(
+                site_id=site_id,
+                check="terms",
+                source=source,
+                seq=change.seq,
+                line=change.seq + 1,
+                problem=f"the site raised its {change.raised}: {change.describe()}",
+            )
+        )
+    if copy.terms_changes and not raised:
+        collect.passed(
+            site_id,
+            "terms",
+            f"{len(copy.terms_changes)} terms entr{'y' if len(copy.terms_changes) == 1 else 'ies'}"
+            f"; now {copy.terms_changes[-1].after.describe()}; never a raised cap or delta",
+        )
 
 
 def check_libraries(*, site_id: str, eps: Epsilons, collect: Collector) -> None:
@@ -221,25 +260,26 @@ def check_libraries(*, site_id: str, eps: Epsilons, collect: Collector) -> None:
 
 
 def _check_cap(site: SiteAudit, collect: Collector) -> None:
-    spent = site.spent
-    if site.cap is None or spent is None:
-        why = "no stored cap" if site.cap is None else "no verified ledger to compute it from"
+    spent, terms = site.spent, site.terms
+    if terms is None or spent is None:
+        why = "no terms in the ledger" if terms is None else "no verified ledger to compute it from"
         collect.skipped(site.site_id, "cap", why)
         return
-    if spent > site.cap.epsilon:
+    if spent > terms.epsilon_cap:
         collect.findings.append(
             Finding(
                 site_id=site.site_id,
                 check="cap",
-                problem=f"epsilon spent {fmt(spent)} (Opacus RDP at delta {site.cap.delta:g}) "
-                f"exceeds the site's cap {site.cap.epsilon:g}",
+                problem=f"epsilon spent {fmt(spent)} ({terms.accountant} at delta "
+                f"{terms.delta:g}) exceeds the site's cap {terms.epsilon_cap:g}",
             )
         )
     else:
         collect.passed(
             site.site_id,
             "cap",
-            f"spent {fmt(spent)} <= cap {site.cap.epsilon:g} at delta {site.cap.delta:g}",
+            f"spent {fmt(spent)} ({terms.accountant}) <= cap {terms.epsilon_cap:g} at delta "
+            f"{terms.delta:g}",
         )
 
 

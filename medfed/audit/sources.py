@@ -1,9 +1,8 @@
-"""The workspace files an audit reads: stored caps, ledger copies, and each run's records.
+"""The workspace files an audit reads: ledger copies, and each run's records.
 
 Only reading, never writing: an audit leaves the workspace exactly as it found it. Layout::
 
     <workspace>/ledgers/<site>.ledger.jsonl   the aggregator's verified copy of a site's ledger
-    <workspace>/ledgers/<site>.cap.json       the cap the site reported last
     <workspace>/runs/<run>/summary.json       the run's final table (per site epsilon_spent)
     <workspace>/runs/<run>/events.jsonl       one event per line (site_update: dice, epsilon)
     <workspace>/runs/<run>/settings.json      the run's settings
@@ -13,21 +12,17 @@ Only reading, never writing: an audit leaves the workspace exactly as it found i
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from medfed.errors import ConfigError, PrivacyError
-from medfed.privacy.budget import BudgetCap
+from medfed.errors import ConfigError
 
 LEDGERS_DIR: Final = "ledgers"
 RUNS_DIR: Final = "runs"
 LEDGER_SUFFIX: Final = ".ledger.jsonl"
-CAP_SUFFIX: Final = ".cap.json"
 MLFLOW_FILE: Final = "mlflow.json"
-_CAP_FIELDS: Final = frozenset({"v", "site_id", "epsilon", "delta"})
 
 
 def ledger_copy_path(*, workspace_root: Path, site_id: str) -> Path:
@@ -40,32 +35,6 @@ def copy_site_ids(workspace_root: Path) -> list[str]:
     if not directory.is_dir():
         return []
     return sorted(p.name[: -len(LEDGER_SUFFIX)] for p in directory.glob(f"*{LEDGER_SUFFIX}"))
-
-
-def read_cap(*, workspace_root: Path, site_id: str) -> tuple[BudgetCap | None, str | None]:
-    """The stored cap of ``site_id``, or None and why not (missing, or not a valid cap file).
-
-    The same format and checks as the aggregator's :class:`~medfed.aggregator.BudgetTracker`.
-    """
-    path = Path(workspace_root) / LEDGERS_DIR / f"{site_id}{CAP_SUFFIX}"
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None, f"no stored cap ({path.name} is missing)"
-    except (OSError, ValueError) as exc:
-        return None, f"{path.name} is unreadable ({exc})"
-    if (
-        not isinstance(obj, dict)
-        or set(obj) != _CAP_FIELDS
-        or obj["v"] != 1
-        or obj["site_id"] != site_id
-        or not all(_is_real(obj[name]) for name in ("epsilon", "delta"))
-    ):
-        return None, f"{path.name} is not the stored cap of site {site_id!r}"
-    try:
-        return BudgetCap(epsilon=obj["epsilon"], delta=obj["delta"]), None
-    except PrivacyError as exc:
-        return None, f"{path.name}: {exc.message}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,11 +138,3 @@ def _events(path: Path) -> list[dict[str, Any]]:
             if isinstance(event, dict):
                 events.append(event)
     return events
-
-
-def _is_real(value: object) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and not math.isnan(float(value))
-    )

@@ -79,15 +79,17 @@ def ledger(
     """Verify the site's privacy ledger and show the epsilon it has spent."""
     from medfed.config import load_site_config
     from medfed.privacy.accounting import compute_epsilon, conversion_of
-    from medfed.privacy.budget import BudgetCap, BudgetStatus
+    from medfed.privacy.budget import BudgetStatus
     from medfed.privacy.site_ledger import SiteLedger
 
     site = load_site_config(config)
     report = SiteLedger(
         path=site.ledger_path, key_path=site.signing_key_path, site_id=site.site_id
     ).verify()
-    cap = BudgetCap(epsilon=site.privacy.epsilon_cap, delta=site.privacy.delta)
-    accountant: AccountantName = site.privacy.accountant
+    # The ledger's own terms once it has them: what the site's spend is kept under.
+    terms = report.terms or site.terms
+    cap = terms.cap
+    accountant: AccountantName = terms.accountant
     names = [accountant, *(name for name in _COMPARED if name != accountant)]
     by_accountant = {
         name: compute_epsilon(history=report.history, delta=cap.delta, accountant=name)
@@ -102,6 +104,8 @@ def ledger(
         "head_lagging": report.head_lagging,
         "entries": len(report.entries),
         "rounds": len(report.reservations),
+        "releases": len(report.releases),
+        "terms_in_ledger": report.terms is not None,
         "open_reservations": len(report.open_reservations),
         "key_id": report.key_id,
         "accountant": accountant,
@@ -137,7 +141,12 @@ def _print_summary(summary: dict[str, Any], by_accountant: dict[AccountantName, 
         ("signing key id", summary["key_id"] or "(none yet)"),
         (f"spent ({summary['accountant']})", f"{by_accountant[summary['accountant']]:.4f}"),
         ("conversion", summary["conversion"]),
-        ("cap", f"{summary['cap']:g} at delta {summary['delta']:g}"),
+        (
+            "cap",
+            f"{summary['cap']:g} at delta {summary['delta']:g}"
+            + ("" if summary["terms_in_ledger"] else " (from the config: no terms entry yet)"),
+        ),
+        ("released numbers", str(summary["releases"])),
         ("remaining", f"{summary['remaining']:.4f}"),
     ]
     rows += [

@@ -9,6 +9,12 @@ from rich.console import Console
 from rich.table import Table
 
 
+def _how(releases: Mapping[str, Any], name: str) -> str:
+    """`` [gaussian]`` beside a released number; nothing when it was not released."""
+    release = releases.get(name)
+    return f" [{release.get('mechanism')}]" if isinstance(release, Mapping) else ""
+
+
 def _num(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None else f"{float(value):.{digits}f}"
 
@@ -33,11 +39,15 @@ def event_line(event: Mapping[str, Any]) -> str | None:
         case "round_started":
             return f"round {event['round']}: training at {', '.join(event['sites'])}"
         case "site_update":
+            releases = event.get("releases") or {}
             return (
-                f"  {site}: {event['patients']} patients, loss {_num(event['loss'])}, "
-                f"Dice {_num(event['dice_before'])} -> {_num(event['dice_after'])}, "
+                f"  {site}: {event['patients']} patients{_how(releases, 'patients')}, loss "
+                f"{_num(event['loss'])}{_how(releases, 'loss')}, Dice of the global model "
+                f"{_num(event['dice_before'])}{_how(releases, 'dice_before')}, "
                 f"epsilon {_num(event['epsilon_spent'], 2)} / {_num(event['epsilon_cap'], 2)}"
             )
+        case "privacy_alert":
+            return f"  PRIVACY ALERT {site}: {event['alert']}"
         case "site_declined":
             return f"  {site} declined round {event['round']} [{event['code']}]: {event['reason']}"
         case "site_rejected":

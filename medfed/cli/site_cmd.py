@@ -73,7 +73,8 @@ def train(
         return
     typer.echo(
         f"site {result.site_id}: {result.train_patients} training / {result.val_patients} "
-        f"validation patients, {result.steps} DP steps (q={result.sample_rate:.3f}, "
+        f"validation patients (released with noise: {result.released_train_patients} / "
+        f"{result.released_val_patients}), {result.steps} DP steps (q={result.sample_rate:.3f}, "
         f"sigma={result.noise_multiplier:.3f})"
     )
     typer.echo(f"validation Dice: {result.dice_before:.3f} untrained -> {result.dice_after:.3f}")

@@ -14,6 +14,8 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from medfed.privacy.budget import PrivacyTerms
+
 Accountant = Literal["rdp", "prv", "pld"]
 # "vmap" is torch.func over the whole network; "hooks" and "functorch" are Opacus' modes. Opacus'
 # "ew" cannot train MONAI's UNet (no PReLU rule) and ghost clipping needs a per-sample loss that
@@ -98,7 +100,14 @@ class TrainingSection(_Strict):
 
 
 class PrivacySection(_Strict):
-    """DP-SGD settings and the site's lifetime privacy cap."""
+    """DP-SGD settings and the site's lifetime privacy cap.
+
+    A run may ask for more noise than ``noise_multiplier`` and never less, and a round never
+    spends more than ``target_epsilon_per_round`` when that is set: the site's settings are
+    ceilings that a run cannot lift.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     noise_multiplier: float | None = Field(default=None, gt=0)
     target_epsilon_per_round: float | None = Field(default=None, gt=0)
@@ -106,12 +115,78 @@ class PrivacySection(_Strict):
     delta: float = Field(default=1e-5, gt=0, lt=1)
     epsilon_cap: float = Field(default=8.0, gt=0, description="Lifetime cap at `delta`.")
     accountant: Accountant = "rdp"
-    secure_mode: bool = False
+    secure_mode: bool = Field(
+        default=False,
+        description="Noise as the sum of four CSPRNG Gaussians, against floating-point attacks.",
+    )
 
     @model_validator(mode="after")
     def _one_noise_setting(self) -> Self:
         if (self.noise_multiplier is None) == (self.target_epsilon_per_round is None):
             raise ValueError("set exactly one of noise_multiplier or target_epsilon_per_round")
+        return self
+
+
+class ReleaseSection(_Strict):
+    """What may leave the site besides the DP weights and the signed ledger, and how.
+
+    Every number in a reply is recorded in the ledger as a release with its mechanism: the
+    patient counts through a Gaussian mechanism (once per dataset), the training loss as one
+    more coordinate of each patient's clipped DP-SGD gradient (no extra privacy), the
+    validation Dice through a Gaussian mechanism, or as public when this section says so and
+    why (synthetic data, a published benchmark set).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    patient_counts: Literal["dp", "public"] = Field(
+        default="dp",
+        description="dp: the counts get Gaussian noise; public: the exact counts (only where "
+        "they are public anyway: synthetic data, a published cohort).",
+    )
+    count_noise_multiplier: float = Field(
+        default=5.0,
+        gt=0,
+        description="Standard deviation (patients) of the noise on the training and validation "
+        "patient counts; released once per dataset, they set the sampling rate and weights.",
+    )
+    loss_clip: float = Field(
+        default=2.0, gt=0, description="Each patient's training loss is clipped to [0, this]."
+    )
+    loss_share: float = Field(
+        default=0.3,
+        gt=0,
+        lt=1,
+        description="Share of the clipping norm the loss coordinate may take in each patient's "
+        "clipped gradient (larger: a less noisy loss, a little less gradient).",
+    )
+    validation_dice: Literal["dp", "public", "withheld"] = Field(
+        default="dp", description="dp: Gaussian noise on the sum of per-patient Dice."
+    )
+    dice_noise_multiplier: float = Field(
+        default=4.0, gt=0, description="Noise on the Dice sum, in units of one patient's Dice."
+    )
+    min_validation_patients: int = Field(
+        default=20,
+        ge=1,
+        description="No Dice is released when the released validation count is smaller.",
+    )
+    max_evaluations_per_run: int = Field(
+        default=4, ge=0, description="Dice releases per run, at most (each one costs privacy)."
+    )
+    public_reason: str | None = Field(
+        default=None, description="Why values declared public may be (required for public)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        public = [
+            name
+            for name in ("patient_counts", "validation_dice")
+            if getattr(self, name) == "public"
+        ]
+        if public and not (self.public_reason or "").strip():
+            raise ValueError(f"{' and '.join(public)}: public needs a public_reason")
         return self
 
 
@@ -145,13 +220,16 @@ class PolicySection(_Strict):
     )
     max_local_epochs: int = Field(default=20, ge=1, description="Local epochs per round, at most.")
     min_noise_multiplier: float | None = Field(
-        default=None, gt=0, description="Refuse runs that ask for less noise than this."
+        default=0.5, gt=0, description="Refuse runs that ask for less noise than this."
     )
     max_epsilon_per_round: float | None = Field(
-        default=None, gt=0, description="Refuse rounds that would spend more than this alone."
+        default=None,
+        gt=0,
+        description="Refuse rounds that would spend more than this alone; null: a quarter of "
+        "privacy.epsilon_cap.",
     )
     max_rounds_per_run: int | None = Field(
-        default=None, ge=1, description="Refuse runs that plan more rounds than this."
+        default=50, ge=1, description="Refuse runs that plan more rounds than this."
     )
     max_parameters: int | None = Field(
         default=None, ge=1, description="Refuse networks with more trainable parameters."
@@ -198,6 +276,7 @@ class SiteConfig(_Strict):
     privacy: PrivacySection = PrivacySection(noise_multiplier=1.0)
     paths: PathsSection = PathsSection()
     policy: PolicySection = PolicySection()
+    release: ReleaseSection = ReleaseSection()
     transport: TransportSection | None = None
 
     @model_validator(mode="after")
@@ -213,6 +292,20 @@ class SiteConfig(_Strict):
     @property
     def spatial_dims(self) -> int:
         return len(self.data.patch_size)
+
+    @property
+    def terms(self) -> PrivacyTerms:
+        """The accountant, delta and cap the site's ledger is kept under."""
+        privacy = self.privacy
+        return PrivacyTerms(
+            accountant=privacy.accountant, delta=privacy.delta, epsilon_cap=privacy.epsilon_cap
+        )
+
+    @property
+    def max_epsilon_per_round(self) -> float:
+        """The policy's limit on one round's epsilon, with its default filled in."""
+        limit = self.policy.max_epsilon_per_round
+        return self.privacy.epsilon_cap / 4.0 if limit is None else limit
 
     @property
     def ledger_path(self) -> Path:

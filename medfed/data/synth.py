@@ -25,7 +25,9 @@ from medfed.config.loading import dump_site_config
 from medfed.config.site import (
     DataSection,
     PathsSection,
+    PolicySection,
     PrivacySection,
+    ReleaseSection,
     SiteConfig,
     TrainingSection,
 )
@@ -36,11 +38,14 @@ _Array = np.ndarray[Any, np.dtype[np.float64]]
 MIN_CASES = 3
 MIN_SIZE = 8
 VAL_SHARE = 0.2
-# The generated site.yaml: enough DP-SGD steps to learn, noise chosen to fit the cap.
+# The generated site.yaml: enough DP-SGD steps to learn, one default run spending 90% of the
+# cap (the site computes the noise for it from the patient count it releases).
 DEFAULT_EPOCHS = 15
 DEFAULT_BATCH = 4
 DEFAULT_CAP = 8.0
 DEFAULT_DELTA = 1e-5
+DEFAULT_RUN_SHARE = 0.9
+SYNTHETIC_REASON = "synthetic data written by medfed data synth: no real patients"
 
 
 @dataclass(frozen=True)
@@ -105,9 +110,7 @@ def synthesize_site(
     out = Path(out).expanduser()
     site = site_id or _default_site_id(out, seed)
     n_val = max(1, min(cases - 2, round(VAL_SHARE * cases)))
-    config = _site_config(
-        site, size=size, spatial_dims=spatial_dims, seed=seed, n_train=cases - n_val
-    )
+    config = _site_config(site, size=size, spatial_dims=spatial_dims, seed=seed)
     _prepare_out(out, overwrite=overwrite)
 
     style = _site_style(seed, site_shift)
@@ -142,34 +145,14 @@ def synthesize_site(
     )
 
 
-def _default_noise(n_train: int) -> float:
-    """The noise multiplier with which one default local run spends 90% of the default cap.
-
-    Rounded up to 0.01 (more noise, less epsilon), so `medfed site train` works on a fresh
-    synthetic site and a second run is refused by the cap, as it should be.
-    """
-    from medfed.privacy import noise_for_target_epsilon, plan_sampling
-
-    plan = plan_sampling(dataset_size=n_train, batch_size=DEFAULT_BATCH, epochs=DEFAULT_EPOCHS)
-    noise = noise_for_target_epsilon(
-        target_epsilon=0.9 * DEFAULT_CAP,
-        sample_rate=plan.sample_rate,
-        steps=plan.steps,
-        delta=DEFAULT_DELTA,
-        accountant="rdp",
-    )
-    return math.ceil(noise * 100) / 100
-
-
 def _default_site_id(out: Path, seed: int) -> str:
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", out.name).strip("-._")[:63]
     return name if name else f"synth-{seed}"
 
 
-def _site_config(site: str, *, size: int, spatial_dims: int, seed: int, n_train: int) -> SiteConfig:
+def _site_config(site: str, *, size: int, spatial_dims: int, seed: int) -> SiteConfig:
     # multiples of 8 let the default UNet (and one more down-sampling level) divide the patch
     patch = max(MIN_SIZE, min(size, 32) // 8 * 8)
-    noise = _default_noise(n_train)
     try:
         return SiteConfig(
             site_id=site,
@@ -181,9 +164,18 @@ def _site_config(site: str, *, size: int, spatial_dims: int, seed: int, n_train:
             ),
             training=TrainingSection(epochs=DEFAULT_EPOCHS, batch_size=DEFAULT_BATCH, seed=seed),
             privacy=PrivacySection(
-                noise_multiplier=noise, epsilon_cap=DEFAULT_CAP, delta=DEFAULT_DELTA
+                target_epsilon_per_round=DEFAULT_RUN_SHARE * DEFAULT_CAP,
+                epsilon_cap=DEFAULT_CAP,
+                delta=DEFAULT_DELTA,
             ),
             paths=PathsSection(workdir=Path(".medfed")),
+            # One local run may spend most of the cap here; a hospital's site init keeps the
+            # default limit of a quarter of it per round.
+            policy=PolicySection(max_epsilon_per_round=DEFAULT_CAP),
+            # Nobody's data: the counts and the Dice of synthetic cases may be shown as they are.
+            release=ReleaseSection(
+                patient_counts="public", validation_dice="public", public_reason=SYNTHETIC_REASON
+            ),
         )
     except ValidationError:
         raise ConfigError(

@@ -12,12 +12,31 @@ from medfed.privacy.accounting import (
     conversion_of,
     noise_for_target_epsilon,
 )
-from medfed.privacy.budget import BudgetCap, BudgetCheck, BudgetStatus, budget_status, check_budget
-from medfed.privacy.events import CommitEntry, LedgerEntry, ReserveEntry
+from medfed.privacy.budget import (
+    BudgetCap,
+    BudgetCheck,
+    BudgetStatus,
+    PrivacyTerms,
+    budget_status,
+    check_budget,
+)
+from medfed.privacy.events import (
+    CommitEntry,
+    LedgerEntry,
+    ReleaseEntry,
+    ReserveEntry,
+    TermsEntry,
+)
 from medfed.privacy.keys import key_id, load_or_create_signing_key, load_public_key, public_key_path
-from medfed.privacy.ledger import LedgerReport, ReservationState, verify_ledger
+from medfed.privacy.ledger import LedgerReport, ReservationState, TermsChange, verify_ledger
 from medfed.privacy.sampling import SamplingPlan, plan_sampling
-from medfed.privacy.site_ledger import Reservation, RoundPlan, SiteLedger, library_versions
+from medfed.privacy.site_ledger import (
+    Release,
+    Reservation,
+    RoundPlan,
+    SiteLedger,
+    library_versions,
+)
 
 __all__ = [
     "ACCOUNTANTS",
@@ -29,12 +48,17 @@ __all__ = [
     "DPSteps",
     "LedgerEntry",
     "LedgerReport",
+    "PrivacyTerms",
+    "Release",
+    "ReleaseEntry",
     "Reservation",
     "ReservationState",
     "ReserveEntry",
     "RoundPlan",
     "SamplingPlan",
     "SiteLedger",
+    "TermsChange",
+    "TermsEntry",
     "budget_status",
     "check_budget",
     "compute_epsilon",

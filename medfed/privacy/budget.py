@@ -7,7 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from medfed.errors import BudgetExceededError, PrivacyError
-from medfed.privacy.accounting import AccountantName, DPSteps, check_delta, compute_epsilon
+from medfed.privacy.accounting import (
+    AccountantName,
+    DPSteps,
+    check_accountant,
+    check_delta,
+    compute_epsilon,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +34,30 @@ class BudgetCap:
                 hint="set privacy.epsilon_cap in the site config, e.g. 8.0",
             )
         check_delta(self.delta)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrivacyTerms:
+    """What a site's budget is kept under: the accountant, the delta and the epsilon cap.
+
+    They are written into the site's signed ledger when it is created and at every change, so
+    that its spend is recomputed with its own accountant, at its own delta, against its own cap.
+    """
+
+    accountant: AccountantName
+    delta: float
+    epsilon_cap: float
+
+    def __post_init__(self) -> None:
+        check_accountant(self.accountant)
+        BudgetCap(epsilon=self.epsilon_cap, delta=self.delta)
+
+    @property
+    def cap(self) -> BudgetCap:
+        return BudgetCap(epsilon=self.epsilon_cap, delta=self.delta)
+
+    def describe(self) -> str:
+        return f"cap {self.epsilon_cap:g} at delta {self.delta:g} ({self.accountant})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,25 +100,28 @@ def budget_status(
 def check_budget(
     *,
     history: Sequence[DPSteps],
-    planned: DPSteps,
+    planned: DPSteps | Sequence[DPSteps],
     cap: BudgetCap,
     accountant: AccountantName,
 ) -> BudgetCheck:
     """Refuse ``planned`` (BudgetExceededError) if history plus plan would pass the cap.
 
     The total is one composition of history and plan at the cap's delta; the plan's own
-    epsilon is computed only to make a refusal readable.
+    epsilon is computed only to make a refusal readable. ``planned`` may be several
+    mechanisms (a round's Dice release and its DP-SGD steps), composed together.
     """
+    plan = [planned] if isinstance(planned, DPSteps) else list(planned)
     spent = compute_epsilon(history=history, delta=cap.delta, accountant=accountant)
-    would_reach = compute_epsilon(
-        history=[*history, planned], delta=cap.delta, accountant=accountant
-    )
+    would_reach = compute_epsilon(history=[*history, *plan], delta=cap.delta, accountant=accountant)
     if not would_reach <= cap.epsilon:
-        planned_alone = compute_epsilon(history=[planned], delta=cap.delta, accountant=accountant)
+        planned_alone = compute_epsilon(history=plan, delta=cap.delta, accountant=accountant)
+        described = "; ".join(
+            f"{item.steps} steps at noise {item.noise_multiplier}, sample rate {item.sample_rate}"
+            for item in plan
+        )
         raise BudgetExceededError(
             f"planned training would pass the privacy cap: spent epsilon {spent:.4g}, "
-            f"this plan alone {planned_alone:.4g} ({planned.steps} steps at noise "
-            f"{planned.noise_multiplier}, sample rate {planned.sample_rate}), together "
+            f"this plan alone {planned_alone:.4g} ({described}), together "
             f"{would_reach:.4g} > cap {cap.epsilon:g} (delta {cap.delta:g}, {accountant})",
             hint="train fewer epochs this round, raise noise_multiplier, or raise "
             "privacy.epsilon_cap if your data governance allows it",

@@ -13,7 +13,7 @@ only add to the privacy spent. The next append rewrites the head.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from medfed.errors import LedgerError
 from medfed.privacy.accounting import DPSteps
+from medfed.privacy.budget import PrivacyTerms
 from medfed.privacy.events import (
     GENESIS_HASH,
     LEDGER_VERSION,
+    READABLE_VERSIONS,
     CommitEntry,
     EntryFormatError,
     LedgerEntry,
+    ReleaseEntry,
     ReserveEntry,
+    TermsEntry,
     canonical_json,
     line_hash,
     parse_entry,
@@ -51,14 +55,12 @@ class ReservationState:
     seq: int
     run_id: str
     round: int
+    planned_rounds: int | None
     reserved_steps: int
     committed_steps: int | None
     sample_rate: float
     noise_multiplier: float
     max_grad_norm: float
-    delta: float
-    dataset_size: int
-    accountant: str
     timestamp: str
 
     @property
@@ -71,35 +73,158 @@ class ReservationState:
         """Steps the accountant charges: the committed ones, or all reserved while open."""
         return self.reserved_steps if self.committed_steps is None else self.committed_steps
 
+    @property
+    def dp_steps(self) -> DPSteps:
+        """What the accountant charges for it."""
+        return DPSteps(
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=self.counted_steps,
+        )
+
+    @property
+    def planned_steps(self) -> DPSteps:
+        """The round as it was planned (what another round like it would cost)."""
+        return DPSteps(
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=self.reserved_steps,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """One entry that costs privacy: a reservation's steps or a Gaussian release."""
+
+    seq: int
+    kind: str  # "reserve" or "release"
+    run_id: str
+    round: int
+    steps: DPSteps
+
+
+@dataclass(frozen=True, slots=True)
+class TermsChange:
+    """A terms entry, with the terms it replaced (None for the first)."""
+
+    seq: int
+    timestamp: str
+    before: PrivacyTerms | None
+    after: PrivacyTerms
+
+    @property
+    def cap_raised(self) -> bool:
+        return self.before is not None and self.after.epsilon_cap > self.before.epsilon_cap
+
+    @property
+    def delta_raised(self) -> bool:
+        return self.before is not None and self.after.delta > self.before.delta
+
+    @property
+    def accountant_changed(self) -> bool:
+        return self.before is not None and self.after.accountant != self.before.accountant
+
+    @property
+    def raised(self) -> str:
+        """What the change raised: "cap", "delta", "cap and delta", or "" (nothing)."""
+        names = [n for n, up in (("cap", self.cap_raised), ("delta", self.delta_raised)) if up]
+        return " and ".join(names)
+
+    def describe(self) -> str:
+        if self.before is None:
+            return f"terms set at seq {self.seq}: {self.after.describe()}"
+        before, after = self.before.describe(), self.after.describe()
+        return f"terms changed at seq {self.seq}: {before} -> {after}"
+
 
 @dataclass(frozen=True, slots=True)
 class LedgerReport:
-    """What a verified ledger holds."""
+    """What a verified ledger holds.
+
+    ``terms`` are the latest terms entry's (None for a format-1 ledger that has none yet);
+    ``history`` is what the accountant composes: every reservation (committed steps, or all
+    reserved while open) and every Gaussian release, in ledger order.
+    """
 
     path: Path
     site_id: str | None
     key_id: str | None
     entries: tuple[LedgerEntry, ...]
     reservations: tuple[ReservationState, ...]
+    releases: tuple[ReleaseEntry, ...]
+    terms_changes: tuple[TermsChange, ...]
     last_hash: str
     head_lagging: bool = False
 
     @property
-    def history(self) -> tuple[DPSteps, ...]:
-        """DP-SGD steps to compose: one entry per reservation, in ledger order."""
-        return tuple(
-            DPSteps(
-                noise_multiplier=item.noise_multiplier,
-                sample_rate=item.sample_rate,
-                steps=item.counted_steps,
+    def terms(self) -> PrivacyTerms | None:
+        return self.terms_changes[-1].after if self.terms_changes else None
+
+    @property
+    def charges(self) -> tuple[Charge, ...]:
+        """Everything that costs privacy, in ledger order."""
+        items = [
+            Charge(seq=r.seq, kind="reserve", run_id=r.run_id, round=r.round, steps=r.dp_steps)
+            for r in self.reservations
+        ]
+        items += [
+            Charge(
+                seq=r.seq,
+                kind="release",
+                run_id=r.run_id,
+                round=r.round,
+                steps=release_steps(r),
             )
-            for item in self.reservations
-        )
+            for r in self.releases
+            if r.mechanism == "gaussian"
+        ]
+        return tuple(sorted(items, key=lambda charge: charge.seq))
+
+    @property
+    def history(self) -> tuple[DPSteps, ...]:
+        """DP steps to compose, in ledger order."""
+        return tuple(charge.steps for charge in self.charges)
 
     @property
     def open_reservations(self) -> tuple[ReservationState, ...]:
         """Reservations without a commit (counted in full)."""
         return tuple(item for item in self.reservations if not item.committed)
+
+    @property
+    def legacy_delta(self) -> float | None:
+        """The smallest delta format-1 reservations name (the strictest), if any."""
+        deltas = [
+            entry.legacy_delta
+            for entry in self.entries
+            if isinstance(entry, ReserveEntry) and entry.legacy_delta is not None
+        ]
+        return min(deltas) if deltas else None
+
+    def runs(self, run_id: str) -> tuple[ReservationState, ...]:
+        """The reservations of one run, in ledger order."""
+        return tuple(r for r in self.reservations if r.run_id == run_id)
+
+    def releases_of(
+        self, *, quantity: str, run_id: str | None = None, round: int | None = None
+    ) -> tuple[ReleaseEntry, ...]:
+        """Release entries of ``quantity`` (of one run, of one round), in ledger order."""
+        return tuple(
+            r
+            for r in self.releases
+            if r.quantity == quantity
+            and (run_id is None or r.run_id == run_id)
+            and (round is None or r.round == round)
+        )
+
+    def latest_release(self, quantity: str) -> ReleaseEntry | None:
+        found = self.releases_of(quantity=quantity)
+        return found[-1] if found else None
+
+
+def release_steps(release: ReleaseEntry) -> DPSteps:
+    """A Gaussian release as accountant input: one unsampled step at its noise multiplier."""
+    assert release.mechanism == "gaussian" and release.noise_multiplier is not None
+    return DPSteps(noise_multiplier=release.noise_multiplier, sample_rate=1.0, steps=1)
 
 
 def verify_ledger(
@@ -150,9 +275,7 @@ def _verify(
             "interrupted or the file was cut",
         )
     lines = chunks[:-1]
-    entries: list[LedgerEntry] = []
-    reserves: dict[int, ReserveEntry] = {}
-    commits: dict[int, CommitEntry] = {}
+    state = _Chain()
     previous = GENESIS_HASH
     for index, raw in enumerate(lines):
         where = f"line {index + 1}"
@@ -189,54 +312,100 @@ def _verify(
         site_id = site_id or entry.site_id
         if entry.site_id != site_id:
             raise _fail(path, where, f"entry of site {entry.site_id!r}, expected {site_id!r}")
-        if isinstance(entry, ReserveEntry):
-            reserves[entry.seq] = entry
-        else:
-            _check_commit(path, where, entry, reserves, commits)
-            commits[entry.reservation_seq] = entry
-        entries.append(entry)
+        problem = state.add(entry, version=obj["v"])
+        if problem:
+            raise _fail(path, where, problem)
         previous = line_hash(raw)
     lagging = with_head and _check_head(path, head, lines, public_key, expected_key, site_id)
     reservations = tuple(
-        _reservation_state(entry, commits.get(seq)) for seq, entry in reserves.items()
+        _reservation_state(entry, state.commits.get(seq)) for seq, entry in state.reserves.items()
     )
     return LedgerReport(
         path=path,
         site_id=site_id,
         key_id=expected_key,
-        entries=tuple(entries),
+        entries=tuple(state.entries),
         reservations=reservations,
+        releases=tuple(state.releases),
+        terms_changes=tuple(state.terms),
         last_hash=previous,
         head_lagging=lagging,
     )
 
 
-def _check_commit(
-    path: Path,
-    where: str,
-    entry: CommitEntry,
-    reserves: dict[int, ReserveEntry],
-    commits: dict[int, CommitEntry],
-) -> None:
+@dataclass
+class _Chain:
+    """What the entries verified so far hold; ``add`` says what is wrong with the next one."""
+
+    entries: list[LedgerEntry] = field(default_factory=list)
+    reserves: dict[int, ReserveEntry] = field(default_factory=dict)
+    commits: dict[int, CommitEntry] = field(default_factory=dict)
+    releases: list[ReleaseEntry] = field(default_factory=list)
+    terms: list[TermsChange] = field(default_factory=list)
+    newest_version: int = 1
+
+    def add(self, entry: LedgerEntry, *, version: int) -> str | None:
+        if version < self.newest_version:
+            return f"a format-{version} entry after format-{self.newest_version} entries"
+        self.newest_version = version
+        problem: str | None = None
+        if isinstance(entry, TermsEntry):
+            before = self.terms[-1].after if self.terms else None
+            after = PrivacyTerms(
+                accountant=entry.accountant,  # type: ignore[arg-type]
+                delta=entry.delta,
+                epsilon_cap=entry.epsilon_cap,
+            )
+            self.terms.append(
+                TermsChange(seq=entry.seq, timestamp=entry.timestamp, before=before, after=after)
+            )
+        elif isinstance(entry, ReserveEntry):
+            problem = self._needs_terms(version, "reservation")
+            self.reserves[entry.seq] = entry
+        elif isinstance(entry, CommitEntry):
+            problem = _commit_problem(entry, self.reserves, self.commits)
+            self.commits[entry.reservation_seq] = entry
+        else:
+            problem = self._needs_terms(version, "release") or self._release_problem(entry)
+            self.releases.append(entry)
+        self.entries.append(entry)
+        return problem
+
+    def _needs_terms(self, version: int, what: str) -> str | None:
+        if version >= 2 and not self.terms:
+            return f"a {what} before any terms entry: the ledger names no accountant, delta or cap"
+        return None
+
+    def _release_problem(self, entry: ReleaseEntry) -> str | None:
+        if entry.mechanism != "dp-sgd":
+            return None
+        seq = entry.reservation_seq
+        reserved = None if seq is None else self.reserves.get(seq)
+        if reserved is None or (reserved.run_id, reserved.round) != (entry.run_id, entry.round):
+            return (
+                f"a dp-sgd release of run {entry.run_id!r} round {entry.round} names seq {seq}, "
+                "which is no reservation of that round"
+            )
+        if seq not in self.commits:
+            return f"a dp-sgd release names reservation seq {seq} before its commit"
+        return None
+
+
+def _commit_problem(
+    entry: CommitEntry, reserves: dict[int, ReserveEntry], commits: dict[int, CommitEntry]
+) -> str | None:
     reserved = reserves.get(entry.reservation_seq)
     if reserved is None:
-        raise _fail(
-            path, where, f"commit refers to seq {entry.reservation_seq}, which is no reservation"
-        )
+        return f"commit refers to seq {entry.reservation_seq}, which is no reservation"
     if entry.reservation_seq in commits:
         earlier = commits[entry.reservation_seq].seq
-        raise _fail(
-            path,
-            where,
-            f"reservation seq {entry.reservation_seq} was already committed at seq {earlier}",
-        )
+        return f"reservation seq {entry.reservation_seq} was already committed at seq {earlier}"
     if entry.steps > reserved.steps:
-        raise _fail(
-            path,
-            where,
+        return (
             f"commit of {entry.steps} steps exceeds the {reserved.steps} steps reserved at "
-            f"seq {entry.reservation_seq}",
+            f"seq {entry.reservation_seq}"
         )
+    return None
 
 
 def _check_head(
@@ -253,7 +422,8 @@ def _check_head(
         if lines:
             raise _fail(path, where, f"missing while the ledger holds {len(lines)} entries")
         return False
-    if set(head) != _HEAD_FIELDS or head.get("v") != LEDGER_VERSION or head["kind"] != "head":
+    readable = head.get("v") in READABLE_VERSIONS and head.get("kind") == "head"
+    if set(head) != _HEAD_FIELDS or not readable:
         raise _fail(path, where, "not a ledger head (wrong fields or format)")
     count, last = head["count"], head["last_hash"]
     if isinstance(count, bool) or not isinstance(count, int) or not isinstance(last, str):
@@ -293,14 +463,12 @@ def _reservation_state(entry: ReserveEntry, commit: CommitEntry | None) -> Reser
         seq=entry.seq,
         run_id=entry.run_id,
         round=entry.round,
+        planned_rounds=entry.planned_rounds,
         reserved_steps=entry.steps,
         committed_steps=None if commit is None else commit.steps,
         sample_rate=entry.sample_rate,
         noise_multiplier=entry.noise_multiplier,
         max_grad_norm=entry.max_grad_norm,
-        delta=entry.delta,
-        dataset_size=entry.dataset_size,
-        accountant=entry.accountant,
         timestamp=entry.timestamp,
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,42 +20,54 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from medfed.errors import LedgerError, PrivacyError
-from medfed.privacy.accounting import (
-    AccountantName,
-    DPSteps,
-    check_accountant,
-    check_delta,
-    check_steps,
-    compute_epsilon,
+from medfed.privacy.accounting import AccountantName, DPSteps, check_steps, compute_epsilon
+from medfed.privacy.budget import (
+    BudgetCheck,
+    BudgetStatus,
+    PrivacyTerms,
+    budget_status,
+    check_budget,
 )
-from medfed.privacy.budget import BudgetCap, BudgetStatus, budget_status, check_budget
-from medfed.privacy.events import GENESIS_HASH, LEDGER_VERSION, canonical_json, line_hash, sign
+from medfed.privacy.events import (
+    GENESIS_HASH,
+    LEDGER_VERSION,
+    PRIVACY_UNIT,
+    Mechanism,
+    canonical_json,
+    line_hash,
+    sign,
+)
 from medfed.privacy.keys import key_id, load_or_create_signing_key, load_public_key, public_key_path
-from medfed.privacy.ledger import LedgerReport, verify_ledger, write_head
-from medfed.privacy.storage import append_line, head_path, locked
+from medfed.privacy.ledger import LedgerReport, verify_ledger, verify_ledger_bytes, write_head
+from medfed.privacy.storage import append_line, head_path, locked, read_bytes
 
 _PACKAGES = ("medfed", "torch", "opacus", "dp-accounting")
+
+log = logging.getLogger("medfed.privacy")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RoundPlan:
-    """The DP-SGD training a site intends to run for one round."""
+    """The DP-SGD training a site intends to run for one round of a run."""
 
     run_id: str
     round: int
+    planned_rounds: int | None  # None for a site's own training outside a federation run
     steps: int
     sample_rate: float
     noise_multiplier: float
     max_grad_norm: float
-    delta: float
-    dataset_size: int
-    accountant: AccountantName
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_id, str) or not 0 < len(self.run_id) <= 256:
             raise PrivacyError(f"run id must be 1 to 256 characters, got {self.run_id!r}")
         if isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 0:
             raise PrivacyError(f"round must be an integer >= 0, got {self.round!r}")
+        planned = self.planned_rounds
+        if planned is not None and (
+            isinstance(planned, bool) or not isinstance(planned, int) or planned < 1
+        ):
+            raise PrivacyError(f"planned_rounds must be an integer >= 1, got {planned!r}")
         check_steps(self.steps)
         if self.steps == 0:
             raise PrivacyError("a round plan needs at least one step", hint="check epochs")
@@ -67,14 +80,6 @@ class RoundPlan:
             or not 0.0 < self.max_grad_norm < math.inf
         ):
             raise PrivacyError(f"max_grad_norm must be > 0, got {self.max_grad_norm!r}")
-        check_delta(self.delta)
-        if (
-            isinstance(self.dataset_size, bool)
-            or not isinstance(self.dataset_size, int)
-            or self.dataset_size < 1
-        ):
-            raise PrivacyError(f"dataset size must be an integer >= 1, got {self.dataset_size!r}")
-        check_accountant(self.accountant)
 
     @property
     def dp_steps(self) -> DPSteps:
@@ -82,6 +87,32 @@ class RoundPlan:
         return DPSteps(
             noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=self.steps
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Release:
+    """Numbers about to leave the site, and the mechanism that covers them (see ReleaseEntry)."""
+
+    run_id: str
+    round: int
+    quantity: str
+    values: Mapping[str, float]
+    mechanism: Mechanism
+    noise_multiplier: float | None = None
+    sensitivity: float | None = None
+    noise_std: float | None = None
+    reservation_seq: int | None = None
+    model_sha256: str | None = None
+    reason: str | None = None
+
+    @property
+    def dp_steps(self) -> DPSteps | None:
+        """What the accountant charges for it: nothing unless it is a Gaussian mechanism."""
+        if self.mechanism != "gaussian":
+            return None
+        if self.noise_multiplier is None:
+            raise PrivacyError("a Gaussian release needs a noise multiplier")
+        return DPSteps(noise_multiplier=self.noise_multiplier, sample_rate=1.0, steps=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +125,7 @@ class Reservation:
     steps: int
     epsilon_before: float
     epsilon_after: float
-    accountant: AccountantName
-    delta: float
+    terms: PrivacyTerms
 
 
 @functools.cache
@@ -139,6 +169,8 @@ class SiteLedger:
                 key_id=None if known is None else key_id(known),
                 entries=(),
                 reservations=(),
+                releases=(),
+                terms_changes=(),
                 last_hash=GENESIS_HASH,
             )
         public_key = self._existing_public_key()
@@ -151,51 +183,49 @@ class SiteLedger:
         """The verified ledger's DP-SGD history (uncommitted reservations in full)."""
         return list(self.verify().history)
 
-    def spent(self, *, delta: float, accountant: AccountantName) -> float:
-        """Epsilon spent so far, recomputed from the verified ledger."""
-        return compute_epsilon(history=self.history(), delta=delta, accountant=accountant)
+    def spent(
+        self, *, delta: float | None = None, accountant: AccountantName | None = None
+    ) -> float:
+        """Epsilon spent so far, recomputed from the verified ledger at its own terms.
 
-    def status(self, *, cap: BudgetCap, accountant: AccountantName) -> BudgetStatus:
-        """Spent and remaining epsilon against ``cap``."""
-        return budget_status(history=self.history(), cap=cap, accountant=accountant)
+        ``delta`` and ``accountant`` default to the ledger's terms (RDP at the strictest delta
+        of a format-1 ledger that has no terms yet).
+        """
+        report = self.verify()
+        terms = report.terms
+        delta = delta if delta is not None else terms.delta if terms else report.legacy_delta
+        if delta is None:
+            return 0.0
+        accountant = accountant or (terms.accountant if terms else "rdp")
+        return compute_epsilon(history=report.history, delta=delta, accountant=accountant)
 
-    def reserve(self, *, plan: RoundPlan, cap: BudgetCap) -> Reservation:
+    def status(self, *, terms: PrivacyTerms) -> BudgetStatus:
+        """Spent and remaining epsilon under ``terms``."""
+        return budget_status(history=self.history(), cap=terms.cap, accountant=terms.accountant)
+
+    def reserve(self, *, plan: RoundPlan, terms: PrivacyTerms) -> Reservation:
         """Record ``plan`` before training, or raise BudgetExceededError and write nothing.
 
-        The check uses the plan's accountant at the cap's delta, and runs in the same
-        critical section as the append.
+        ``terms`` (the site's configured accountant, delta and cap) are written first when
+        they differ from the ledger's; the budget check uses them and runs in the same
+        critical section as the appends.
         """
-        private_key = self._signing_key()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with locked(self.path, exclusive=True):
-            report = self._verify_now(private_key.public_key())
-            check = check_budget(
-                history=report.history, planned=plan.dp_steps, cap=cap, accountant=plan.accountant
-            )
-            seq = len(report.entries)
-            self._append(
-                report,
-                private_key,
-                {
-                    "v": LEDGER_VERSION,
-                    "kind": "reserve",
-                    "seq": seq,
-                    "prev_hash": report.last_hash,
-                    "timestamp": _now(),
-                    "site_id": self.site_id,
-                    "key_id": key_id(private_key.public_key()),
-                    "run_id": plan.run_id,
-                    "round": plan.round,
-                    "steps": plan.steps,
-                    "sample_rate": float(plan.sample_rate),
-                    "noise_multiplier": float(plan.noise_multiplier),
-                    "max_grad_norm": float(plan.max_grad_norm),
-                    "delta": float(plan.delta),
-                    "dataset_size": plan.dataset_size,
-                    "accountant": plan.accountant,
-                    "library_versions": library_versions(),
-                },
-            )
+        seq, check = self._write(
+            kind="reserve",
+            cost=plan.dp_steps,
+            terms=terms,
+            fields={
+                "run_id": plan.run_id,
+                "round": plan.round,
+                "planned_rounds": plan.planned_rounds,
+                "steps": plan.steps,
+                "sample_rate": float(plan.sample_rate),
+                "noise_multiplier": float(plan.noise_multiplier),
+                "max_grad_norm": float(plan.max_grad_norm),
+                "library_versions": library_versions(),
+            },
+        )
+        assert check is not None
         return Reservation(
             seq=seq,
             run_id=plan.run_id,
@@ -203,9 +233,52 @@ class SiteLedger:
             steps=plan.steps,
             epsilon_before=check.spent,
             epsilon_after=check.would_reach,
-            accountant=plan.accountant,
-            delta=cap.delta,
+            terms=terms,
         )
+
+    def release(self, *, release: Release, terms: PrivacyTerms) -> int:
+        """Record a release before it leaves the site; its seq. A Gaussian one is budgeted.
+
+        A release the cap cannot pay for raises BudgetExceededError and writes nothing.
+        """
+        seq, _ = self._write(
+            kind="release",
+            cost=release.dp_steps,
+            terms=terms,
+            fields={
+                "run_id": release.run_id,
+                "round": release.round,
+                "quantity": release.quantity,
+                "values": {key: float(value) for key, value in release.values.items()},
+                "mechanism": release.mechanism,
+                "unit": PRIVACY_UNIT,
+                "noise_multiplier": _float_or_none(release.noise_multiplier),
+                "sensitivity": _float_or_none(release.sensitivity),
+                "noise_std": _float_or_none(release.noise_std),
+                "reservation_seq": release.reservation_seq,
+                "model_sha256": release.model_sha256,
+                "reason": release.reason,
+            },
+        )
+        return seq
+
+    def _write(
+        self, *, kind: str, cost: DPSteps | None, terms: PrivacyTerms, fields: dict[str, Any]
+    ) -> tuple[int, BudgetCheck | None]:
+        """Check the budget for ``cost``, adopt ``terms``, append one entry: under one lock."""
+        private_key = self._signing_key()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with locked(self.path, exclusive=True):
+            report = self._verify_now(private_key.public_key())
+            check = None
+            if cost is not None:
+                check = check_budget(
+                    history=report.history, planned=cost, cap=terms.cap, accountant=terms.accountant
+                )
+            report = self._adopt_terms(report, private_key, terms)
+            seq = len(report.entries)
+            self._append(report, private_key, {**self._header(report, private_key, kind), **fields})
+        return seq, check
 
     def commit(self, reservation: Reservation, *, steps: int) -> None:
         """Record the steps a reserved round actually took (at most the reserved steps).
@@ -240,22 +313,83 @@ class SiteLedger:
                 report,
                 private_key,
                 {
-                    "v": LEDGER_VERSION,
-                    "kind": "commit",
-                    "seq": len(report.entries),
-                    "prev_hash": report.last_hash,
-                    "timestamp": _now(),
-                    "site_id": self.site_id,
-                    "key_id": key_id(private_key.public_key()),
+                    **self._header(report, private_key, "commit"),
                     "reservation_seq": state.seq,
                     "steps": steps,
                 },
             )
 
+    def _adopt_terms(
+        self, report: LedgerReport, private_key: Ed25519PrivateKey, terms: PrivacyTerms
+    ) -> LedgerReport:
+        """Append a terms entry when ``terms`` differ from the ledger's; the report after it.
+
+        A larger delta than the ledger's is refused: it would lower the epsilon reported for
+        steps already taken. A raised cap is the site's governance decision and is recorded
+        (the aggregator and the audit flag it).
+        """
+        current = report.terms
+        if current == terms:
+            return report
+        floor = current.delta if current is not None else report.legacy_delta
+        if floor is not None and terms.delta > floor:
+            raise LedgerError(
+                f"{self.path}: privacy.delta {terms.delta:g} is larger than the delta "
+                f"{floor:g} this ledger is kept under; a larger delta would report less "
+                "epsilon for the steps already taken",
+                hint=f"set privacy.delta back to {floor:g} (or lower)",
+            )
+        if current is not None and terms.epsilon_cap > current.epsilon_cap:
+            log.warning(
+                "site %s raises its epsilon cap from %g to %g; the change is recorded in its "
+                "ledger and shown to the aggregator and auditors",
+                self.site_id,
+                current.epsilon_cap,
+                terms.epsilon_cap,
+            )
+        self._append(
+            report,
+            private_key,
+            {
+                **self._header(report, private_key, "terms"),
+                "accountant": terms.accountant,
+                "delta": float(terms.delta),
+                "epsilon_cap": float(terms.epsilon_cap),
+            },
+        )
+        return self._verify_now(private_key.public_key())
+
+    def _header(
+        self, report: LedgerReport, private_key: Ed25519PrivateKey, kind: str
+    ) -> dict[str, Any]:
+        return {
+            "v": LEDGER_VERSION,
+            "kind": kind,
+            "seq": len(report.entries),
+            "prev_hash": report.last_hash,
+            "timestamp": _now(),
+            "site_id": self.site_id,
+            "key_id": key_id(private_key.public_key()),
+        }
+
     def _append(
         self, report: LedgerReport, private_key: Ed25519PrivateKey, entry: dict[str, Any]
     ) -> None:
         line = canonical_json(sign(entry, private_key))
+        # Never write what the verifier would refuse to read: the ledger with the new line,
+        # checked in memory by the same rules (fields, chain, commits, releases).
+        try:
+            verify_ledger_bytes(
+                read_bytes(self.path) + line + b"\n",
+                public_key=private_key.public_key(),
+                site_id=self.site_id,
+                source=str(self.path),
+            )
+        except LedgerError as exc:
+            raise LedgerError(
+                f"refusing to append a {entry.get('kind')} entry: {exc.message}",
+                hint="this is a bug in the caller; the ledger was not changed",
+            ) from None
         append_line(self.path, line)
         write_head(
             self.path,
@@ -289,3 +423,7 @@ class SiteLedger:
         if public_key_path(self.key_path).exists():
             return load_public_key(public_key_path(self.key_path))
         return None
+
+
+def _float_or_none(value: float | None) -> float | None:
+    return None if value is None else float(value)

@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from medfed.config.site import SiteConfig
 from medfed.errors import ConfigError, DataError, MedfedError
+from medfed.site.release import shareable, unexpected
 from medfed.transport.envelope import (
     EnvelopeError,
     decline_error,
@@ -66,29 +67,31 @@ def _handle(
     try:
         reply = Message(work(config, message), reply_to=message)
     except MedfedError as exc:
-        shared = _shareable(exc)
+        # The site's log keeps the whole reason, the aggregator gets what the release policy
+        # lets cross (medfed.site.release): patient paths and ids never do.
+        shared = shareable(exc)
         error = shared.one_line()
-        log.warning("site %s declines %s: %s", config.site_id, kind, error, extra=extra)
+        log.warning(
+            "site %s declines %s: %s", config.site_id, kind, _local_reason(exc), extra=extra
+        )
         return Message(decline_error(shared), reply_to=message)
     except Exception as exc:
-        # Flower turns it into an error reply; the status still shows the node failed here.
+        # An exception's text may hold shapes or values of the data: the aggregator gets one
+        # fixed sentence, the traceback stays in the node's log.
+        log.exception("site %s failed on %s", config.site_id, kind, extra=extra)
         error = f"unexpected {type(exc).__name__} (see the node log)"
-        raise
+        return Message(decline_error(unexpected()), reply_to=message)
     finally:
         _record(config, run_id=run_id, round_=round_, kind=kind, error=error)
     log.info("site %s answered %s", config.site_id, kind, extra=extra)
     return reply
 
 
-def _shareable(exc: MedfedError) -> MedfedError:
-    """The refusal as logs, the node status and the aggregator see it.
-
-    Dataset errors name patients' files, so only their kind leaves the check; the full list is
-    what `medfed data check` prints to the operator at the site.
-    """
+def _local_reason(exc: MedfedError) -> str:
+    """What the node's own log says: a dataset refusal by its kind (data check lists it)."""
     if isinstance(exc, DataError):
-        return DataError("the dataset failed its check", hint="run `medfed data check` at the site")
-    return exc
+        return "the dataset failed its check (run `medfed data check` at the site)"
+    return exc.one_line()
 
 
 def _run_and_round(message: Message) -> tuple[str, int]:

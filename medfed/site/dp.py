@@ -19,34 +19,21 @@ from medfed.config.site import GradSampleMode
 from medfed.errors import PrivacyUnitError
 
 
-def entropy_seed() -> int:
-    """A 63-bit seed from the operating system's CSPRNG.
-
-    Noise and patient sampling are never seeded from the configuration: a noise seed that can
-    be known is noise that can be subtracted.
-    """
-    return int.from_bytes(os.urandom(8), "little") >> 1
-
-
 class PoissonPatientSampler:
     """Independent Bernoulli(q) draws over patients, one index set per step.
 
-    In secure mode the uniforms come straight from ``os.urandom``; otherwise from a torch
-    generator seeded from OS entropy. Either way an index appears at most once per step.
+    The uniforms come straight from ``os.urandom``: which patients a step used is as secret
+    as its noise. An index appears at most once per step.
     """
 
-    def __init__(self, *, num_patients: int, sample_rate: float, secure: bool) -> None:
+    def __init__(self, *, num_patients: int, sample_rate: float) -> None:
         self.num_patients = num_patients
         self.sample_rate = sample_rate
-        self.secure = secure
-        self._generator = torch.Generator().manual_seed(entropy_seed())
 
     def _uniforms(self) -> torch.Tensor:
-        if self.secure:
-            raw = torch.frombuffer(bytearray(os.urandom(8 * self.num_patients)), dtype=torch.int64)
-            # 53 random bits -> an exact uniform double in [0, 1).
-            return (raw & ((1 << 53) - 1)).to(torch.float64) / float(1 << 53)
-        return torch.rand(self.num_patients, generator=self._generator, dtype=torch.float64)
+        raw = torch.frombuffer(bytearray(os.urandom(8 * self.num_patients)), dtype=torch.int64)
+        # 53 random bits -> an exact uniform double in [0, 1).
+        return (raw & ((1 << 53) - 1)).to(torch.float64) / float(1 << 53)
 
     def draw(self) -> list[int]:
         """The patients sampled for one step (possibly none)."""
@@ -73,7 +60,32 @@ def check_one_example_per_patient(patients: Sequence[int], batch_size: int) -> N
         )
 
 
-Gradients = Callable[[torch.Tensor, torch.Tensor], float]
+# Fills every parameter's ``grad_sample`` for a batch and returns each example's loss.
+Gradients = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LossCoordinate:
+    """The training loss as one more coordinate of each patient's clipped gradient.
+
+    Each patient's loss is clipped to ``[0, clip]`` and scaled by ``scale = share x C / clip``
+    (C the clipping norm), so it takes at most ``share`` of the norm the patient's whole
+    vector is clipped to. The DP optimiser clips that vector and adds its Gaussian noise to
+    the loss coordinate as to every other: the noisy loss sum is part of the DP-SGD step's
+    output and costs no privacy beyond the step itself.
+    """
+
+    clip: float
+    share: float
+    max_grad_norm: float
+
+    @property
+    def scale(self) -> float:
+        return self.share * self.max_grad_norm / self.clip
+
+    def step_std(self, *, noise_multiplier: float, expected_batch_size: int) -> float:
+        """Standard deviation of one step's noisy mean-loss estimate."""
+        return noise_multiplier * self.max_grad_norm / (self.scale * expected_batch_size)
 
 
 @dataclass
@@ -81,13 +93,72 @@ class DPComponents:
     """The model and optimiser that perform DP-SGD, and how a batch's gradients are made.
 
     ``per_sample_gradients(images, labels)`` leaves one gradient row per example in every
-    parameter's ``grad_sample`` and returns the batch's mean loss; ``optimizer.step()`` then
-    clips each row, sums, adds the noise and updates.
+    parameter's ``grad_sample`` and returns the examples' losses; :meth:`step` then clips
+    each row, sums, adds the noise and updates, and returns the step's noisy loss estimate.
     """
 
     module: nn.Module
     optimizer: torch.optim.Optimizer
     per_sample_gradients: Gradients
+    loss: LossCoordinate
+    probe: nn.Parameter
+
+    def step(self, images: torch.Tensor | None, labels: torch.Tensor | None) -> float:
+        """One DP-SGD step (an empty draw when ``images`` is None); the noisy mean loss.
+
+        A patient whose gradient or loss is not finite contributes a zero gradient and the
+        loss bound instead, so that neither the step count nor anything else the site
+        releases depends on whether some patient's data is broken.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        if images is None or labels is None:
+            prepare_empty_step(self.module)
+            rows = torch.zeros((0, 1), dtype=self.probe.dtype, device=self.probe.device)
+        else:
+            losses = self.per_sample_gradients(images, labels).detach()
+            rows_made = per_sample_gradient_rows(self.module)
+            if rows_made != images.shape[0]:
+                raise PrivacyUnitError(
+                    f"{rows_made} per-sample gradients for {images.shape[0]} sampled patients",
+                    hint="the network or loss mixes examples across the batch (e.g. BatchNorm)",
+                )
+            finite = _finite_rows(self.module) & torch.isfinite(losses)
+            _zero_rows(self.module, keep=finite)
+            bounded = torch.where(finite, losses, torch.full_like(losses, self.loss.clip))
+            bounded = bounded.clamp(0.0, self.loss.clip) * self.loss.scale
+            rows = bounded.to(self.probe.dtype).reshape(-1, 1)
+        self.probe.grad_sample = rows  # type: ignore[attr-defined]
+        self.optimizer.step()
+        assert self.probe.grad is not None
+        # p.grad is (noisy sum) / expected batch size; back in loss units, a mean estimate.
+        estimate = float(self.probe.grad.detach().reshape(-1)[0]) / self.loss.scale
+        with torch.no_grad():
+            self.probe.zero_()
+        return estimate
+
+
+def _finite_rows(module: nn.Module) -> torch.Tensor:
+    """For each example of the last backward pass: whether all its gradients are finite."""
+    finite: torch.Tensor | None = None
+    for parameter in module.parameters():
+        grad_sample = getattr(parameter, "grad_sample", None)
+        if isinstance(grad_sample, torch.Tensor):
+            rows = torch.isfinite(grad_sample.reshape(grad_sample.shape[0], -1)).all(dim=1)
+            finite = rows if finite is None else finite & rows
+    assert finite is not None, "no per-sample gradients to check"
+    return finite
+
+
+def _zero_rows(module: nn.Module, *, keep: torch.Tensor) -> None:
+    if bool(keep.all()):
+        return
+    for parameter in module.parameters():
+        grad_sample = getattr(parameter, "grad_sample", None)
+        if isinstance(grad_sample, torch.Tensor):
+            mask = keep.reshape(-1, *([1] * (grad_sample.dim() - 1)))
+            parameter.grad_sample = torch.where(  # type: ignore[attr-defined]
+                mask, grad_sample, torch.zeros_like(grad_sample)
+            )
 
 
 def segmentation_loss(*, onehot_targets: bool) -> nn.Module:
@@ -113,16 +184,22 @@ def make_private(
     expected_batch_size: int,
     grad_sample_mode: GradSampleMode,
     secure_mode: bool,
+    loss_clip: float = 2.0,
+    loss_share: float = 0.3,
 ) -> DPComponents:
     """Set ``model`` up for per-sample gradients and wrap ``optimizer`` for clipping and noise.
 
     ``hooks`` and ``functorch`` wrap the model in Opacus' GradSampleModule. ``vmap`` leaves it
     plain and differentiates one example's loss with ``torch.func``, vectorised over the batch:
     one forward and one backward pass for the whole network (see benchmarks/README.md).
+    The noise comes from a CSPRNG (:mod:`medfed.site.noise`); ``secure_mode`` adds the
+    defence against floating-point attacks. The training loss rides along as one more
+    coordinate (:class:`LossCoordinate`), in a parameter group the optimiser does not move.
     Accounting is not attached: the site's ledger is the only accountant.
     """
     from opacus.grad_sample.utils import prepare_module
-    from opacus.optimizers import DPOptimizer
+
+    from medfed.site.noise import CsprngDPOptimizer
 
     if grad_sample_mode == "vmap":
         module: nn.Module = model
@@ -132,25 +209,38 @@ def make_private(
             model, grad_sample_mode=grad_sample_mode, batch_first=True, loss_reduction="mean"
         )
         per_sample = _backward_gradients(module)
-    dp_optimizer = DPOptimizer(
+    reference = next(p for p in model.parameters() if p.requires_grad)
+    probe = nn.Parameter(torch.zeros(1, dtype=reference.dtype, device=reference.device))
+    optimizer.add_param_group({"params": [probe], "lr": 0.0, "weight_decay": 0.0})
+    dp_optimizer = CsprngDPOptimizer(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size,
         loss_reduction="mean",
-        generator=torch.Generator().manual_seed(entropy_seed()),
         secure_mode=secure_mode,
     )
-    return DPComponents(module=module, optimizer=dp_optimizer, per_sample_gradients=per_sample)
+    return DPComponents(
+        module=module,
+        optimizer=dp_optimizer,
+        per_sample_gradients=per_sample,
+        loss=LossCoordinate(clip=loss_clip, share=loss_share, max_grad_norm=max_grad_norm),
+        probe=probe,
+    )
 
 
 def _backward_gradients(module: nn.Module) -> Gradients:
     loss_fn = segmentation_loss(onehot_targets=False)
 
-    def gradients(images: torch.Tensor, labels: torch.Tensor) -> float:
-        loss = loss_fn(module(images), labels)
+    def gradients(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        output = module(images)
+        loss = loss_fn(output, labels)
         loss.backward()  # Opacus' hooks turn this into per-sample gradients
-        return float(loss.detach())
+        with torch.no_grad():
+            # batch=False: the batch loss is the mean of these, one per patient.
+            return torch.stack(
+                [loss_fn(output[i : i + 1], labels[i : i + 1]) for i in range(len(output))]
+            )
 
     return gradients
 
@@ -169,14 +259,15 @@ def _vmap_gradients(model: nn.Module, num_classes: int) -> Gradients:
     per_example = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0))
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
-    def gradients(images: torch.Tensor, labels: torch.Tensor) -> float:
+    def gradients(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # One-hot encoding scatters, which vmap cannot batch: encode the targets outside.
         target = torch.nn.functional.one_hot(labels[:, 0].long(), num_classes)
         target = target.movedim(-1, 1).to(images.dtype)
         grads, losses = per_example({n: p.detach() for n, p in named}, images, target)
         for name, parameter in named:
             parameter.grad_sample = grads[name]  # type: ignore[attr-defined]
-        return float(losses.mean())
+        detached: torch.Tensor = losses.detach()
+        return detached
 
     return gradients
 

@@ -19,7 +19,6 @@ class Volumes(Protocol):
     def __getitem__(self, index: int) -> Any: ...
 
 
-@torch.no_grad()
 def evaluate_dice(
     *,
     model: nn.Module,
@@ -33,16 +32,32 @@ def evaluate_dice(
     Returns NaN for an empty validation set, so a missing validation split is visible rather
     than silently reported as perfect or zero.
     """
+    scores = per_patient_dice(
+        model=model, dataset=dataset, patch_size=patch_size, num_classes=num_classes, device=device
+    )
+    return sum(scores) / len(scores) if scores else float("nan")
+
+
+@torch.no_grad()
+def per_patient_dice(
+    *,
+    model: nn.Module,
+    dataset: Volumes,
+    patch_size: Sequence[int],
+    num_classes: int,
+    device: torch.device,
+) -> list[float]:
+    """Each validation patient's foreground Dice (mean over the foreground classes)."""
     from monai.inferers.utils import sliding_window_inference
     from monai.metrics.meandice import DiceMetric
     from monai.networks.utils import one_hot
 
     if len(dataset) == 0:
-        return float("nan")
+        return []
     network = unwrap(model)
     was_training = network.training
     network.eval()
-    metric = DiceMetric(include_background=False, reduction="mean", ignore_empty=False)
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
     try:
         for index in range(len(dataset)):
             item = dataset[index]
@@ -56,6 +71,6 @@ def evaluate_dice(
             metric(y_pred=prediction, y=one_hot(label, num_classes=num_classes))
         result = metric.aggregate()
         assert isinstance(result, torch.Tensor)
-        return float(result.item())
+        return [float(value) for value in result.to(torch.float64).mean(dim=1)]
     finally:
         network.train(was_training)

@@ -2,37 +2,34 @@
 
 The ClientApp (:mod:`medfed.site.clientapp`) only converts messages; everything a site decides
 happens here, in this order: the run's settings are checked against the site's policy before
-any data is read; training goes through :func:`medfed.site.trainer.train_local`, which writes
-the ledger before and after; the reply carries the ledger entries the aggregator has not seen.
+any data is read (:mod:`medfed.site.policy`); training goes through
+:func:`medfed.site.trainer.train_local`, which writes the ledger before and after; every number
+that leaves is released through :mod:`medfed.site.release` into the ledger; the reply carries
+the weights and the ledger entries the aggregator has not seen, nothing else.
 
 A round asked for twice (the aggregator restarted and resumed) is answered from the stored
 reply instead of training again, as long as the global model is the same: the steps were
-spent once and are not spent twice.
+spent once and are not spent twice. A second, different model for a round already answered
+is refused.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
 import json
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
 
-from medfed.config.run import RUN_NAME_PATTERN
 from medfed.config.site import ModelSection, SiteConfig
-from medfed.errors import ConfigError, LedgerError, PolicyError
-from medfed.transport.envelope import (
-    EvaluationReply,
-    InitReply,
-    RoundReply,
-    RoundRequest,
-)
-from medfed.types import SiteUpdate
+from medfed.errors import ConfigError, LedgerError, PolicyError, RunSettingsError
+from medfed.site import policy
+from medfed.transport.envelope import EvaluationReply, InitReply, RoundReply, RoundRequest
+from medfed.types import weights_digest
 
 log = logging.getLogger("medfed.site")
 
@@ -44,11 +41,12 @@ def check_policy(config: SiteConfig, request: RoundRequest) -> None:
 
     Runs before any data is read. The network size rule builds the requested network (on
     PyTorch's meta device where it can) to count its trainable parameters; limits that need
-    the round's sampling plan (noise from a per-round epsilon target, the epsilon of one
-    round) are checked by the trainer, still before any step is taken.
+    the round's sampling plan are checked by the trainer, still before any step is taken.
     """
-    problems = _rule_problems(config, request)
-    if config.policy.max_parameters is not None:
+    run = _run_request(config, request)
+    problems = policy.request_problems(config, run)
+    limit = config.policy.max_parameters
+    if limit is not None:
         try:
             count = trainable_parameters(_apply(config, request))
         except ConfigError as exc:
@@ -56,69 +54,24 @@ def check_policy(config: SiteConfig, request: RoundRequest) -> None:
                 raise
             problems.append(exc.message)
         else:
-            if count > config.policy.max_parameters:
+            if count > limit:
                 problems.append(
                     f"the network has {count:,} trainable parameters, more than "
-                    f"policy.max_parameters {config.policy.max_parameters:,}"
+                    f"policy.max_parameters {limit:,}"
                 )
-    if problems:
-        log.warning(
-            "site %s declines run %r: %s",
-            config.site_id,
-            request.run_name,
-            "; ".join(problems),
-            extra={"run_id": request.run_name, "round": request.round, "site_id": config.site_id},
-        )
-        raise PolicyError(
-            f"site {config.site_id} declines run {request.run_name!r}: " + "; ".join(problems),
-            hint="change the run settings, or the site's policy section if the site agrees",
-        )
+    policy.refuse(config, run, problems)
 
 
-def _rule_problems(config: SiteConfig, request: RoundRequest) -> list[str]:
-    """The broken rules that need nothing but the request and the policy."""
-    policy = config.policy
-    problems: list[str] = []
-    network = request.model.get("network", config.model.network)
-    if network not in policy.allowed_networks:
-        problems.append(
-            f"network {network!r} is not in policy.allowed_networks {policy.allowed_networks}"
-        )
-    if request.local_epochs > policy.max_local_epochs:
-        problems.append(
-            f"{request.local_epochs} local epochs exceed policy.max_local_epochs "
-            f"{policy.max_local_epochs}"
-        )
-    noise = request.noise_multiplier
-    if (
-        noise is not None
-        and policy.min_noise_multiplier is not None
-        and noise < policy.min_noise_multiplier
-    ):
-        problems.append(
-            f"noise multiplier {noise:g} is below policy.min_noise_multiplier "
-            f"{policy.min_noise_multiplier:g}"
-        )
-    if policy.max_rounds_per_run is not None and request.planned_rounds > policy.max_rounds_per_run:
-        problems.append(
-            f"the run plans {request.planned_rounds} rounds, more than "
-            f"policy.max_rounds_per_run {policy.max_rounds_per_run}"
-        )
-    problems += _name_problems("run name", request.run_name, "accepted_runs", policy.accepted_runs)
-    problems += _name_problems(
-        "project", request.project, "accepted_projects", policy.accepted_projects
+def _run_request(config: SiteConfig, request: RoundRequest) -> policy.RunRequest:
+    return policy.RunRequest(
+        run_name=request.run_name,
+        project=request.project,
+        round=request.round,
+        planned_rounds=request.planned_rounds,
+        network=str(request.model.get("network", config.model.network)),
+        local_epochs=request.local_epochs,
+        noise_multiplier=request.noise_multiplier,
     )
-    return problems
-
-
-def _name_problems(what: str, name: str, rule: str, patterns: list[str]) -> list[str]:
-    """A run's or project's name: valid, and matching one of the policy's globs."""
-    if not RUN_NAME_PATTERN.match(name):
-        return [f"{what} {name!r} is not a valid name"]
-    # Case-sensitive on every platform: run and project names are identifiers.
-    if not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
-        return [f"{what} {name!r} matches none of policy.{rule} {patterns}"]
-    return []
 
 
 def trainable_parameters(config: SiteConfig) -> int:
@@ -143,8 +96,10 @@ def round_config(config: SiteConfig, request: RoundRequest) -> SiteConfig:
 
     The run is checked against the site's policy first (:func:`check_policy`), so no caller
     can apply settings the site has not agreed to. The result is re-validated as a whole, so
-    a run's model that does not fit the site's patch size is a clear :class:`ConfigError` and
-    not a shape error deep in a network.
+    a run's model that does not fit the site's patch size is a clear error and not a shape
+    error deep in a network. The privacy section stays the site's: the run's noise is
+    passed to the trainer, which may only raise the site's own
+    (:func:`medfed.site.policy.resolve_noise`).
     """
     check_policy(config, request)
     return _apply(config, request)
@@ -155,19 +110,16 @@ def _apply(config: SiteConfig, request: RoundRequest) -> SiteConfig:
     try:
         data["model"] = ModelSection.model_validate(request.model).model_dump()
     except ValidationError as exc:
-        raise ConfigError(f"the run's model settings are invalid: {_problems(exc)}") from None
+        raise RunSettingsError(f"the run's model settings are invalid: {_problems(exc)}") from None
     data["training"]["epochs"] = request.local_epochs
     if request.learning_rate is not None:
         data["training"]["learning_rate"] = request.learning_rate
-    if request.noise_multiplier is not None:
-        data["privacy"]["noise_multiplier"] = request.noise_multiplier
-        data["privacy"]["target_epsilon_per_round"] = None
     if request.max_grad_norm is not None:
         data["privacy"]["max_grad_norm"] = request.max_grad_norm
     try:
         return SiteConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(
+        raise RunSettingsError(
             f"the run's settings do not fit site {config.site_id}: {_problems(exc)}",
             hint="the run's model must fit the site's data.patch_size",
         ) from None
@@ -177,16 +129,6 @@ def _problems(exc: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
     )
-
-
-def weights_digest(weights: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes: identifies one global model exactly."""
-    digest = hashlib.sha256()
-    for name in sorted(weights):
-        array = np.ascontiguousarray(weights[name])
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
 
 
 def initial_model(*, config: SiteConfig, request: RoundRequest) -> InitReply:
@@ -209,6 +151,12 @@ def train_round(*, config: SiteConfig, request: RoundRequest) -> RoundReply:
     effective = round_config(config, request)
     if request.weights is None:
         raise ConfigError(f"round {request.round} of {request.run_name!r} came without a model")
+    if request.round < 1:
+        raise PolicyError(
+            f"site {config.site_id} declines run {request.run_name!r}: training rounds are "
+            f"numbered from 1, not {request.round}",
+            hint="rounds 1 to planned_rounds train; round 0 is the initial model",
+        )
     digest = weights_digest(request.weights)
     from medfed.privacy.storage import locked, make_private_dirs
 
@@ -217,17 +165,20 @@ def train_round(*, config: SiteConfig, request: RoundRequest) -> RoundReply:
     # One training per run and round at a time: a repeated request (the aggregator restarted
     # while this site trained) waits here and then replays the stored reply.
     with locked(directory / "round", exclusive=True):
-        update = _stored_reply(effective, request, digest)
-        if update is not None:
+        weights = _stored_reply(effective, request, digest)
+        if weights is not None:
             log.info(
                 "round %d of %s was trained already: replaying it", request.round, request.run_name
             )
         else:
-            update = _train(effective, request, digest)
-    return _with_ledger(effective, update, request.ledger_known)
+            started = time.monotonic()
+            weights = _train(effective, request, digest)
+            _store_reply(effective, request, digest, weights, time.monotonic() - started)
+    return _reply(effective, request, weights)
 
 
-def _train(config: SiteConfig, request: RoundRequest, digest: str) -> SiteUpdate:
+def _train(config: SiteConfig, request: RoundRequest, digest: str) -> Mapping[str, np.ndarray]:
+    from medfed.site import release
     from medfed.site.trainer import train_local
 
     assert request.weights is not None
@@ -235,67 +186,119 @@ def _train(config: SiteConfig, request: RoundRequest, digest: str) -> SiteUpdate
         config=config,
         run_id=request.run_name,
         round_index=request.round,
+        planned_rounds=request.planned_rounds,
         initial_weights=request.weights,
         proximal_mu=request.proximal_mu,
+        requested_noise=request.noise_multiplier,
+        evaluate=False,
     )
-    loss = result.mean_loss
-    update = SiteUpdate(
-        site_id=config.site_id,
+    ledger = _ledger(config)
+    release.training_loss(
+        config=config,
+        ledger=ledger,
+        run_id=request.run_name,
         round=request.round,
-        weights=result.weights,
-        num_patients=result.train_patients,
-        metrics={
-            "loss": float("nan") if loss is None else loss,
-            "dice_before": result.dice_before,
-            "dice_after": result.dice_after,
-            "epsilon_spent": result.epsilon_spent,
-            "steps": float(result.steps),
-            "sample_rate": result.sample_rate,
-            "noise_multiplier": result.noise_multiplier,
-            "train_seconds": result.seconds,
-            "val_patients": float(result.val_patients),
-        },
+        reservation_seq=result.reservation_seq,
+        estimates=result.loss_estimates,
+        step_std=result.loss_step_std,
+        noise_multiplier=result.noise_multiplier,
+        model_sha256=digest,
     )
-    _store_reply(config, request, digest, update)
-    return update
+    _release_dice(config, request, request.weights, digest, final=False)
+    return result.weights
 
 
 def evaluate_round(*, config: SiteConfig, request: RoundRequest) -> EvaluationReply:
-    """Dice of the global model on this site's validation split."""
-    import torch
+    """Release the Dice of a model of a run this site trained in, on its validation split.
 
-    from medfed.data import build_datasets
-    from medfed.models import build_model, place_model, resolve_device, spec_from_config
-    from medfed.models.checkpoint import load_weights_into
-    from medfed.site.evaluate import evaluate_dice
-
+    Only a run in the site's own ledger is evaluated, each model of it once (asked again, the
+    same release is sent again), within the release policy's limit per run.
+    """
     effective = round_config(config, request)
     if request.weights is None:
         raise ConfigError(f"evaluation of {request.run_name!r} came without a model")
-    device = resolve_device(name=effective.training.device, threads=effective.training.threads)
-    spec = spec_from_config(effective)
+    if not _ledger(effective).verify().runs(request.run_name):
+        raise PolicyError(
+            f"site {config.site_id} evaluates models of the runs it trained in only, and has "
+            f"no round of run {request.run_name!r}",
+            hint="evaluate a run's final model after the site took part in its rounds",
+        )
+    _release_dice(effective, request, request.weights, weights_digest(request.weights), final=True)
+    first, lines = ledger_lines_since(effective, request.ledger_known)
+    return EvaluationReply(site_id=config.site_id, ledger_first_seq=first, ledger_lines=lines)
+
+
+def _release_dice(
+    config: SiteConfig,
+    request: RoundRequest,
+    weights: Mapping[str, np.ndarray],
+    digest: str,
+    *,
+    final: bool,
+) -> None:
+    """The validation Dice of ``weights``, released as the site's release policy allows."""
+    from medfed.data import build_datasets
+    from medfed.site import release
+
+    datasets = build_datasets(config)
+    counts = release.released_counts(
+        config=config, run_id=request.run_name, round_index=request.round, datasets=datasets
+    )
+    outcome = release.validation_dice(
+        config=config,
+        ledger=_ledger(config),
+        counts=counts,
+        run_id=request.run_name,
+        round=request.round,
+        planned_rounds=request.planned_rounds,
+        final=final,
+        model_sha256=digest,
+        per_patient=lambda: _per_patient_dice(config, weights, datasets.val),
+    )
+    if outcome.withheld:
+        log.info(
+            "site %s releases no Dice for round %d of %s: %s",
+            config.site_id,
+            request.round,
+            request.run_name,
+            outcome.withheld,
+        )
+
+
+def _per_patient_dice(
+    config: SiteConfig, weights: Mapping[str, np.ndarray], dataset: Any
+) -> Sequence[float]:
+    import torch
+
+    from medfed.models import build_model, place_model, resolve_device, spec_from_config
+    from medfed.models.checkpoint import load_weights_into
+    from medfed.site.evaluate import per_patient_dice
+
+    device = resolve_device(name=config.training.device, threads=config.training.threads)
+    spec = spec_from_config(config)
     with torch.random.fork_rng(devices=[]):
         model = place_model(model=build_model(spec=spec), spec=spec, device=device)
-    load_weights_into(model=model, weights=request.weights)
-    datasets = build_datasets(effective)
-    dice = evaluate_dice(
+    load_weights_into(model=model, weights=weights)
+    return per_patient_dice(
         model=model,
-        dataset=datasets.val,
-        patch_size=effective.data.patch_size,
-        num_classes=len(effective.data.classes),
+        dataset=dataset,
+        patch_size=config.data.patch_size,
+        num_classes=len(config.data.classes),
         device=device,
     )
-    return EvaluationReply(site_id=config.site_id, dice=dice, val_patients=len(datasets.val))
+
+
+def _ledger(config: SiteConfig) -> Any:
+    from medfed.privacy import SiteLedger
+
+    return SiteLedger(
+        path=config.ledger_path, key_path=config.signing_key_path, site_id=config.site_id
+    )
 
 
 def ledger_lines_since(config: SiteConfig, known: int) -> tuple[int, tuple[str, ...]]:
     """The verified ledger's entries from index ``known`` on (what the aggregator lacks)."""
-    from medfed.privacy import SiteLedger
-
-    ledger = SiteLedger(
-        path=config.ledger_path, key_path=config.signing_key_path, site_id=config.site_id
-    )
-    report = ledger.verify()
+    report = _ledger(config).verify()
     count = len(report.entries)
     if known > count:
         raise LedgerError(
@@ -310,15 +313,16 @@ def ledger_lines_since(config: SiteConfig, known: int) -> tuple[int, tuple[str, 
     return known, tuple(lines[known:])
 
 
-def _with_ledger(config: SiteConfig, update: SiteUpdate, known: int) -> RoundReply:
-    first, lines = ledger_lines_since(config, known)
+def _reply(
+    config: SiteConfig, request: RoundRequest, weights: Mapping[str, np.ndarray]
+) -> RoundReply:
+    first, lines = ledger_lines_since(config, request.ledger_known)
     return RoundReply(
-        update=update,
+        site_id=config.site_id,
+        round=request.round,
+        weights=weights,
         ledger_first_seq=first,
         ledger_lines=lines,
-        epsilon_cap=config.privacy.epsilon_cap,
-        delta=config.privacy.delta,
-        accountant=config.privacy.accountant,
     )
 
 
@@ -327,28 +331,36 @@ def _reply_dir(config: SiteConfig, request: RoundRequest) -> Path:
 
 
 def _store_reply(
-    config: SiteConfig, request: RoundRequest, digest: str, update: SiteUpdate
+    config: SiteConfig,
+    request: RoundRequest,
+    digest: str,
+    weights: Mapping[str, np.ndarray],
+    seconds: float,
 ) -> None:
+    """The round's update, for a replay; ``seconds`` of the site's work stay here too (the
+    site's own record, never sent)."""
     from safetensors.numpy import save
 
     from medfed.privacy.storage import replace_file
 
     directory = _reply_dir(config, request)
-    weights = {name: np.ascontiguousarray(array) for name, array in update.weights.items()}
+    arrays = {name: np.ascontiguousarray(array) for name, array in weights.items()}
     # Atomic and fsynced like the reply file: a node stopped mid-write leaves the old file or
     # none, and the round is trained again instead of replayed from a torn update.
-    replace_file(directory / "update.safetensors", save(weights), mode=0o600)
-    record: dict[str, Any] = {
+    replace_file(directory / "update.safetensors", save(arrays), mode=0o600)
+    record = {
         "global_sha256": digest,
-        "update_sha256": weights_digest(update.weights),
-        "num_patients": update.num_patients,
-        "metrics": dict(update.metrics),
+        "update_sha256": weights_digest(weights),
+        "site_seconds": round(seconds, 3),
     }
     # The reply file is written last: its presence means the update beside it is complete.
     replace_file(directory / _REPLY_FILE, json.dumps(record, indent=2).encode("utf-8"))
 
 
-def _stored_reply(config: SiteConfig, request: RoundRequest, digest: str) -> SiteUpdate | None:
+def _stored_reply(
+    config: SiteConfig, request: RoundRequest, digest: str
+) -> Mapping[str, np.ndarray] | None:
+    """The stored update of this round for this global model; refuses another model."""
     from safetensors.numpy import load_file
 
     directory = _reply_dir(config, request)
@@ -357,14 +369,12 @@ def _stored_reply(config: SiteConfig, request: RoundRequest, digest: str) -> Sit
         weights = load_file(str(directory / "update.safetensors"))
     except (OSError, ValueError):
         return None
-    if record.get("global_sha256") != digest or record.get("update_sha256") != weights_digest(
-        weights
-    ):
-        return None
-    return SiteUpdate(
-        site_id=config.site_id,
-        round=request.round,
-        weights=weights,
-        num_patients=int(record["num_patients"]),
-        metrics={key: float(value) for key, value in record["metrics"].items()},
-    )
+    if record.get("update_sha256") != weights_digest(weights):
+        return None  # a torn or damaged store: the round was never answered from it
+    if record.get("global_sha256") != digest:
+        raise PolicyError(
+            f"site {config.site_id} answered round {request.round} of run "
+            f"{request.run_name!r} already, for another global model",
+            hint="a round is trained once; resume the run from its last global model",
+        )
+    return weights

@@ -246,15 +246,13 @@ def _cmdline(pid: int) -> list[str] | None:
 
 def _budget(config: SiteConfig) -> tuple[float | None, float | None, str | None]:
     from medfed.errors import MedfedError
-    from medfed.privacy.budget import BudgetCap
     from medfed.privacy.site_ledger import SiteLedger
 
-    cap = BudgetCap(epsilon=config.privacy.epsilon_cap, delta=config.privacy.delta)
     ledger = SiteLedger(
         path=config.ledger_path, key_path=config.signing_key_path, site_id=config.site_id
     )
     try:
-        status = ledger.status(cap=cap, accountant=config.privacy.accountant)
+        status = ledger.status(terms=config.terms)
     except MedfedError as exc:
         return None, None, exc.one_line()
     return status.spent, status.remaining, None

@@ -187,6 +187,7 @@ def render_site_config(
     """The commented YAML text of a new site config (not yet validated)."""
     privacy_fields = PrivacySection.model_fields
     chosen_delta = delta if delta is not None else privacy_fields["delta"].default
+    cap = epsilon_cap if epsilon_cap is not None else privacy_fields["epsilon_cap"].default
     values: dict[str, dict[str, Any]] = {
         "transport": {
             "superlink_address": kit.superlink_address,
@@ -199,12 +200,11 @@ def render_site_config(
             "noise_multiplier": noise_multiplier if noise_multiplier is not None else 1.0,
             "max_grad_norm": privacy_fields["max_grad_norm"].default,
             "delta": chosen_delta,
-            "epsilon_cap": (
-                epsilon_cap if epsilon_cap is not None else privacy_fields["epsilon_cap"].default
-            ),
+            "epsilon_cap": cap,
             "accountant": privacy_fields["accountant"].default,
         },
         "paths": {"workdir": workdir, "signing_key": kit.ledger_key},
+        "policy": {"max_epsilon_per_round": cap / 4.0},
     }
     notes = {
         ("privacy", "noise_multiplier"): "Set this or target_epsilon_per_round, not both.",
@@ -218,9 +218,11 @@ def render_site_config(
         ("paths", "signing_key"): "Private (mode 0600); a new key cannot continue an existing "
         "ledger.",
         ("transport", "node_private_key"): "Private (mode 0600), on this machine only.",
+        ("policy", "max_epsilon_per_round"): "A quarter of the cap here.",
     }
-    # Written out with their defaults: what the site allows is explicit in its own file.
-    explicit_sections = {"policy"}
+    # Written out with their defaults: what the site allows, and what may leave it, is
+    # explicit in its own file.
+    explicit_sections = {"policy", "release"}
     header = f"""\
 # medfed site configuration for site {json.dumps(kit.site_id)}
 # Written by `medfed site init` on {now.replace(microsecond=0).isoformat()} from the kit in

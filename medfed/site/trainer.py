@@ -29,22 +29,23 @@ import torch
 from torch import nn
 
 from medfed.config.site import SiteConfig
-from medfed.errors import PolicyError, PrivacyUnitError, TrainingError
-from medfed.models.checkpoint import unwrap
+from medfed.errors import TrainingError
+from medfed.models.checkpoint import model_weights, unwrap
+from medfed.privacy.accounting import DPSteps, compute_epsilon
 from medfed.privacy.sampling import SamplingPlan, plan_sampling
-from medfed.privacy.site_ledger import RoundPlan
+from medfed.privacy.site_ledger import RoundPlan, SiteLedger
 from medfed.privacy.storage import replace_file
 from medfed.site.dp import (
     DPComponents,
     PoissonPatientSampler,
     check_one_example_per_patient,
     make_private,
-    per_sample_gradient_rows,
-    prepare_empty_step,
 )
 from medfed.site.evaluate import Volumes, evaluate_dice
+from medfed.site.release import PatientCounts
 
 if TYPE_CHECKING:
+    from medfed.data import SiteDatasets
     from medfed.models.spec import ModelSpec
 
 log = logging.getLogger("medfed.site")
@@ -76,17 +77,30 @@ class EpochReport:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """Everything one local training round produced."""
+    """Everything one local training round produced.
+
+    ``train_patients``/``val_patients`` are the exact counts, for the site's own records;
+    ``released_train_patients``/``released_val_patients`` the noisy counts the site released
+    (:mod:`medfed.site.release`), from which the sampling plan was made. ``loss_estimates``
+    are the steps' noisy mean losses (one more coordinate of the DP-SGD step, see
+    :class:`medfed.site.dp.LossCoordinate`), each with standard deviation ``loss_step_std``.
+    ``dice_before``/``dice_after`` are exact and stay at the site (NaN when not evaluated).
+    """
 
     run_id: str
     round: int
     site_id: str
     train_patients: int
     val_patients: int
+    released_train_patients: int
+    released_val_patients: int
     sample_rate: float
     noise_multiplier: float
     steps: int
+    reservation_seq: int
     epochs: list[EpochReport]
+    loss_estimates: list[float]
+    loss_step_std: float
     dice_before: float
     dice_after: float
     epsilon_spent: float
@@ -101,9 +115,10 @@ class TrainResult:
 
     @property
     def mean_loss(self) -> float | None:
-        """Mean training loss of the last epoch that had a non-empty step."""
-        losses = [epoch.mean_loss for epoch in self.epochs if epoch.mean_loss is not None]
-        return losses[-1] if losses else None
+        """Mean of the round's noisy step losses (None for a round without steps)."""
+        if not self.loss_estimates:
+            return None
+        return sum(self.loss_estimates) / len(self.loss_estimates)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -158,48 +173,6 @@ def validation_dice(
     )
 
 
-def _noise_multiplier(config: SiteConfig, plan: SamplingPlan) -> float:
-    privacy = config.privacy
-    if privacy.noise_multiplier is not None:
-        return privacy.noise_multiplier
-    from medfed.privacy import noise_for_target_epsilon
-
-    assert privacy.target_epsilon_per_round is not None
-    return noise_for_target_epsilon(
-        target_epsilon=privacy.target_epsilon_per_round,
-        sample_rate=plan.sample_rate,
-        steps=plan.steps,
-        delta=privacy.delta,
-        accountant=privacy.accountant,
-    )
-
-
-def _check_round_policy(config: SiteConfig, plan: RoundPlan) -> None:
-    """The site policy's limits that need the round's plan (noise, epsilon of this round)."""
-    from medfed.privacy import compute_epsilon
-
-    policy, privacy = config.policy, config.privacy
-    if (
-        policy.min_noise_multiplier is not None
-        and plan.noise_multiplier < policy.min_noise_multiplier
-    ):
-        raise PolicyError(
-            f"noise multiplier {plan.noise_multiplier:.4g} is below the site policy's "
-            f"min_noise_multiplier {policy.min_noise_multiplier:g}",
-            hint="ask for more noise in the run settings, or change policy.min_noise_multiplier",
-        )
-    if policy.max_epsilon_per_round is not None:
-        alone = compute_epsilon(
-            history=[plan.dp_steps], delta=privacy.delta, accountant=privacy.accountant
-        )
-        if alone > policy.max_epsilon_per_round:
-            raise PolicyError(
-                f"this round alone would spend epsilon {alone:.3f}, above the site policy's "
-                f"max_epsilon_per_round {policy.max_epsilon_per_round:g}",
-                hint="fewer local epochs or more noise in the run settings",
-            )
-
-
 def collate_patients(*, items: Sequence[Any], device: torch.device) -> dict[str, torch.Tensor]:
     """Stack patient items (``image``, ``label``, ``patient``) into one batch on ``device``."""
     from torch.utils.data import default_collate
@@ -214,8 +187,11 @@ def train_local(
     epochs: int | None = None,
     run_id: str | None = None,
     round_index: int = 0,
+    planned_rounds: int | None = None,
     initial_weights: Mapping[str, np.ndarray] | None = None,
     proximal_mu: float = 0.0,
+    requested_noise: float | None = None,
+    evaluate: bool = True,
     on_step: Callable[[StepReport], None] | None = None,
 ) -> TrainResult:
     """Train the site's network on its own data with DP-SGD and record the privacy spent.
@@ -223,54 +199,39 @@ def train_local(
     ``initial_weights`` (the federation's global model) replace the seeded initialisation;
     ``proximal_mu`` adds FedProx's pull towards them to every noisy gradient. That term does
     not depend on patient data, so adding it after clipping and noise costs no privacy.
+    ``planned_rounds`` is the run's plan for a federated round (its rounds are then counted
+    from the ledger); ``requested_noise`` the run's noise, which may only exceed the site's.
+    ``evaluate`` computes the exact validation Dice before and after, for the site itself.
     """
     from medfed.data import build_datasets
-    from medfed.models import resolve_device, save_checkpoint
-    from medfed.models.checkpoint import model_weights
-    from medfed.privacy import (
-        BudgetCap,
-        SiteLedger,
-        check_budget,
-        compute_epsilon,
-    )
+    from medfed.models import resolve_device
 
     started = time.monotonic()
     run_id = run_id or f"local-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     epochs = epochs or config.training.epochs
-    privacy = config.privacy
-
     ledger = SiteLedger(
         path=config.ledger_path, key_path=config.signing_key_path, site_id=config.site_id
     )
-    prior = ledger.history()  # verifies the whole ledger first: a bad ledger stops the site
-
     datasets = build_datasets(config)
+    setup = plan_round(
+        config=config,
+        ledger=ledger,
+        datasets=datasets,
+        run_id=run_id,
+        round_index=round_index,
+        planned_rounds=planned_rounds,
+        epochs=epochs,
+        requested_noise=requested_noise,
+    )
+    plan = setup.sampling
     # a different crop sequence each round, reproducible for a given seed
     datasets.train.set_random_state(config.training.seed + round_index)
-    plan = plan_sampling(
-        dataset_size=len(datasets.train), batch_size=config.training.batch_size, epochs=epochs
-    )
-    noise = _noise_multiplier(config, plan)
-    round_plan = RoundPlan(
-        run_id=run_id,
-        round=round_index,
-        steps=plan.steps,
-        sample_rate=plan.sample_rate,
-        noise_multiplier=noise,
-        max_grad_norm=privacy.max_grad_norm,
-        delta=privacy.delta,
-        dataset_size=plan.dataset_size,
-        accountant=privacy.accountant,
-    )
-    _check_round_policy(config, round_plan)
-    cap = BudgetCap(epsilon=privacy.epsilon_cap, delta=privacy.delta)
-    # Refuse early, before any model is built; reserve() checks again under the ledger's lock.
-    check_budget(history=prior, planned=round_plan.dp_steps, cap=cap, accountant=privacy.accountant)
-
     device = resolve_device(name=config.training.device, threads=config.training.threads)
     model, spec = build_site_model(config=config, device=device, initial_weights=initial_weights)
 
     def dice() -> float:
+        if not evaluate:
+            return math.nan
         return validation_dice(model=model, config=config, dataset=datasets.val, device=device)
 
     dice_before = dice()
@@ -278,27 +239,30 @@ def train_local(
         model=model,
         num_classes=len(config.data.classes),
         optimizer=make_optimizer(config=config, model=model),
-        noise_multiplier=noise,
-        max_grad_norm=privacy.max_grad_norm,
+        noise_multiplier=setup.plan.noise_multiplier,
+        max_grad_norm=config.privacy.max_grad_norm,
         expected_batch_size=plan.expected_batch_size,
         grad_sample_mode=config.training.grad_sample_mode,
-        secure_mode=privacy.secure_mode,
+        secure_mode=config.privacy.secure_mode,
+        loss_clip=config.release.loss_clip,
+        loss_share=config.release.loss_share,
     )
     if proximal_mu > 0:
         if initial_weights is None:
             raise TrainingError("proximal_mu needs the global model's initial_weights")
         _add_proximal_term(dp, mu=proximal_mu)
-    sampler = PoissonPatientSampler(
-        num_patients=plan.dataset_size, sample_rate=plan.sample_rate, secure=privacy.secure_mode
-    )
+    # Poisson sampling over the patients the site has, at the rate planned from the count it
+    # released: the rate is public, and so the accountant's analysis holds as it is.
+    sampler = PoissonPatientSampler(num_patients=len(datasets.train), sample_rate=plan.sample_rate)
     # Everything that can fail on bad settings has run by now; from here on steps are spent.
-    reservation = ledger.reserve(plan=round_plan, cap=cap)
+    reservation = ledger.reserve(plan=setup.plan, terms=config.terms)
+    terms = config.terms
 
     def epsilon_after(steps: int) -> float:
-        history = [*prior, dataclasses.replace(round_plan.dp_steps, steps=steps)]
-        return compute_epsilon(history=history, delta=privacy.delta, accountant=privacy.accountant)
+        history = [*setup.prior, dataclasses.replace(setup.plan.dp_steps, steps=steps)]
+        return compute_epsilon(history=history, delta=terms.delta, accountant=terms.accountant)
 
-    taken = _StepCounter()
+    progress = _Progress()
     try:
         reports = _train_epochs(
             dp=dp,
@@ -306,18 +270,129 @@ def train_local(
             sampler=sampler,
             plan=plan,
             device=device,
-            taken=taken,
+            progress=progress,
             epsilon_after=epsilon_after,
             on_step=on_step,
         )
     finally:
         # Commit what was actually taken, also when training stops early; only a hard crash
         # leaves the reservation uncommitted, and that counts in full.
-        ledger.commit(reservation, steps=taken.steps)
-    steps_done = taken.steps
+        ledger.commit(reservation, steps=progress.steps)
 
     dice_after = dice()
-    epsilon_spent = ledger.spent(delta=privacy.delta, accountant=privacy.accountant)
+    epsilon_spent = ledger.spent(delta=terms.delta, accountant=terms.accountant)
+    checkpoint_dir = _save(config, dp, spec, run_id, round_index, dice_after, epsilon_spent)
+    result = TrainResult(
+        run_id=run_id,
+        round=round_index,
+        site_id=config.site_id,
+        train_patients=len(datasets.train),
+        val_patients=len(datasets.val),
+        released_train_patients=setup.counts.train,
+        released_val_patients=setup.counts.validation,
+        sample_rate=plan.sample_rate,
+        noise_multiplier=setup.plan.noise_multiplier,
+        steps=progress.steps,
+        reservation_seq=reservation.seq,
+        epochs=reports,
+        loss_estimates=list(progress.losses),
+        loss_step_std=dp.loss.step_std(
+            noise_multiplier=setup.plan.noise_multiplier,
+            expected_batch_size=plan.expected_batch_size,
+        ),
+        dice_before=dice_before,
+        dice_after=dice_after,
+        epsilon_spent=epsilon_spent,
+        epsilon_cap=terms.epsilon_cap,
+        delta=terms.delta,
+        accountant=terms.accountant,
+        seconds=time.monotonic() - started,
+        checkpoint=checkpoint_dir,
+        metrics_file=config.paths.workdir / "metrics" / run_id / f"round-{round_index:04d}.json",
+        weights=model_weights(dp.module),
+    )
+    _write_json(result.metrics_file, result.to_json())
+    return result
+
+
+@dataclass(frozen=True)
+class RoundSetup:
+    """A round as planned and checked, before anything of it is reserved."""
+
+    counts: PatientCounts
+    sampling: SamplingPlan
+    plan: RoundPlan
+    prior: tuple[DPSteps, ...]
+
+
+def plan_round(
+    *,
+    config: SiteConfig,
+    ledger: SiteLedger,
+    datasets: SiteDatasets,
+    run_id: str,
+    round_index: int,
+    planned_rounds: int | None,
+    epochs: int,
+    requested_noise: float | None,
+) -> RoundSetup:
+    """Plan one round from the released patient counts and check it: run, policy, budget.
+
+    The run's history is checked first (it needs the ledger only); the counts are released
+    when this dataset has none yet (their own small cost); then the plan, the site's ceilings
+    and the cap are checked, all before the first step is reserved.
+    """
+    from medfed.privacy import check_budget
+    from medfed.site import policy, release
+
+    report = ledger.verify()  # a bad ledger stops the site before anything else
+    if planned_rounds is not None:
+        policy.check_run_history(
+            config, report, run_id=run_id, round=round_index, planned_rounds=planned_rounds
+        )
+    counts = release.patient_counts(
+        config=config,
+        ledger=ledger,
+        report=report,
+        train_ids=[case.patient_id for case in datasets.train_cases],
+        validation_ids=[case.patient_id for case in datasets.val_cases],
+        run_id=run_id,
+        round_index=round_index,
+    )
+    release.check_delta(config, counts)
+    sampling = plan_sampling(
+        dataset_size=counts.train, batch_size=config.training.batch_size, epochs=epochs
+    )
+    plan = RoundPlan(
+        run_id=run_id,
+        round=round_index,
+        planned_rounds=planned_rounds,
+        steps=sampling.steps,
+        sample_rate=sampling.sample_rate,
+        noise_multiplier=policy.resolve_noise(config, sampling, requested_noise),
+        max_grad_norm=config.privacy.max_grad_norm,
+    )
+    policy.check_round(config, plan.dp_steps)
+    report = ledger.verify()  # with the counts' release, when this round made it
+    terms = config.terms
+    # Refuse early, before any model is built; reserve() checks again under the ledger's lock.
+    check_budget(
+        history=report.history, planned=plan.dp_steps, cap=terms.cap, accountant=terms.accountant
+    )
+    return RoundSetup(counts=counts, sampling=sampling, plan=plan, prior=report.history)
+
+
+def _save(
+    config: SiteConfig,
+    dp: DPComponents,
+    spec: ModelSpec,
+    run_id: str,
+    round_index: int,
+    dice: float,
+    epsilon_spent: float,
+) -> Path:
+    from medfed.models import save_checkpoint
+
     checkpoint_dir = config.paths.workdir / "checkpoints" / run_id
     save_checkpoint(
         directory=checkpoint_dir,
@@ -327,34 +402,12 @@ def train_local(
             "site_id": config.site_id,
             "run_id": run_id,
             "round": round_index,
-            "dice": dice_after,
+            "dice": dice,
             "epsilon_spent": epsilon_spent,
-            "delta": privacy.delta,
+            "delta": config.privacy.delta,
         },
     )
-    result = TrainResult(
-        run_id=run_id,
-        round=round_index,
-        site_id=config.site_id,
-        train_patients=len(datasets.train),
-        val_patients=len(datasets.val),
-        sample_rate=plan.sample_rate,
-        noise_multiplier=noise,
-        steps=steps_done,
-        epochs=reports,
-        dice_before=dice_before,
-        dice_after=dice_after,
-        epsilon_spent=epsilon_spent,
-        epsilon_cap=privacy.epsilon_cap,
-        delta=privacy.delta,
-        accountant=privacy.accountant,
-        seconds=time.monotonic() - started,
-        checkpoint=checkpoint_dir,
-        metrics_file=config.paths.workdir / "metrics" / f"{run_id}.json",
-        weights=model_weights(dp.module),
-    )
-    _write_json(result.metrics_file, result.to_json())
-    return result
+    return checkpoint_dir
 
 
 def _add_proximal_term(dp: DPComponents, *, mu: float) -> None:
@@ -371,8 +424,9 @@ def _add_proximal_term(dp: DPComponents, *, mu: float) -> None:
 
 
 @dataclass
-class _StepCounter:
+class _Progress:
     steps: int = 0
+    losses: list[float] = field(default_factory=list)
 
 
 def _train_epochs(
@@ -382,7 +436,7 @@ def _train_epochs(
     sampler: PoissonPatientSampler,
     plan: SamplingPlan,
     device: torch.device,
-    taken: _StepCounter,
+    progress: _Progress,
     epsilon_after: Callable[[int], float],
     on_step: Callable[[StepReport], None] | None,
 ) -> list[EpochReport]:
@@ -394,7 +448,7 @@ def _train_epochs(
             epsilon = reports[-1].epsilon if reports else math.nan
             on_step(
                 StepReport(
-                    step=taken.steps,
+                    step=progress.steps,
                     total_steps=plan.steps,
                     epoch=epoch,
                     patients=patients,
@@ -412,24 +466,18 @@ def _train_epochs(
             empty = 0
             for patients in sampler.steps(plan.steps_per_epoch):
                 loss = _dp_step(dp, dataset, patients, device)
-                taken.steps += 1
-                if loss is None:
-                    empty += 1
-                else:
-                    losses.append(loss)
+                progress.steps += 1
+                progress.losses.append(loss)
+                losses.append(loss)
+                empty += not patients
                 notify(epoch, len(patients), loss)
             mean_loss = sum(losses) / len(losses) if losses else None
-            if mean_loss is not None and not math.isfinite(mean_loss):
-                raise TrainingError(
-                    f"training diverged in epoch {epoch} (loss {mean_loss})",
-                    hint="lower training.learning_rate or raise privacy.max_grad_norm",
-                )
             reports.append(
                 EpochReport(
                     epoch=epoch,
                     mean_loss=mean_loss,
                     empty_steps=empty,
-                    epsilon=epsilon_after(taken.steps),
+                    epsilon=epsilon_after(progress.steps),
                 )
             )
             notify(epoch, 0, mean_loss)
@@ -443,26 +491,13 @@ def _train_epochs(
     return reports
 
 
-def _dp_step(
-    dp: DPComponents, dataset: Any, patients: list[int], device: torch.device
-) -> float | None:
-    """One DP-SGD step over the sampled patients; returns the loss, or None for an empty draw."""
-    dp.optimizer.zero_grad(set_to_none=True)
+def _dp_step(dp: DPComponents, dataset: Any, patients: list[int], device: torch.device) -> float:
+    """One DP-SGD step over the sampled patients (possibly none); its noisy mean loss."""
     if not patients:
-        prepare_empty_step(dp.module)
-        dp.optimizer.step()
-        return None
+        return dp.step(None, None)
     batch = collate_patients(items=[dataset[index] for index in patients], device=device)
     check_one_example_per_patient(batch["patient"].tolist(), int(batch["image"].shape[0]))
-    loss = dp.per_sample_gradients(batch["image"], batch["label"])
-    rows = per_sample_gradient_rows(dp.module)
-    if rows != len(patients):
-        raise PrivacyUnitError(
-            f"{rows} per-sample gradients for {len(patients)} sampled patients",
-            hint="the network or loss mixes examples across the batch (e.g. BatchNorm)",
-        )
-    dp.optimizer.step()
-    return loss
+    return dp.step(batch["image"], batch["label"])
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -11,7 +11,8 @@ says so in its ``medfed.model_format`` tag; the version is registered either way
 
 Registered as ``medfed-<run_name>``; the version's tags are the guarantee: ``medfed.epsilon.<site>``
 and ``medfed.delta.<site>`` (each site's whole ledger spend, an upper bound for this model),
-``medfed.accountant``, ``medfed.privacy_unit`` = ``patient``, ``medfed.sites``,
+``medfed.accountant.<site>`` (the accountant the site's ledger names), ``medfed.accountant``
+(the sites' accountants), ``medfed.privacy_unit`` = ``patient``, ``medfed.sites``,
 ``medfed.rounds``, ``medfed.run_name``.
 """
 
@@ -61,10 +62,11 @@ def privacy_tags(*, summary: Mapping[str, Any], run_name: str) -> dict[str, str]
     per_site = dict(budgets.get("sites") or {})
     run_sites = [str(s.get("site_id")) for s in summary.get("sites") or []]
     sites = sorted(s for s in run_sites if s in per_site)
+    accountants = sorted({str(dict(per_site[s]).get("accountant", "unknown")) for s in sites})
     tags = {
         "medfed.run_name": run_name,
         "medfed.privacy_unit": PRIVACY_UNIT,
-        "medfed.accountant": str(budgets.get("accountant", "unknown")),
+        "medfed.accountant": ",".join(accountants) or "unknown",
         "medfed.sites": ",".join(sites),
         "medfed.rounds": str(summary.get("rounds_completed", "")),
     }
@@ -73,6 +75,7 @@ def privacy_tags(*, summary: Mapping[str, Any], run_name: str) -> dict[str, str]
         spent = budget.get("epsilon_spent")
         tags[f"medfed.epsilon.{site}"] = "inf" if spent is None else repr(float(spent))
         tags[f"medfed.delta.{site}"] = repr(float(budget.get("delta", float("nan"))))
+        tags[f"medfed.accountant.{site}"] = str(budget.get("accountant", "unknown"))
         if budget.get("epsilon_cap") is not None:
             tags[f"medfed.epsilon_cap.{site}"] = repr(float(budget["epsilon_cap"]))
     return tags

@@ -11,12 +11,14 @@ run_started         parent run ``<run_name>`` (params: the flattened settings; t
                     app hash, sites, strategy) and a child ``<run_name>/<site>`` per site;
                     ``<run dir>/mlflow.json`` says where they are. With ``resume_from`` the
                     runs of ``mlflow.json`` are reopened instead.
-site_update         child metrics at ``step=round``: train_loss, dice_before, dice_after,
-                    epsilon_spent, epsilon_remaining, patients, train_seconds (one batch)
+site_update         child metrics at ``step=round``: train_loss, dice_before, epsilon_spent,
+                    epsilon_remaining, patients (one batch), and a tag per released number
+                    naming its mechanism (``medfed.release.train_loss``: ``dp-sgd (std 0.1)``)
 round_done          parent metrics at ``step=round``: dice_global, train_loss, epsilon_max,
                     round_seconds, bytes_moved, sites_answered (one batch)
 evaluation          ``dice_final`` on the parent and on each child
 site_declined ...   child tag ``medfed.last_issue``
+privacy_alert       tag ``medfed.privacy_alert`` on the parent and the site's child run
 run_finished ...    parent artifacts (ledgers as received, budget_state.json, summary.json,
                     audit/audit_report.html and .json,
                     plots), the final model (:mod:`medfed.tracking.model_log`), then every run
@@ -64,11 +66,11 @@ ISSUE_EVENTS = frozenset(
 SITE_METRICS = {
     "loss": "train_loss",
     "dice_before": "dice_before",
-    "dice_after": "dice_after",
     "epsilon_spent": "epsilon_spent",
     "patients": "patients",
-    "train_seconds": "train_seconds",
 }
+# The site_update release names, as the metrics they go with.
+RELEASE_TAGS = {"loss": "train_loss", "dice_before": "dice_before", "patients": "patients"}
 
 
 class FederationTracker:
@@ -180,6 +182,8 @@ class FederationTracker:
             return self._evaluation(event)
         if kind in ISSUE_EVENTS:
             return self._issue(event)
+        if kind == "privacy_alert":
+            return self._alert(event)
         if kind in TERMINAL_STATUS:
             return self._terminal_operations(event)
         return []
@@ -262,7 +266,12 @@ class FederationTracker:
         spent, cap = _number(event.get("epsilon_spent")), _number(event.get("epsilon_cap"))
         if spent is not None and cap is not None:
             values["epsilon_remaining"] = cap - spent
-        return [_batch(key, metrics=_metrics(values, step=step, ms=_ms(event)))]
+        tags = {
+            f"medfed.release.{RELEASE_TAGS[name]}": _mechanism(release)
+            for name, release in dict(event.get("releases") or {}).items()
+            if name in RELEASE_TAGS and isinstance(release, Mapping)
+        }
+        return [_batch(key, metrics=_metrics(values, step=step, ms=_ms(event)), tags=tags)]
 
     def _round_done(self, event: Mapping[str, Any]) -> list[Operation]:
         assert self._parent_key is not None
@@ -312,6 +321,12 @@ class FederationTracker:
             reason = f"no reply to {event.get('message_type', 'a request')}"
         text = f"{event.get('event')} (round {event.get('round', '-')}): {reason}"
         return [_batch(key, tags={"medfed.last_issue": text[:MAX_PARAM_LENGTH]})]
+
+    def _alert(self, event: Mapping[str, Any]) -> list[Operation]:
+        assert self._parent_key is not None
+        text = str(event.get("alert", ""))[:MAX_PARAM_LENGTH]
+        keys = [self._parent_key, self._site_keys.get(str(event.get("site")))]
+        return [_batch(key, tags={"medfed.privacy_alert": text}) for key in keys if key]
 
     def _terminal_operations(self, event: Mapping[str, Any]) -> list[Operation]:
         assert self._parent_key is not None
@@ -588,6 +603,13 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value) if math.isfinite(value) else None
+
+
+def _mechanism(release: Mapping[str, Any]) -> str:
+    """``gaussian (std 0.12)``, ``dp-sgd (std 0.3)``, ``public``."""
+    mechanism = str(release.get("mechanism", "unknown"))
+    std = _number(release.get("noise_std"))
+    return mechanism if std is None else f"{mechanism} (std {std:.3g})"
 
 
 def _metrics(values: Mapping[str, Any], *, step: int, ms: int) -> list[list[Any]]:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, RecordDict
 
 from medfed.errors import MedfedError
-from medfed.types import SiteUpdate
+from medfed.types import freeze_arrays
 
 TRAIN: Final = "train"
 EVALUATE: Final = "evaluate"
@@ -40,6 +40,7 @@ DECLINE_CODES: Final[Mapping[str, int]] = {
     "privacy": 4109,
     "device": 4110,
     "envelope": 4111,
+    "run-settings": 4112,
 }
 _CODE_NAMES = {value: key for key, value in DECLINE_CODES.items()}
 _ONE_LINE = re.compile(r"^error\[([a-z-]+)\]: ")
@@ -80,21 +81,26 @@ class RoundRequest:
 
 @dataclass(frozen=True, eq=False)
 class RoundReply:
-    """A site's answer to a training round: its update and the ledger entries it added."""
+    """A site's answer to a training round: its weights and the ledger entries it added.
 
-    update: SiteUpdate
+    Nothing else: the patient count the update is weighted by, the loss, the Dice and the
+    privacy terms are release and terms entries among ``ledger_lines``, signed by the site.
+    """
+
+    site_id: str
+    round: int
+    weights: Mapping[str, np.ndarray]
     ledger_first_seq: int
     ledger_lines: tuple[str, ...]
-    epsilon_cap: float
-    delta: float
-    accountant: str
 
 
 @dataclass(frozen=True)
 class EvaluationReply:
+    """A site's answer to an evaluation: the ledger entries it added (the Dice release)."""
+
     site_id: str
-    dice: float
-    val_patients: int
+    ledger_first_seq: int
+    ledger_lines: tuple[str, ...]
 
 
 @dataclass(frozen=True, eq=False)
@@ -212,24 +218,15 @@ def read_request(content: RecordDict) -> RoundRequest:
 
 
 def reply_content(reply: RoundReply) -> RecordDict:
-    update = reply.update
-    metrics: dict[str, int | float | list[int] | list[float]] = {
-        key: float(value) for key, value in update.metrics.items()
-    }
     return RecordDict(
         {
-            "update": _arrays(update.weights),
-            "metrics": MetricRecord(metrics),
+            "update": _arrays(reply.weights),
             "site": ConfigRecord(
                 {
-                    "site_id": update.site_id,
-                    "round": update.round,
-                    "num_patients": update.num_patients,
+                    "site_id": reply.site_id,
+                    "round": reply.round,
                     "ledger_first_seq": reply.ledger_first_seq,
                     "ledger_lines": list(reply.ledger_lines),
-                    "epsilon_cap": reply.epsilon_cap,
-                    "delta": reply.delta,
-                    "accountant": reply.accountant,
                 }
             ),
         }
@@ -238,49 +235,43 @@ def reply_content(reply: RoundReply) -> RecordDict:
 
 def read_reply(content: RecordDict) -> RoundReply:
     site = _record(content, "site", ConfigRecord)
-    metrics = _record(content, "metrics", MetricRecord)
-    lines = site.get("ledger_lines", [])
-    if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
-        raise EnvelopeError("message field 'ledger_lines' is not a list of strings")
-    values: dict[str, float] = {}
-    for key, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise EnvelopeError(f"metric {key!r} is not a number")
-        values[key] = float(value)
-    update = SiteUpdate(
+    return RoundReply(
         site_id=_field(site, "site_id", str),
         round=_field(site, "round", int),
-        weights=_read_arrays(content, "update"),
-        num_patients=_field(site, "num_patients", int),
-        metrics=values,
-    )
-    return RoundReply(
-        update=update,
+        weights=freeze_arrays(_read_arrays(content, "update")),
         ledger_first_seq=_field(site, "ledger_first_seq", int),
-        ledger_lines=tuple(lines),
-        epsilon_cap=float(_field(site, "epsilon_cap", (int, float))),
-        delta=float(_field(site, "delta", (int, float))),
-        accountant=_field(site, "accountant", str),
+        ledger_lines=_lines(site),
     )
 
 
 def evaluation_content(reply: EvaluationReply) -> RecordDict:
     return RecordDict(
         {
-            "metrics": MetricRecord({"dice": reply.dice, "val_patients": reply.val_patients}),
-            "site": ConfigRecord({"site_id": reply.site_id}),
+            "site": ConfigRecord(
+                {
+                    "site_id": reply.site_id,
+                    "ledger_first_seq": reply.ledger_first_seq,
+                    "ledger_lines": list(reply.ledger_lines),
+                }
+            ),
         }
     )
 
 
 def read_evaluation(content: RecordDict) -> EvaluationReply:
-    metrics = _record(content, "metrics", MetricRecord)
     site = _record(content, "site", ConfigRecord)
     return EvaluationReply(
         site_id=_field(site, "site_id", str),
-        dice=float(_field(metrics, "dice", (int, float))),
-        val_patients=int(_field(metrics, "val_patients", (int, float))),
+        ledger_first_seq=_field(site, "ledger_first_seq", int),
+        ledger_lines=_lines(site),
     )
+
+
+def _lines(site: Mapping[str, Any]) -> tuple[str, ...]:
+    lines = site.get("ledger_lines", [])
+    if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
+        raise EnvelopeError("message field 'ledger_lines' is not a list of strings")
+    return tuple(lines)
 
 
 def init_content(reply: InitReply) -> RecordDict:

@@ -159,7 +159,8 @@ def test_sites_out_of_budget_decline_or_are_no_longer_asked(tmp_path: Path) -> N
     for site, cap in caps.items():
         spent = _ledger(setup, site).spent(delta=1e-5, accountant="rdp")
         assert spent <= cap
-    assert _ledger(setup, "site-c").verify().entries == ()
+    # site-c released its (public) counts when it was set up, and reserved nothing since.
+    assert _ledger(setup, "site-c").verify().reservations == ()
 
 
 def test_a_run_that_breaks_site_policy_is_declined_before_any_data_is_read(
@@ -178,6 +179,7 @@ def test_a_run_that_breaks_site_policy_is_declined_before_any_data_is_read(
     )
     dump_site_config(config.model_copy(update={"policy": policy}), path)
     cache = config.cache_dir
+    ledger = config.ledger_path.read_bytes()  # the counts the site released when set up
 
     result = run_in_process(
         workspace=setup.workspace,
@@ -192,19 +194,28 @@ def test_a_run_that_breaks_site_policy_is_declined_before_any_data_is_read(
     reason = declined[0]["reason"]
     assert "max_local_epochs" in reason and "max_parameters" in reason
     assert "accepted_projects" in reason and "max_rounds_per_run" not in reason
-    assert not config.ledger_path.exists()
+    assert config.ledger_path.read_bytes() == ledger
     assert not cache.exists() or not any(cache.rglob("*.npz"))
     assert not (config.paths.workdir / "federation").exists()  # no stored reply either
 
 
 def test_resume_continues_from_the_last_round_without_spending_twice(tmp_path: Path) -> None:
     setup = _setup(tmp_path, sites=2, rounds=3, local_epochs=1)
-    first = run_in_process(
-        workspace=setup.workspace,
-        site_configs=setup.site_configs,
-        settings=setup.settings.model_copy(update={"rounds": 1}),
-    )
-    assert first.status == "finished" and first.rounds_completed == 1
+
+    class Stopped(Exception):
+        """The aggregator stops after round 1 (its process was killed, say)."""
+
+    def stop_after_round_one(event: dict[str, Any]) -> None:
+        if event["event"] == "round_done" and event["round"] == 1:
+            raise Stopped
+
+    with pytest.raises(Stopped):
+        run_in_process(
+            workspace=setup.workspace,
+            site_configs=setup.site_configs,
+            settings=setup.settings,
+            on_event=stop_after_round_one,
+        )
     spent_after_one = {
         s: _ledger(setup, s).spent(delta=1e-5, accountant="rdp") for s in setup.site_configs
     }
@@ -220,7 +231,7 @@ def test_resume_continues_from_the_last_round_without_spending_twice(tmp_path: P
         settings=setup.settings.model_copy(update={"resume": True}),
     )
 
-    assert resumed.status == "finished" and resumed.rounds_completed == 3
+    assert resumed.status == "finished" and resumed.rounds_completed == 3, resumed.reason
     started = [e for e in _events(setup) if e["event"] == "round_started"]
     assert [e["round"] for e in started] == [1, 2, 3]
     for site in setup.site_configs:
@@ -232,3 +243,32 @@ def test_resume_continues_from_the_last_round_without_spending_twice(tmp_path: P
         copy = setup.workspace.root / "ledgers" / f"{site}.ledger.jsonl"
         assert copy.read_bytes() == report.path.read_bytes()
     assert math.isfinite(resumed.dice_final)
+
+
+def test_a_site_that_raises_its_cap_is_flagged_by_the_aggregator(tmp_path: Path) -> None:
+    setup = _setup(tmp_path, sites=2, rounds=1, local_epochs=1)
+    first = run_in_process(
+        workspace=setup.workspace, site_configs=setup.site_configs, settings=setup.settings
+    )
+    assert first.status == "finished"
+    _set_cap(setup, "site-b", 12.0)
+    # site-a has spent its cap: the second run goes on with site-b alone.
+    again = setup.settings.model_copy(update={"run_name": "second", "min_sites": 1})
+    second = run_in_process(
+        workspace=setup.workspace, site_configs=setup.site_configs, settings=again
+    )
+    assert second.status == "finished"
+    path = setup.workspace.root / "runs" / "second" / "events.jsonl"
+    alerts = [
+        json.loads(line)
+        for line in path.read_text().splitlines()
+        if json.loads(line)["event"] == "privacy_alert"
+    ]
+    assert [a["site"] for a in alerts] == ["site-b"]
+    assert "site site-b raised its cap" in alerts[0]["alert"]
+    update = next(
+        json.loads(line)
+        for line in path.read_text().splitlines()
+        if json.loads(line)["event"] == "site_update" and json.loads(line)["site"] == "site-b"
+    )
+    assert update["epsilon_cap"] == 12.0  # the ledger's terms, signed by the site

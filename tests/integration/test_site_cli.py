@@ -42,7 +42,9 @@ def test_synth_check_train_and_ledger(tmp_path: Path, run_medfed: RunMedfed) -> 
     ledger = run_medfed("privacy", "ledger", "--config", "site/site.yaml", "--json", cwd=tmp_path)
     assert ledger.returncode == 0, ledger.stderr
     status = json.loads(ledger.stdout)
-    assert status["verified"] is True and status["entries"] == 2
+    # terms, the released counts, the reservation and its commit
+    assert status["verified"] is True and status["entries"] == 4
+    assert (status["rounds"], status["releases"]) == (1, 1)
     assert status["spent"] == pytest.approx(result["epsilon_spent"], rel=1e-9)
 
     # The same run again would pass the cap: one line, non-zero, nothing spent.

@@ -46,10 +46,12 @@ def test_dp_training_within_the_default_budget_learns_and_records_its_cost(
     assert result.dice_after > result.dice_before + 0.3, result
     assert result.dice_after > 0.4, result
 
-    # The ledger holds one reservation and its commit, verifies, and epsilon is recomputed
-    # from it; one default run spends 90% of the cap and no more.
+    # The ledger holds its terms, the released patient counts (public: synthetic data), one
+    # reservation and its commit; it verifies, and epsilon is recomputed from it; one default
+    # run spends 90% of the cap and no more.
     ledger = _ledger(config)
-    assert len(ledger.verify().entries) == 2
+    kinds = [type(entry).__name__ for entry in ledger.verify().entries]
+    assert kinds == ["TermsEntry", "ReleaseEntry", "ReserveEntry", "CommitEntry"]
     history = ledger.history()
     assert history == [
         DPSteps(
@@ -81,7 +83,8 @@ def test_rounds_compose_in_one_history(tmp_path: Path) -> None:
     second = train_local(config=config, epochs=2, run_id=first.run_id, round_index=1)
     ledger = _ledger(config)
     history = ledger.history()
-    assert len(history) == 2 and len(ledger.verify().entries) == 4
+    # terms, counts, and two rounds of reserve and commit: the counts are released once
+    assert len(history) == 2 and len(ledger.verify().entries) == 6
     composed = compute_epsilon(history=history, delta=config.privacy.delta, accountant="rdp")
     assert second.epsilon_spent == pytest.approx(composed, rel=1e-12)
     alone = compute_epsilon(history=history[1:], delta=config.privacy.delta, accountant="rdp")
@@ -101,11 +104,11 @@ def test_a_tampered_ledger_stops_the_site_naming_the_entry(tmp_path: Path) -> No
     config = _site(tmp_path, cases=8, size=16)
     train_local(config=config, epochs=1)
     lines = config.ledger_path.read_text().splitlines()
-    first = json.loads(lines[0])
-    first["noise_multiplier"] *= 2  # an edit that would halve the recorded privacy cost
-    lines[0] = json.dumps(first, sort_keys=True, separators=(",", ":"))
+    reserve = json.loads(lines[2])
+    reserve["noise_multiplier"] *= 2  # an edit that would halve the recorded privacy cost
+    lines[2] = json.dumps(reserve, sort_keys=True, separators=(",", ":"))
     config.ledger_path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(LedgerError, match=r"line 1|entry 1|seq 0"):
+    with pytest.raises(LedgerError, match=r"line 3 \(seq 2\)"):
         train_local(config=config, epochs=1)
 
 
@@ -135,7 +138,7 @@ def test_every_step_gets_exactly_one_clipped_gradient_per_sampled_patient(
         return count
 
     monkeypatch.setattr(dp_module.PoissonPatientSampler, "draw", draw)
-    monkeypatch.setattr("medfed.site.trainer.per_sample_gradient_rows", rows)
+    monkeypatch.setattr("medfed.site.dp.per_sample_gradient_rows", rows)
     result = train_local(config=config, epochs=3)
     assert len(drawn) == result.steps
     assert seen, "no non-empty step was taken"
@@ -173,7 +176,7 @@ def test_training_on_cuda_learns_and_records_the_same_ledger(tmp_path: Path) -> 
     )
     result = train_local(config=config)
     assert result.dice_after > result.dice_before + 0.3, result
-    assert len(_ledger(config).verify().entries) == 2
+    assert len(_ledger(config).verify().entries) == 4
 
 
 def test_secure_mode_and_a_target_epsilon_per_round(tmp_path: Path) -> None:

@@ -153,7 +153,8 @@ def _check_logged_run(setup: Any, uri: str, rounds: int) -> None:
         budget = summary["budgets"]["sites"][site["site_id"]]
         assert float(version.tags[f"medfed.epsilon.{site['site_id']}"]) == budget["epsilon_spent"]
         assert float(version.tags[f"medfed.delta.{site['site_id']}"]) == budget["delta"]
-    assert version.tags["medfed.accountant"] == summary["budgets"]["accountant"]
+        assert version.tags[f"medfed.accountant.{site['site_id']}"] == budget["accountant"]
+    assert version.tags["medfed.accountant"] == "rdp"
     assert parent.data.tags["medfed.model_format"] == "mlflow.pytorch (pt2)"
 
 

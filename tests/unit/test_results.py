@@ -23,10 +23,12 @@ def _site_update(site: str, round_index: int, dice_before: float, epsilon: float
         "patients": 6 if site == "site-a" else 9,
         "loss": 1.0 / round_index,
         "dice_before": dice_before,
-        "dice_after": dice_before + 0.05,
+        "releases": {
+            "loss": {"mechanism": "dp-sgd", "noise_std": 0.25, "seq": 3},
+            "dice_before": {"mechanism": "gaussian", "noise_std": 0.125, "seq": 4},
+        },
         "epsilon_spent": epsilon,
         "epsilon_cap": 8.0,
-        "train_seconds": 0.5,
     }
 
 
@@ -72,7 +74,14 @@ def _record(workspace: Path, *, run_name: str = "study", resumed: bool = False) 
         bytes_received=240,
         epsilon={"site-a": 4.5, "site-b": 3.9},
     )
-    emit("evaluation", run_name=run_name, round=2, dice=0.55, sites={"site-a": 0.5, "site-b": None})
+    emit(
+        "evaluation",
+        run_name=run_name,
+        round=2,
+        dice=0.55,
+        sites={"site-a": 0.5, "site-b": None},
+        releases={"site-a": {"mechanism": "public", "noise_std": None, "seq": 9}},
+    )
     sites = [
         {
             "site_id": site,
@@ -122,7 +131,7 @@ def test_history_has_one_row_per_site_and_round_with_the_global_dice(tmp_path: P
     history = results.history
     assert list(history.columns) == [
         "round", "site", "loss", "dice", "epsilon",
-        "dice_before", "dice_after", "epsilon_cap", "patients", "train_seconds",
+        "dice_before", "epsilon_cap", "patients", "loss_release", "dice_release",
     ]  # fmt: skip
     assert list(zip(history["round"], history["site"], strict=True)) == [
         (1, "site-a"), (1, "site-b"), (2, "site-a"), (2, "site-b"),
@@ -132,6 +141,11 @@ def test_history_has_one_row_per_site_and_round_with_the_global_dice(tmp_path: P
     assert math.isnan(history["dice"].tolist()[3])  # site-b's final evaluation gave no number
     assert history["epsilon"].tolist() == [3.0, 2.5, 4.5, 3.9]
     assert history["patients"].tolist() == [6, 9, 6, 9]
+    # Each number says which mechanism released it.
+    assert history["loss_release"].tolist() == ["dp-sgd (std 0.25)"] * 4
+    assert history["dice_release"].tolist() == [
+        "gaussian (std 0.125)", "gaussian (std 0.125)", "public", "",
+    ]  # fmt: skip
     assert results.dice_table().loc[1, "site-b"] == 0.40
     assert results.epsilon_table().loc[2, "site-a"] == 4.5
 

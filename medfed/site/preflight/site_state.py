@@ -8,6 +8,7 @@ from pathlib import Path
 
 from medfed.config.site import SiteConfig
 from medfed.errors import MedfedError
+from medfed.privacy.ledger import LedgerReport
 from medfed.site.preflight.result import CheckResult, _fail, _pass, _warn
 
 BUDGET_WARN_FRACTION = 0.10
@@ -50,7 +51,6 @@ def check_data(config: SiteConfig) -> CheckResult:
 
 def check_ledger(config: SiteConfig) -> list[CheckResult]:
     """The ledger's signature chain, then the budget left under the site's cap."""
-    from medfed.privacy.budget import BudgetCap
     from medfed.privacy.site_ledger import SiteLedger
 
     ledger = SiteLedger(
@@ -71,9 +71,9 @@ def check_ledger(config: SiteConfig) -> list[CheckResult]:
         if entries
         else f"{config.ledger_path}: empty (no round trained yet)",
     )
-    cap = BudgetCap(epsilon=config.privacy.epsilon_cap, delta=config.privacy.delta)
+    cap = config.terms.cap
     try:
-        status = ledger.status(cap=cap, accountant=config.privacy.accountant)
+        status = ledger.status(terms=config.terms)
     except MedfedError as exc:
         return [ledger_line, _fail("privacy budget", exc.message, exc.hint or "")]
     spent = f"epsilon {status.spent:.3g} of {cap.epsilon:g} spent (delta {cap.delta:g})"
@@ -91,7 +91,31 @@ def check_ledger(config: SiteConfig) -> list[CheckResult]:
         )
     else:
         budget = _pass("privacy budget", f"{spent}, {status.remaining:.3g} left")
-    return [ledger_line, budget]
+    return [ledger_line, budget, _terms_line(config, report)]
+
+
+def _terms_line(config: SiteConfig, report: LedgerReport) -> CheckResult:
+    """The configured terms against the ledger's: a larger delta would be refused."""
+    name = "privacy terms"
+    wanted, held = config.terms, report.terms
+    floor = held.delta if held is not None else report.legacy_delta
+    if floor is not None and wanted.delta > floor:
+        return _fail(
+            name,
+            f"privacy.delta {wanted.delta:g} is larger than the ledger's {floor:g}: every round "
+            "will be refused",
+            f"set privacy.delta to {floor:g} or lower",
+        )
+    if held is None:
+        return _pass(name, f"{wanted.describe()}: written into the ledger with the first entry")
+    if held != wanted:
+        return _warn(
+            name,
+            f"the config says {wanted.describe()}, the ledger {held.describe()}",
+            "the next round records the config's terms in the ledger; the aggregator and the "
+            "auditors see a raised cap",
+        )
+    return _pass(name, f"{held.describe()}, as the ledger records them")
 
 
 def check_disk(workdir: Path, *, min_free_bytes: int) -> CheckResult:

@@ -2,8 +2,8 @@
 
 A provisioned workspace with two sites; each site's ledger is written by ``SiteLedger`` with
 the ledger key from its kit, and fed to the aggregator's ``BudgetTracker`` exactly as replies
-are, so the copies and ``<site>.cap.json`` files are the real ones. A run directory gets the
-summary and events the round loop would write.
+are, so the copies are the real ones (with the sites' terms: accountant, delta and cap). A run
+directory gets the summary and events the round loop would write.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from medfed.aggregator.budget import BudgetTracker
-from medfed.privacy import BudgetCap, RoundPlan, SiteLedger
+from medfed.privacy import BudgetCap, PrivacyTerms, Release, RoundPlan, SiteLedger
 from medfed.transport.provision import Workspace, load_workspace, provision_workspace
 
 SITES = ("site-a", "site-b")
 DELTA = 1e-5
 CAP = BudgetCap(epsilon=8.0, delta=DELTA)
+TERMS = PrivacyTerms(accountant="rdp", delta=DELTA, epsilon_cap=CAP.epsilon)
 SAMPLE_RATE = 0.25
 NOISE = 1.1
 STEPS = 4
@@ -65,7 +66,6 @@ class Federation:
         round_: int,
         steps: int = STEPS,
         noise: float = NOISE,
-        cap: BudgetCap = CAP,
         commit: bool = True,
     ) -> None:
         """One round at the site (reserve, commit) and its reply reaching the aggregator."""
@@ -73,21 +73,39 @@ class Federation:
         plan = RoundPlan(
             run_id=run,
             round=round_,
+            planned_rounds=10,
             steps=steps,
             sample_rate=SAMPLE_RATE,
             noise_multiplier=noise,
             max_grad_norm=1.0,
-            delta=DELTA,
-            dataset_size=PATIENTS,
-            accountant="rdp",
         )
-        reservation = ledger.reserve(plan=plan, cap=BudgetCap(epsilon=1000.0, delta=DELTA))
+        reservation = ledger.reserve(plan=plan, terms=TERMS)
         if commit:
             ledger.commit(reservation, steps=steps)
+        self.send(site_id)
+
+    def change_terms(self, site_id: str, terms: PrivacyTerms) -> None:
+        """The site adopts ``terms`` (with a public release, which the cap does not check)."""
+        self.site_ledger(site_id).release(
+            release=Release(
+                run_id="terms-change",
+                round=0,
+                quantity="patients",
+                values={"train": PATIENTS, "validation": 4},
+                mechanism="public",
+                reason="the counts of the test federation",
+            ),
+            terms=terms,
+        )
+        self.send(site_id)
+
+    def send(self, site_id: str) -> None:
+        """The site's ledger lines the aggregator lacks, received as with a reply."""
         tracker = self.tracker()
         known = tracker.known_entries(site_id)
-        lines = ledger.path.read_text(encoding="ascii").splitlines()[known:]
-        tracker.receive(site_id=site_id, first_seq=known, lines=lines, cap=cap)
+        path = self.site_ledger(site_id).path
+        lines = path.read_text(encoding="ascii").splitlines()[known:]
+        tracker.receive(site_id=site_id, first_seq=known, lines=lines)
 
     def finish_run(self, run: str, *, rounds: int) -> Path:
         """Write the run's events and summary as the round loop does at its end."""
@@ -104,7 +122,7 @@ class Federation:
                         "run_name": run,
                         "site": site,
                         "round": round_,
-                        "dice_after": 0.1 * round_,
+                        "dice_before": 0.1 * round_,
                         "epsilon_spent": budgets["sites"][site]["epsilon_spent"],
                     }
                 )

@@ -34,7 +34,7 @@ def test_verify_passes_with_exit_zero(
     assert code == 0, out + err
     lines = out.strip().splitlines()
     assert lines[-1].startswith("PASS: 0 finding(s)")
-    assert any(line.startswith("site site-a: 4 entries; epsilon ") for line in lines)
+    assert any(line.startswith("site site-a: 5 entries; epsilon ") for line in lines)
     assert err == ""
 
 
@@ -79,7 +79,7 @@ def test_verify_json(
     assert code == 0
     data = json.loads(out)
     assert data["verdict"] == "PASS" and data["runs"] == ["run-1"]
-    assert data["sites"]["site-a"]["site_ledger_entries"] == 4
+    assert data["sites"]["site-a"]["site_ledger_entries"] == 5
     assert data["sites"]["site-b"]["site_ledger_entries"] is None
 
 

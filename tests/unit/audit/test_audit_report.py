@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from audit_support import CAP, DELTA, NOISE, PATIENTS, SAMPLE_RATE, STEPS, Federation, lines_of
+from audit_support import CAP, DELTA, NOISE, SAMPLE_RATE, STEPS, Federation, lines_of
 
 from medfed.audit import build_report, verify_workspace
 from medfed.audit import render as render_module
@@ -24,7 +24,9 @@ def test_the_statement_holds_what_an_auditor_needs(federation: Federation) -> No
     assert site["adjacency"] == "add/remove one patient"
     assert "Poisson" in site["sampling"] and site["sample_rates"] == [SAMPLE_RATE]
     assert site["noise_multipliers"] == [NOISE] and site["clipping_norms"] == [1.0]
-    assert site["dataset_sizes"] == [PATIENTS]
+    assert site["released_patient_counts"] == [] and site["releases"] == []
+    assert site["terms"] == ["terms set at seq 0: cap 8 at delta 1e-05 (rdp)"]
+    assert site["accountant"] == "rdp" and "model weights" in site["declared_public"]
     assert site["steps_total"] == 2 * STEPS
     assert site["delta"] == DELTA and site["epsilon_cap"] == CAP.epsilon
     assert site["rounds_participated"] == 2 and site["runs"] == {"run-1": [1, 2]}
@@ -37,7 +39,7 @@ def test_the_statement_holds_what_an_auditor_needs(federation: Federation) -> No
     assert {"opacus_rdp", "dp_accounting_rdp", "pld", "accountants"} <= set(eps)
     assert "dp-accounting RdpAccountant" in eps["accountants"]["dp_accounting_rdp"]
     [versions] = site["library_versions"]
-    assert "opacus" in versions["versions"] and versions["seqs"] == [0, 2]
+    assert "opacus" in versions["versions"] and versions["seqs"] == [1, 3]
     curve = [row["epsilon_after"] for row in site["rounds"]]
     assert curve[0] < curve[1] == eps["opacus_rdp"]
     assert [p["round"] for p in site["dice_vs_epsilon"]] == [1, 2]
@@ -70,8 +72,8 @@ def test_findings_are_embedded(federation: Federation) -> None:
     site = report.site("site-a")
     assert not site.verified and site.rounds == () and len(site.findings) == 1
     html = report.to_html()
-    assert "FINDING [ledger-copy] site site-a: ledgers/site-a.ledger.jsonl: line 1 (seq 0)" in html
-    assert report.to_json()["sites"]["site-a"]["findings"][0]["line"] == 1
+    assert "FINDING [ledger-copy] site site-a: ledgers/site-a.ledger.jsonl: line 2 (seq 1)" in html
+    assert report.to_json()["sites"]["site-a"]["findings"][0]["line"] == 2
 
 
 def test_models_come_from_the_runs_checkpoints_without_mlflow(federation: Federation) -> None:
@@ -116,3 +118,65 @@ def test_report_and_verify_agree(federation: Federation) -> None:
     report = build_report(workspace=federation.workspace_dir)
     assert report.verification.to_json() == result.to_json()
     assert len(report.site("site-b").rounds) == len(lines) // 2
+
+
+def test_every_released_quantity_is_listed_with_its_mechanism_and_unit(
+    federation: Federation,
+) -> None:
+    from audit_support import TERMS
+
+    from medfed.privacy import Release
+
+    ledger = federation.site_ledger("site-a")
+    committed = ledger.verify().reservations[-1]
+    for release in (
+        Release(
+            run_id="run-1",
+            round=2,
+            quantity="patients",
+            values={"train": 17, "validation": 5},
+            mechanism="gaussian",
+            noise_multiplier=5.0,
+            sensitivity=1.0,
+            noise_std=5.0,
+        ),
+        Release(
+            run_id="run-1",
+            round=2,
+            quantity="train_loss",
+            values={"loss": 0.8},
+            mechanism="dp-sgd",
+            noise_multiplier=NOISE,
+            sensitivity=2.0,
+            noise_std=0.3,
+            reservation_seq=committed.seq,
+        ),
+        Release(
+            run_id="run-1",
+            round=2,
+            quantity="validation_dice",
+            values={"dice": 0.6},
+            mechanism="public",
+            reason="a published benchmark set",
+        ),
+    ):
+        ledger.release(release=release, terms=TERMS)
+    federation.send("site-a")
+
+    report = build_report(workspace=federation.workspace_dir)
+    site = report.to_json()["sites"]["site-a"]
+    rows = {row["quantity"]: row for row in site["releases"]}
+    assert set(rows) == {"patients", "train_loss", "validation_dice"}
+    assert all(row["unit"] == "patient" for row in rows.values())
+    assert rows["patients"]["mechanism"] == "gaussian"
+    assert "charged as one unsampled Gaussian step" in rows["patients"]["cover"]
+    assert f"reservation seq {committed.seq}" in rows["train_loss"]["cover"]
+    assert rows["validation_dice"]["cover"].endswith("a published benchmark set")
+    assert site["released_patient_counts"] == [
+        {"seq": rows["patients"]["seq"], "train": 17.0, "validation": 5.0}
+    ]
+    html = report.to_html()
+    assert "Released quantities" in html and "a published benchmark set" in html
+    assert "charged as one unsampled Gaussian step" in html
+    # The Gaussian release is in the epsilon the report states, and verification still passes.
+    assert report.verification.passed, [f.one_line() for f in report.verification.findings]

@@ -11,10 +11,10 @@ from audit_support import (
     CAP,
     DELTA,
     NOISE,
-    PATIENTS,
     SAMPLE_RATE,
     SITES,
     STEPS,
+    TERMS,
     Federation,
     lines_of,
     write_lines,
@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from medfed.audit import AuditResult, Finding, verify_workspace
 from medfed.errors import ConfigError
-from medfed.privacy import BudgetCap, RoundPlan, compute_epsilon, key_id
+from medfed.privacy import PrivacyTerms, RoundPlan, compute_epsilon, key_id
 from medfed.privacy.events import GENESIS_HASH, canonical_json, line_hash, sign
 from medfed.privacy.ledger import write_head
 
@@ -47,7 +47,8 @@ def test_an_honest_federation_passes_and_both_libraries_are_reported(
     assert result.verdict == "PASS" and result.run_names == ("run-1",)
     for site_id in SITES:
         site = result.site(site_id)
-        assert site.copy is not None and len(site.copy.entries) == 4
+        # terms, then two rounds of reserve and commit
+        assert site.copy is not None and len(site.copy.entries) == 5
         history = federation.site_ledger(site_id).history()
         eps = site.epsilons
         assert eps is not None and eps.delta == DELTA
@@ -60,11 +61,12 @@ def test_an_honest_federation_passes_and_both_libraries_are_reported(
         assert eps.pld <= eps.opacus_rdp
         assert 0 < eps.opacus_rdp <= CAP.epsilon
         [run] = site.runs
-        assert run.entries == 4 and run.summary == pytest.approx(eps.opacus_rdp, rel=1e-12)
+        assert run.entries == 5 and run.summary == pytest.approx(eps.opacus_rdp, rel=1e-12)
     names = {(c.site_id, c.name, c.status) for c in result.checks}
     assert ("site-a", "ledger copy", "pass") in names
     assert ("site-a", "two libraries", "pass") in names
     assert ("site-a", "cap", "pass") in names
+    assert ("site-a", "terms", "pass") in names
     assert ("site-a", "run run-1: summary epsilon", "pass") in names
     assert (None, "run run-1: MLflow epsilon", "skipped") in names
     text = "\n".join(result.lines())
@@ -75,20 +77,20 @@ def test_an_honest_federation_passes_and_both_libraries_are_reported(
 def test_edited_value_is_named_by_site_line_and_seq(federation: Federation) -> None:
     path = federation.copy_path("site-b")
     lines = lines_of(path)
-    lines[2] = lines[2].replace(b'"noise_multiplier":1.1', b'"noise_multiplier":5.0')
+    lines[3] = lines[3].replace(b'"noise_multiplier":1.1', b'"noise_multiplier":5.0')
     write_lines(path, lines)
 
     finding = _only(_verify(federation))
     assert (finding.site_id, finding.check, finding.line, finding.seq) == (
         "site-b",
         "ledger-copy",
+        4,
         3,
-        2,
     )
     assert finding.source == "ledgers/site-b.ledger.jsonl"
     assert "bad signature" in finding.problem
     assert finding.one_line().startswith(
-        "FINDING [ledger-copy] site site-b: ledgers/site-b.ledger.jsonl: line 3 (seq 2): "
+        "FINDING [ledger-copy] site site-b: ledgers/site-b.ledger.jsonl: line 4 (seq 3): "
     )
 
 
@@ -160,11 +162,59 @@ def test_a_swapped_registered_key_file_is_a_finding(federation: Federation) -> N
 
 
 def test_spending_past_the_cap_is_found(federation: Federation) -> None:
-    federation.train("site-a", run="run-2", round_=1, cap=BudgetCap(epsilon=1.0, delta=DELTA))
+    """A site that lowered its cap below what it had spent."""
+    federation.change_terms("site-a", PrivacyTerms(accountant="rdp", delta=DELTA, epsilon_cap=1.0))
 
     finding = _only(_verify(federation))
     assert (finding.site_id, finding.check) == ("site-a", "cap")
     assert "exceeds the site's cap 1" in finding.problem
+
+
+def test_a_raised_cap_or_delta_is_found(federation: Federation) -> None:
+    federation.change_terms("site-b", PrivacyTerms(accountant="rdp", delta=DELTA, epsilon_cap=20.0))
+
+    finding = _only(_verify(federation))
+    assert (finding.site_id, finding.check, finding.seq) == ("site-b", "terms", 5)
+    assert "the site raised its cap: terms changed at seq 5" in finding.problem
+
+
+def test_a_pld_site_within_its_cap_passes(tmp_path: Path) -> None:
+    """The audit checks the cap with the ledger's accountant, not always RDP."""
+    from medfed.privacy import DPSteps
+    from medfed.transport.provision import provision_workspace
+
+    provision_workspace(out=tmp_path / "workspace", sites=list(SITES), host="127.0.0.1")
+    federation = Federation(root=tmp_path)
+    history = [DPSteps(noise_multiplier=NOISE, sample_rate=SAMPLE_RATE, steps=12)]
+    pld = compute_epsilon(history=history, delta=DELTA, accountant="pld")
+    rdp = compute_epsilon(history=history, delta=DELTA, accountant="rdp")
+    cap = (pld + rdp) / 2  # RDP would say over the cap
+    for site in SITES:
+        federation.change_terms(site, PrivacyTerms(accountant="pld", delta=DELTA, epsilon_cap=cap))
+        ledger = federation.site_ledger(site)
+        ledger.commit(
+            ledger.reserve(
+                plan=RoundPlan(
+                    run_id="run-1",
+                    round=1,
+                    planned_rounds=1,
+                    steps=12,
+                    sample_rate=SAMPLE_RATE,
+                    noise_multiplier=NOISE,
+                    max_grad_norm=1.0,
+                ),
+                terms=PrivacyTerms(accountant="pld", delta=DELTA, epsilon_cap=cap),
+            ),
+            steps=12,
+        )
+        federation.send(site)
+    federation.finish_run("run-1", rounds=1)
+
+    result = _verify(federation)
+    assert result.passed, [f.one_line() for f in result.findings]
+    site = result.site("site-a")
+    assert site.accountant == "pld" and site.spent == pytest.approx(pld)
+    assert site.epsilons is not None and site.epsilons.opacus_rdp > cap
 
 
 def test_a_later_run_does_not_upset_an_earlier_summary(federation: Federation) -> None:
@@ -174,7 +224,7 @@ def test_a_later_run_does_not_upset_an_earlier_summary(federation: Federation) -
     result = _verify(federation)
     assert result.passed, [f.one_line() for f in result.findings]
     runs = {run.run_name: run for run in result.site("site-a").runs}
-    assert (runs["run-1"].entries, runs["run-2"].entries) == (4, 6)
+    assert (runs["run-1"].entries, runs["run-2"].entries) == (5, 7)
     assert runs["run-1"].recomputed is not None and runs["run-2"].recomputed is not None
     assert runs["run-1"].recomputed < runs["run-2"].recomputed
     only = _verify(federation, run_name="run-1")
@@ -189,7 +239,7 @@ def test_a_dishonest_summary_is_found(federation: Federation) -> None:
 
     finding = _only(_verify(federation))
     assert (finding.site_id, finding.check) == ("site-b", "summary")
-    assert "sites[].epsilon_spent" in finding.problem and "first 4 entries" in finding.problem
+    assert "sites[].epsilon_spent" in finding.problem and "first 5 entries" in finding.problem
 
 
 def test_a_malformed_summary_is_a_finding_not_a_crash(federation: Federation) -> None:
@@ -217,31 +267,29 @@ def test_a_summary_of_another_ledger_is_found(federation: Federation) -> None:
     assert (finding.site_id, finding.check, finding.line, finding.seq) == (
         "site-a",
         "summary",
+        5,
         4,
-        3,
     )
 
 
 def test_a_copy_shorter_than_its_summary_is_found(federation: Federation) -> None:
     """Cutting the copy's last round keeps its chain valid: only the summary tells."""
     path = federation.copy_path("site-b")
-    write_lines(path, lines_of(path)[:2])
+    write_lines(path, lines_of(path)[:3])
 
     finding = _only(_verify(federation))
     assert (finding.site_id, finding.check) == ("site-b", "summary")
-    assert "counted 4 ledger entries but the aggregator's copy holds 2" in finding.problem
+    assert "counted 5 ledger entries but the aggregator's copy holds 3" in finding.problem
 
 
 def test_the_sites_own_ledger_may_run_ahead_of_the_copy(federation: Federation) -> None:
     ledger = federation.site_ledger("site-a")
-    ledger.reserve(
-        plan=_plan("run-2"), cap=BudgetCap(epsilon=1000.0, delta=DELTA)
-    )  # not yet sent to the aggregator
+    ledger.reserve(plan=_plan("run-2"), terms=TERMS)  # not yet sent to the aggregator
 
     result = _verify(federation, site_ledgers={"site-a": ledger.path})
     assert result.passed, [f.one_line() for f in result.findings]
     site = result.site("site-a")
-    assert site.site_ledger is not None and len(site.site_ledger.entries) == 5
+    assert site.site_ledger is not None and len(site.site_ledger.entries) == 6
     assert site.epsilons is not None and site.site_ledger_epsilon is not None
     assert site.site_ledger_epsilon > site.epsilons.opacus_rdp == site.runs[0].recomputed
     [check] = [c for c in result.checks if c.name == "site ledger vs copy"]
@@ -257,32 +305,32 @@ def test_a_site_ledger_that_diverges_from_the_copy_is_found(federation: Federati
     for index, raw in enumerate(lines_of(ledger.path)):
         obj = {k: v for k, v in json.loads(raw).items() if k != "signature"}
         obj["prev_hash"] = previous
-        if index == 2:
+        if index == 3:
             obj["noise_multiplier"] = 1.2
         lines.append(canonical_json(sign(obj, key)))
         previous = line_hash(lines[-1])
     write_lines(ledger.path, lines)
-    write_head(ledger.path, site_id="site-a", count=4, last_hash=previous, private_key=key)
-    assert len(ledger.verify().entries) == 4  # a valid ledger on its own
+    write_head(ledger.path, site_id="site-a", count=5, last_hash=previous, private_key=key)
+    assert len(ledger.verify().entries) == 5  # a valid ledger on its own
 
     finding = _only(_verify(federation, site_ledgers={"site-a": ledger.path}))
     assert (finding.site_id, finding.check, finding.line, finding.seq) == (
         "site-a",
         "agreement",
+        4,
         3,
-        2,
     )
     assert "diverge" in finding.problem
 
 
 def test_a_site_ledger_that_was_cut_is_found(federation: Federation) -> None:
     ledger = federation.site_ledger("site-b")
-    write_lines(ledger.path, lines_of(ledger.path)[:3])
+    write_lines(ledger.path, lines_of(ledger.path)[:4])
 
     result = _verify(federation, site_ledgers={"site-b": ledger.path})
     checks = sorted((f.check, f.line) for f in result.findings)
     # The head notices the cut; the comparison names the first entry the site lost.
-    assert checks == [("agreement", 4), ("site-ledger", None)]
+    assert checks == [("agreement", 5), ("site-ledger", None)]
     assert all(f.site_id == "site-b" for f in result.findings)
 
 
@@ -308,11 +356,9 @@ def _plan(run: str) -> RoundPlan:
     return RoundPlan(
         run_id=run,
         round=1,
+        planned_rounds=1,
         steps=STEPS,
         sample_rate=SAMPLE_RATE,
         noise_multiplier=NOISE,
         max_grad_norm=1.0,
-        delta=DELTA,
-        dataset_size=PATIENTS,
-        accountant="rdp",
     )

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from medfed.cli.app import app, main
 from medfed.errors import LedgerError, PrivacyError
-from medfed.privacy import BudgetCap, DPSteps, RoundPlan, SiteLedger, compute_epsilon
+from medfed.privacy import DPSteps, PrivacyTerms, RoundPlan, SiteLedger, compute_epsilon
 
 runner = CliRunner()
 DELTA = 1e-5
@@ -40,15 +40,13 @@ def _spend(ledger: SiteLedger, steps: int = 100) -> None:
     plan = RoundPlan(
         run_id="run-1",
         round=0,
+        planned_rounds=None,
         steps=steps,
         sample_rate=0.01,
         noise_multiplier=1.0,
         max_grad_norm=1.0,
-        delta=DELTA,
-        dataset_size=100,
-        accountant="rdp",
     )
-    ledger.reserve(plan=plan, cap=BudgetCap(epsilon=8.0, delta=DELTA))
+    ledger.reserve(plan=plan, terms=PrivacyTerms(accountant="rdp", delta=DELTA, epsilon_cap=8.0))
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
@@ -110,7 +108,9 @@ def test_ledger_reports_spent_epsilon(tmp_path: Path) -> None:
     history = list(ledger.verify().history)
     spent = compute_epsilon(history=history, delta=DELTA, accountant="rdp")
     assert data["status"] == "verified" and data["verified"] is True
-    assert (data["entries"], data["rounds"], data["open_reservations"]) == (1, 1, 1)
+    # The terms entry and the reservation.
+    assert (data["entries"], data["rounds"], data["open_reservations"]) == (2, 1, 1)
+    assert data["terms_in_ledger"] is True and data["releases"] == 0
     assert data["spent"] == spent
     assert data["remaining"] == pytest.approx(8.0 - spent)
     assert set(data["epsilon_by_accountant"]) == {"rdp", "prv", "pld", "rdp-classic"}
@@ -138,7 +138,7 @@ def test_tampered_ledger_exits_non_zero(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == LedgerError.exit_code
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err.startswith("error[ledger]: ") and "line 1 (seq 0): bad signature" in err
+    assert err.startswith("error[ledger]: ") and "line 2 (seq 1): bad signature" in err
     assert "(hint: restore the ledger" in err
 
 

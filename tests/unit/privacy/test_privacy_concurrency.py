@@ -8,8 +8,8 @@ from pathlib import Path
 
 from medfed.errors import BudgetExceededError
 from medfed.privacy import (
-    BudgetCap,
     DPSteps,
+    PrivacyTerms,
     RoundPlan,
     SiteLedger,
     compute_epsilon,
@@ -39,17 +39,16 @@ def _reserve(
     plan = RoundPlan(
         run_id=f"worker-{worker}",
         round=0,
+        planned_rounds=None,
         steps=100,
         sample_rate=0.01,
         noise_multiplier=1.0,
         max_grad_norm=1.0,
-        delta=DELTA,
-        dataset_size=100,
-        accountant="rdp",
     )
+    terms = PrivacyTerms(accountant="rdp", delta=DELTA, epsilon_cap=cap_epsilon)
     barrier.wait()
     try:
-        reservation = ledger.reserve(plan=plan, cap=BudgetCap(epsilon=cap_epsilon, delta=DELTA))
+        reservation = ledger.reserve(plan=plan, terms=terms)
     except BudgetExceededError:
         results.put((worker, "refused", -1))
     else:
@@ -74,12 +73,13 @@ def test_concurrent_reservations_respect_the_cap(tmp_path: Path) -> None:
         assert process.exitcode == 0
 
     reserved = sorted(seq for _, outcome, seq in outcomes if outcome == "reserved")
-    assert reserved == list(range(ALLOWED))
+    assert reserved == list(range(1, ALLOWED + 1))  # after the one terms entry
     assert sum(outcome == "refused" for _, outcome, _ in outcomes) == WORKERS - ALLOWED
 
     ledger = SiteLedger(path=tmp_path / "ledger.jsonl", key_path=tmp_path / "site.pem", site_id="a")
     report = ledger.verify()
-    assert len(report.entries) == ALLOWED and not report.head_lagging
+    assert len(report.entries) == ALLOWED + 1 and not report.head_lagging
+    assert len(report.terms_changes) == 1  # the terms were written once, by the first writer
     assert {r.run_id for r in report.reservations} == {
         f"worker-{n}" for n, outcome, _ in outcomes if outcome == "reserved"
     }

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from medfed.cli.app import app
 from medfed.config import load_site_config
-from medfed.config.site import PolicySection, PrivacySection, SiteConfig
+from medfed.config.site import PolicySection, PrivacySection, ReleaseSection, SiteConfig
 from medfed.errors import ConfigError, DataError
 from medfed.site.onboarding import init_site, read_kit
 from medfed.transport.provision import Workspace, provision_workspace
@@ -67,7 +67,10 @@ def test_written_config_loads_with_the_kit_and_manifest(
     assert config.paths.workdir == out.parent / "medfed-work"
     assert config.privacy.noise_multiplier == 1.0
     assert config.privacy.epsilon_cap == PrivacySection.model_fields["epsilon_cap"].default
-    assert config.policy == PolicySection()  # safe defaults, written out explicitly
+    # Safe defaults, written out explicitly: a quarter of the cap per round at most.
+    assert config.policy == PolicySection(max_epsilon_per_round=config.privacy.epsilon_cap / 4)
+    assert config.policy.min_noise_multiplier == 0.5
+    assert config.release == ReleaseSection()  # nothing public: counts and Dice get noise
     # Names where data and keys are: not readable by every local user.
     assert stat.S_IMODE(out.stat().st_mode) & 0o007 == 0
 

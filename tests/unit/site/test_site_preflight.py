@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from medfed.cli.app import app
 from medfed.config import load_site_config
 from medfed.config.site import SiteConfig
-from medfed.privacy.budget import BudgetCap
+from medfed.privacy.budget import PrivacyTerms
 from medfed.privacy.site_ledger import RoundPlan, SiteLedger
 from medfed.privacy.storage import replace_file
 from medfed.site import preflight
@@ -258,23 +258,25 @@ def _spend(site: SiteConfig, *, steps: int) -> None:
     plan = RoundPlan(
         run_id="run-1",
         round=1,
+        planned_rounds=1,
         steps=steps,
         sample_rate=0.25,
         noise_multiplier=1.0,
         max_grad_norm=1.0,
-        delta=site.privacy.delta,
-        dataset_size=4,
-        accountant=site.privacy.accountant,
     )
-    reservation = ledger.reserve(plan=plan, cap=BudgetCap(epsilon=1000.0, delta=site.privacy.delta))
+    terms = site.terms
+    roomy = PrivacyTerms(accountant=terms.accountant, delta=terms.delta, epsilon_cap=1000.0)
+    reservation = ledger.reserve(plan=plan, terms=roomy)
     ledger.commit(reservation, steps=steps)
 
 
 def test_tampered_ledger_fails(site: SiteConfig) -> None:
     _spend(site, steps=5)
-    ledger, budget = check_ledger(site)
-    assert ledger.status == "PASS" and "2 entries" in ledger.detail
+    ledger, budget, terms = check_ledger(site)
+    assert ledger.status == "PASS" and "3 entries" in ledger.detail
     assert budget.status == "PASS"
+    # The test spent under a cap of 1000: the config's cap differs from the ledger's.
+    assert terms.status == "WARN" and "the ledger cap 1000" in terms.detail
     text = site.ledger_path.read_text(encoding="utf-8")
     site.ledger_path.write_text(text.replace('"steps":5', '"steps":1', 1), encoding="utf-8")
     ledger, budget = check_ledger(site)

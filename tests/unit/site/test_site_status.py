@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from typer.testing import CliRunner
 
 from medfed.cli.app import app
@@ -179,21 +178,6 @@ def test_cli_status_json(config_path: Path, config: SiteConfig) -> None:
 # --- the ClientApp records every message ------------------------------------------------------
 
 
-@pytest.fixture
-def task_identity() -> Iterator[None]:
-    """Flower's Message reads the running task's identity; act as one."""
-    names = ("_run_id", "_node_id", "_task_id")
-    saved = [getattr(TaskIdentity, name) for name in names]
-    TaskIdentity.run_id = 77
-    TaskIdentity.node_id = 1
-    TaskIdentity.task_id = 0
-    try:
-        yield
-    finally:
-        for name, value in zip(names, saved, strict=True):
-            setattr(TaskIdentity, name, value)
-
-
 def _message(run_name: str, round_: int) -> Message:
     content = RecordDict({"config": ConfigRecord({"run_name": run_name, "round": round_})})
     return Message(content, dst_node_id=5, message_type="train")
@@ -247,14 +231,20 @@ def test_clientapp_records_answers_and_declines_and_logs_the_run(
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_clientapp_records_a_crash_and_lets_flower_report_it(
-    config_path: Path, config: SiteConfig
+def test_clientapp_records_a_crash_and_sends_no_detail_of_it(
+    config_path: Path, config: SiteConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
     def crash(site: SiteConfig, message: Message) -> RecordDict:
-        raise RuntimeError("boom")
+        raise RuntimeError("expected input[2, 3, 16, 16, 16] to have 1 channels")
 
-    with pytest.raises(RuntimeError):
-        clientapp._handle(_message("study-2", 4), _context(config_path), crash)
+    with caplog.at_level(logging.ERROR, logger="medfed.site"):
+        reply = clientapp._handle(_message("study-2", 4), _context(config_path), crash)
+    # The aggregator gets one fixed sentence; shapes and values stay in the node's log.
+    assert reply.has_error()
+    assert reply.error.reason == (
+        "error[error]: unexpected error at the site (hint: the site's log has the details)"
+    )
+    assert "16, 16" in caplog.text
     state = read_status(config=config)
     assert state.last_error == "unexpected RuntimeError (see the node log)"
     assert (state.last_run_id, state.last_round) == ("study-2", 4)

@@ -25,6 +25,7 @@ def test_privacy_tags_state_each_sites_spend(fake_run: Callable[..., FakeRun]) -
     assert tags["medfed.delta.site-a"] == "1e-05"
     assert tags["medfed.epsilon_cap.site-a"] == "8.0"
     assert tags["medfed.privacy_unit"] == "patient" and tags["medfed.accountant"] == "rdp"
+    assert tags["medfed.accountant.site-a"] == "rdp"
     assert tags["medfed.rounds"] == str(ROUNDS) and tags["medfed.run_name"] == "trial"
     assert not any("site-z" in key for key in tags)
 

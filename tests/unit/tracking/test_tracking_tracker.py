@@ -90,9 +90,12 @@ def test_a_run_becomes_a_parent_run_with_one_child_per_site(
             {r: CAPS[site] - e for r, e in spent.items()}
         )
         assert set(_history(client, run_id, "train_loss")) == {1, 2}
-        assert set(_history(client, run_id, "dice_after")) == {1, 2}
-    assert _history(client, children["site-a"].info.run_id, "train_seconds") == {1: 1.5, 2: 1.5}
-    assert client.get_metric_history(children["site-b"].info.run_id, "train_seconds") == []
+        assert set(_history(client, run_id, "dice_before")) == {1, 2}
+        # Each released number names its mechanism beside it.
+        assert child.data.tags["medfed.release.train_loss"] == "dp-sgd (std 0.25)"
+        assert child.data.tags["medfed.release.patients"] == "public"
+    assert children["site-a"].data.tags["medfed.release.dice_before"] == "gaussian (std 0.2)"
+    assert "medfed.release.dice_before" not in children["site-b"].data.tags
     assert _history(client, children["site-a"].info.run_id, "dice_final") == {ROUNDS: 0.42}
     issue = children["site-b"].data.tags["medfed.last_issue"]
     assert issue.startswith("site_timeout") and "evaluate" in issue
@@ -225,3 +228,26 @@ def test_limits_match_mlflow() -> None:
 
     assert MAX_PARAM_LENGTH == MAX_PARAM_VAL_LENGTH
     assert MAX_PARAMS_PER_BATCH == MAX_PARAMS_TAGS_PER_BATCH
+
+
+def test_a_privacy_alert_is_a_tag_on_the_run_and_the_sites_child(
+    fake_run: Callable[..., FakeRun],
+) -> None:
+    run = fake_run()
+    uri = default_tracking_uri(workspace_root=run.workspace)
+    prepare_store(uri=uri)
+    tracker = FederationTracker(tracking_uri=uri, run_dir=run.run_dir, workspace_root=run.workspace)
+    alert = "site site-b raised its cap: terms changed at seq 6: cap 6 ... -> cap 9 ..."
+    for event in run.events():
+        tracker.on_event(event)
+        if event["event"] == "round_started":
+            tracker.on_event(run.emit("privacy_alert", site="site-b", round=1, alert=alert))
+    tracker.close()
+    info = read_tracking_info(run_dir=run.run_dir)
+    assert info is not None
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(info.parent_run_id)
+    assert parent.data.tags["medfed.privacy_alert"] == alert
+    children = _children(client, parent)
+    assert children["site-b"].data.tags["medfed.privacy_alert"] == alert
+    assert "medfed.privacy_alert" not in children["site-a"].data.tags

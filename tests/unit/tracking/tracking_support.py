@@ -52,10 +52,20 @@ class FakeRun:
                     patients=10 + index,
                     loss=1.0 / round_index + index,
                     dice_before=0.1 * round_index + 0.01 * index,
-                    dice_after=0.1 * round_index + 0.05,
+                    releases={
+                        "loss": {"mechanism": "dp-sgd", "noise_std": 0.25, "seq": 4},
+                        "patients": {"mechanism": "public", "noise_std": None, "seq": 1},
+                        # site-b withheld its Dice: no mechanism to name
+                        **(
+                            {}
+                            if index
+                            else {"dice_before": {"mechanism": "gaussian", "noise_std": 0.2}}
+                        ),
+                    },
                     epsilon_spent=self.epsilon(site, round_index),
                     epsilon_cap=CAPS[site],
-                    train_seconds=None if index else 1.5,  # None is skipped, not logged
+                    delta=1e-5,
+                    accountant="rdp",
                 )
             sent += 1000 * round_index
             received += 500 * round_index
@@ -85,7 +95,6 @@ class FakeRun:
 
     def summary(self) -> dict[str, Any]:
         budgets = {
-            "accountant": "rdp",
             "ledger_copies": str(self.workspace / "ledgers"),
             "sites": {
                 site: {

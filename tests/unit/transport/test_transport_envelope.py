@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, RecordDict
 
 from medfed.config.run import RunSettings, parse_run_settings
 from medfed.errors import BudgetExceededError, ConfigError, PolicyError
@@ -22,7 +22,6 @@ from medfed.transport.envelope import (
     reply_content,
     request_content,
 )
-from medfed.types import SiteUpdate
 
 WEIGHTS = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.float32)}
 
@@ -63,23 +62,22 @@ def test_a_request_without_a_model_is_allowed_for_initialisation() -> None:
     assert read_request(request_content(_request(weights=None))).weights is None
 
 
-def test_a_reply_round_trips() -> None:
-    update = SiteUpdate(
-        site_id="site-a", round=3, weights=WEIGHTS, num_patients=19, metrics={"loss": 0.5}
-    )
+def test_a_reply_round_trips_and_carries_weights_and_ledger_lines_only() -> None:
     reply = RoundReply(
-        update=update,
+        site_id="site-a",
+        round=3,
+        weights=WEIGHTS,
         ledger_first_seq=4,
         ledger_lines=('{"seq":4}', '{"seq":5}'),
-        epsilon_cap=8.0,
-        delta=1e-5,
-        accountant="rdp",
     )
-    back = read_reply(reply_content(reply))
-    assert back.update.site_id == "site-a" and back.update.num_patients == 19
-    assert back.update.metrics == {"loss": 0.5}
+    content = reply_content(reply)
+    # No metric record, no unsigned count, cap or delta: the ledger lines hold what is released.
+    assert set(content) == {"update", "site"}
+    assert set(content["site"]) == {"site_id", "round", "ledger_first_seq", "ledger_lines"}
+    back = read_reply(content)
+    assert back.site_id == "site-a" and back.round == 3
+    assert set(back.weights) == set(WEIGHTS)
     assert back.ledger_first_seq == 4 and back.ledger_lines == reply.ledger_lines
-    assert (back.epsilon_cap, back.delta, back.accountant) == (8.0, 1e-5, "rdp")
 
 
 @pytest.mark.parametrize(
@@ -89,21 +87,19 @@ def test_a_reply_round_trips() -> None:
         (
             RecordDict(
                 {
-                    "site": ConfigRecord({"site_id": "x", "ledger_lines": [1, 2]}),
-                    "metrics": MetricRecord({}),
+                    "site": ConfigRecord(
+                        {"site_id": "x", "round": 1, "ledger_first_seq": 0, "ledger_lines": [1]}
+                    ),
+                    "update": ArrayRecord(),
                 }
             ),
             "ledger_lines",
         ),
         (
             RecordDict(
-                {
-                    "site": ConfigRecord({"site_id": "x", "round": 1}),
-                    "metrics": MetricRecord({}),
-                    "update": ArrayRecord(),
-                }
+                {"site": ConfigRecord({"site_id": "x", "round": 1}), "update": ArrayRecord()}
             ),
-            "num_patients",
+            "ledger_first_seq",
         ),
     ],
 )
