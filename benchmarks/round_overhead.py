@@ -3,8 +3,8 @@
     python benchmarks/round_overhead.py [--sites 3] [--cases 24] [--size 32] [--rounds 2]
         [--local-epochs 2] [--threads N] [--skip-deployment]
 
-The same synthetic federation (`medfed.demo.prepare_federation`) runs twice, each in a fresh
-temporary directory: once on the real deployment (`medfed.demo.run_deployed`: SuperLink and one
+The same synthetic federation (`medfed.api.demo.prepare_federation`) runs twice, each in a fresh
+temporary directory: once on the real deployment (`medfed.api.demo.run_deployed`: SuperLink and one
 SuperNode per site as processes, TLS, node authentication, a new ClientApp process per message)
 and once in this process (`medfed.transport.inprocess.run_in_process`: the same ServerApp round
 loop and ClientApp, called directly). Per round: the round's wall time (`round_done.seconds`),
@@ -30,10 +30,19 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from medfed.api.demo import DemoSetup, prepare_federation, run_deployed
 from medfed.config.loading import dump_site_config, load_site_config
-from medfed.demo import DemoSetup, prepare_federation, run_deployed
+from medfed.run_events import (
+    Evaluation,
+    RoundDone,
+    RoundStarted,
+    RunEvent,
+    RunFailed,
+    RunStarted,
+    RunStopped,
+    of_kind,
+)
 from medfed.tracking import default_tracking_uri
 from medfed.transport.inprocess import run_in_process
 from medfed.transport.processes import free_port
@@ -110,12 +119,12 @@ def prepare(args: argparse.Namespace, root: Path) -> DemoSetup:
 
 
 def measure(args: argparse.Namespace, runner: str) -> Measured:
-    events: list[dict[str, Any]] = []
+    events: list[RunEvent] = []
 
-    def on_event(event: dict[str, Any]) -> None:
+    def on_event(event: RunEvent) -> None:
         events.append(event)
-        if event.get("event") in ("round_done", "evaluation", "run_failed", "run_stopped"):
-            print(f"  [{runner}] {event['event']} {event.get('round', '')}", flush=True)
+        if isinstance(event, RoundDone | Evaluation | RunFailed | RunStopped):
+            print(f"  [{runner}] {event.kind} {getattr(event, 'round', '')}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix=f"medfed-overhead-{runner}-") as tmp:
         setup = prepare(args, Path(tmp) / "federation")
@@ -152,34 +161,35 @@ def site_seconds(setup: DemoSetup) -> dict[int, list[float]]:
 
 def summarise(
     runner: str,
-    events: list[dict[str, Any]],
+    events: list[RunEvent],
     seconds: dict[int, list[float]],
     wall: float,
     load: tuple[float, float],
 ) -> Measured:
-    def first(kind: str) -> float:
-        return next((e["time"] for e in events if e["event"] == kind), float("nan"))
+    def first(kind: type[RunEvent]) -> float:
+        return next((e.time for e in events if isinstance(e, kind)), float("nan"))
 
+    done_rounds = of_kind(events, RoundDone)
     rounds = []
-    for done in (e for e in events if e["event"] == "round_done"):
-        computes = seconds.get(done["round"], [])
+    for done in done_rounds:
+        computes = seconds.get(done.round, [])
         rounds.append(
             Round(
-                index=done["round"],
-                seconds=float(done["seconds"]),
+                index=done.round,
+                seconds=float("nan") if done.seconds is None else done.seconds,
                 slowest=max(computes, default=float("nan")),
                 total=sum(computes),
             )
         )
     if not rounds:
-        raise SystemExit(f"{runner}: no round finished ({[e['event'] for e in events]})")
-    last_done = max(e["time"] for e in events if e["event"] == "round_done")
+        raise SystemExit(f"{runner}: no round finished ({[e.kind for e in events]})")
+    last_done = max(done.time for done in done_rounds)
     return Measured(
         runner=runner,
         rounds=rounds,
         wall=wall,
-        setup=first("round_started") - first("run_started"),
-        evaluation=first("evaluation") - last_done,
+        setup=first(RoundStarted) - first(RunStarted),
+        evaluation=first(Evaluation) - last_done,
         load=load,
     )
 

@@ -5,14 +5,14 @@
         --local-epochs 1 --optimizer sgd --lr 1.0 --clip 0.5 --strategy fedadam \
         --server-lr 0.05 --channels 8,16 --central-epochs 100 --threads 1 --json out.json
 
-One synthetic non-IID federation (`medfed.demo.prepare_federation`: a provisioned workspace and
+One synthetic non-IID federation (`medfed.api.demo.prepare_federation`: a provisioned workspace and
 one synthetic site per name) is trained three ways, each scored on the same validation patients
 of every site (the manifests' split) with the same Dice, weighted by validation patients:
 
 1. centralised, non-private: all sites' training patients pooled, no DP, the same network
-   (`medfed.baselines.train_centralised`);
+   (`medfed.api.baselines.train_centralised`);
 2. federated, non-private: the same rounds, local epochs and strategy with plain local training
-   (`medfed.baselines.train_federated_nonprivate`);
+   (`medfed.api.baselines.train_federated_nonprivate`);
 3. federated with DP-SGD at every site: the real ServerApp round loop and ClientApp in this
    process (`medfed.transport.inprocess.run_in_process`), real Opacus steps and signed ledgers.
    The noise multiplier is planned so that the whole run spends at most ``--cap`` at the site
@@ -36,12 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medfed.aggregator.strategies import StrategySettings
+from medfed.api.demo import DemoSetup, prepare_federation
 from medfed.config import SiteConfig, load_site_config
 from medfed.config.loading import dump_site_config
 from medfed.config.run import RunSettings
-from medfed.demo import DemoSetup, prepare_federation
+from medfed.config.strategy import StrategySettings
 from medfed.privacy import SiteLedger, noise_for_target_epsilon, plan_sampling
+from medfed.run_events import RoundDone, RunEvent
 
 
 @dataclass(frozen=True)
@@ -189,11 +190,11 @@ def run_dp(
 
     settings = run_settings(args, setup.settings, noise)
 
-    def progress(event: dict[str, Any]) -> None:
-        if not args.quiet and event.get("event") == "round_done":
+    def progress(event: RunEvent) -> None:
+        if not args.quiet and isinstance(event, RoundDone):
             print(
-                f"  [dp] round {event['round']}: dice before {event.get('dice_before')}, "
-                f"loss {event.get('loss')}, {event.get('seconds')} s",
+                f"  [dp] round {event.round}: dice before {event.dice_before}, "
+                f"loss {event.loss}, {event.seconds} s",
                 flush=True,
             )
 
@@ -221,7 +222,7 @@ def run_dp(
 def run_baselines(
     args: argparse.Namespace, setup: DemoSetup, configs: Mapping[str, SiteConfig], noise: float
 ) -> list[Outcome]:
-    from medfed.baselines import train_centralised, train_federated_nonprivate
+    from medfed.api.baselines import train_centralised, train_federated_nonprivate
 
     # The baselines train the DP run's network, with non-private training settings of their own:
     # the DP-tuned ones (huge batches, a plain-SGD step per round) would handicap them.

@@ -41,7 +41,7 @@ def weights_digest(weights: Mapping[str, np.ndarray]) -> str:
     """
     digest = hashlib.sha256()
     for name in sorted(weights):
-        array = np.ascontiguousarray(weights[name])
+        array = np.require(weights[name], requirements="C")
         digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
@@ -57,8 +57,9 @@ class SiteUpdate:
         round: The federation round this update answers (1-based, as the server numbers rounds).
         weights: Full model weights after local training, by parameter name (float32 when built
             by the transport layer). Stored as read-only copies.
-        num_patients: Number of training patients behind the update; FedAvg weights by it.
-        metrics: Scalar training metrics (loss, Dice, epsilon spent...), by name.
+        num_patients: The site's released (noisy, or public) training patient count, read from
+            its signed ledger; FedAvg weights by it. What else the site released about the
+            round is in its ledger too (:mod:`medfed.aggregator.releases`).
 
     Construction does not judge the content: :func:`medfed.aggregator.validation.validate_update`
     reports every problem (shapes, dtypes, NaNs, stale rounds) so a bad update can be rejected
@@ -69,9 +70,7 @@ class SiteUpdate:
     round: int
     weights: Mapping[str, np.ndarray]
     num_patients: int
-    metrics: Mapping[str, float]
 
     def __post_init__(self) -> None:
         # Frozen dataclass: object.__setattr__ is the documented way to normalise fields.
         object.__setattr__(self, "weights", freeze_arrays(self.weights))
-        object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 
 from medfed.config.site import SiteConfig
-from medfed.transport.envelope import RoundRequest
+from medfed.envelope import RoundRequest
 
 
 def policy_site(tmp_path: Path, **policy: Any) -> SiteConfig:

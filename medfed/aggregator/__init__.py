@@ -8,7 +8,6 @@ from medfed.aggregator.budget import BudgetTracker, SiteBudget
 from medfed.aggregator.strategies import (
     AggregationResult,
     FedAdamState,
-    StrategySettings,
     aggregate,
 )
 from medfed.aggregator.validation import Rejection, partition_updates, validate_update
@@ -19,7 +18,6 @@ __all__ = [
     "FedAdamState",
     "Rejection",
     "SiteBudget",
-    "StrategySettings",
     "aggregate",
     "partition_updates",
     "validate_update",

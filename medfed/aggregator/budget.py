@@ -22,8 +22,6 @@ One tracker should own a directory; the lock only keeps a second one from tearin
 
 from __future__ import annotations
 
-import math
-import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,20 +31,17 @@ from typing import Any, Final
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from medfed.errors import BudgetExceededError, ConfigError, LedgerError, PrivacyError
+from medfed.numbers import finite_or_none
 from medfed.privacy.accounting import AccountantName, DPSteps, compute_epsilon
 from medfed.privacy.budget import BudgetCap, PrivacyTerms, check_budget
 from medfed.privacy.ledger import LedgerReport, verify_ledger_bytes
-from medfed.privacy.storage import (
+from medfed.storage import (
     locked,
     make_private_dirs,
     read_bytes,
     replace_file,
 )
-
-# The site id rule of the workspace (medfed.transport.provision); ids become file names here.
-_SITE_ID: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_CAP_VERSION: Final = 1
-_CAP_FIELDS: Final = frozenset({"v", "site_id", "epsilon", "delta"})
+from medfed.workspace import SITE_ID_PATTERN, ledger_copy_file
 
 _SENT_HINT: Final = (
     "nothing was stored and the site's update should not be used; run `medfed privacy ledger` "
@@ -86,7 +81,7 @@ class SiteBudget:
         return {
             "site_id": self.site_id,
             "entries": self.entries,
-            "epsilon_spent": _number(self.epsilon_spent),
+            "epsilon_spent": finite_or_none(self.epsilon_spent),
             "epsilon_cap": self.epsilon_cap,
             "remaining": self.remaining,
             "exhausted": self.exhausted,
@@ -323,7 +318,7 @@ class BudgetTracker:
         return spent
 
     def _ledger_path(self, site_id: str) -> Path:
-        return self._directory / f"{site_id}.ledger.jsonl"
+        return ledger_copy_file(self._directory, site_id)
 
     def _read_copy(self, site_id: str) -> _Copy:
         path = self._ledger_path(site_id)
@@ -367,7 +362,7 @@ def _checked_keys(public_keys: Mapping[str, Ed25519PublicKey]) -> dict[str, Ed25
     keys: dict[str, Ed25519PublicKey] = {}
     folded: dict[str, str] = {}
     for site_id, key in public_keys.items():
-        if not isinstance(site_id, str) or not _SITE_ID.match(site_id):
+        if not isinstance(site_id, str) or not SITE_ID_PATTERN.match(site_id):
             raise ConfigError(
                 f"{site_id!r} is not a valid site id",
                 hint="use the site ids of the workspace (`medfed provision`)",
@@ -417,11 +412,3 @@ def _sequence_error(site_id: str, first_seq: int, held: int) -> LedgerError:
         f"{held}: entries {held} to {first_seq - 1} are missing",
         hint=f"the site must send its ledger from seq {held} (known_entries)",
     )
-
-
-def _number(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)

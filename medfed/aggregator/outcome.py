@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medfed.numbers import finite_or_none
 from medfed.privacy import DPSteps
+from medfed.workspace import RunPaths
 
 
 @dataclass
@@ -30,8 +32,8 @@ class SiteRecord:
             "status": self.status,
             "rounds": self.rounds,
             "patients": self.num_patients,
-            "dice": finite(self.dice),
-            "loss": finite(self.last_loss),
+            "dice": finite_or_none(self.dice),
+            "loss": finite_or_none(self.last_loss),
             "reason": self.last_reason,
             "epsilon_spent": None if budget is None else budget.get("epsilon_spent"),
             "epsilon_cap": None if budget is None else budget.get("epsilon_cap"),
@@ -51,6 +53,10 @@ class FederationResult:
     directory: Path
     model: Path | None
 
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths(directory=self.directory)
+
     def summary(self, budgets: Mapping[str, Any]) -> dict[str, Any]:
         """The run's summary as written to ``summary.json`` and sent with the last event."""
         return {
@@ -58,8 +64,8 @@ class FederationResult:
             "status": self.status,
             "reason": self.reason,
             "rounds_completed": self.rounds_completed,
-            "dice_initial": finite(self.dice_initial),
-            "dice_final": finite(self.dice_final),
+            "dice_initial": finite_or_none(self.dice_initial),
+            "dice_final": finite_or_none(self.dice_final),
             "model": None if self.model is None else str(self.model),
             "sites": self.sites,
             "budgets": dict(budgets),
@@ -70,7 +76,3 @@ def weighted_mean(values: Mapping[str, tuple[float, int]]) -> float:
     pairs = [(v, w) for v, w in values.values() if math.isfinite(v) and w > 0]
     total = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / total if total else math.nan
-
-
-def finite(value: float) -> float | None:
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None

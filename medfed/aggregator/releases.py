@@ -13,34 +13,22 @@ import math
 from dataclasses import dataclass
 
 from medfed.privacy import DPSteps, LedgerReport, ReleaseEntry
+from medfed.run_events import ReleaseNote
 
 
 @dataclass(frozen=True)
 class Released:
-    """One released value, with the mechanism that covers it and its noise."""
+    """One released value and how it was released (mechanism, noise, ledger entry)."""
 
     value: float
-    mechanism: str  # gaussian, dp-sgd or public
-    noise_std: float | None
-    seq: int
+    note: ReleaseNote
 
     @classmethod
     def of(cls, entry: ReleaseEntry, name: str) -> Released:
         return cls(
             value=float(entry.values[name]),
-            mechanism=entry.mechanism,
-            noise_std=entry.noise_std,
-            seq=entry.seq,
+            note=ReleaseNote(mechanism=entry.mechanism, noise_std=entry.noise_std, seq=entry.seq),
         )
-
-    def describe(self) -> str:
-        """The mechanism as a reader needs it: ``gaussian (std 0.12)``, ``public``."""
-        if self.noise_std is None:
-            return self.mechanism
-        return f"{self.mechanism} (std {self.noise_std:.3g})"
-
-    def to_json(self) -> dict[str, object]:
-        return {"mechanism": self.mechanism, "noise_std": self.noise_std, "seq": self.seq}
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,15 @@
-"""A federation run's directory on the aggregator: events, global models, resume state.
+"""A federation run's directory on the aggregator: settings, global models, resume state.
 
-Layout under ``<workspace>/runs/<run_name>/``::
-
-    settings.json          the run's settings as first submitted
-    events.jsonl           one JSON object per event (what `medfed run` streams)
-    global/round-NNNN/     the global model after each round (safetensors + model.json)
-    state.json             the last completed round and where its model is (written last)
-    strategy.safetensors   FedAdam's moments, when the strategy has state
-    summary.json           the final table, when the run has ended
-
-``state.json`` is replaced atomically after the round's model is on disk, so a crash at any
-point resumes from a round whose model exists.
+Where each file is, :class:`medfed.workspace.RunPaths` says: the settings as first submitted,
+the global model after each round (:mod:`medfed.model_files`, no torch), FedAdam's moments, the
+resume state and the summary (the events are :mod:`medfed.run_events`'). The state is replaced
+atomically after the round's model is on disk, so a crash at any point resumes from a round
+whose model exists.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +19,9 @@ import numpy as np
 
 from medfed.config.run import RunSettings
 from medfed.errors import ConfigError
-from medfed.privacy.storage import make_private_dirs, replace_file
-
-EVENTS_FILE = "events.jsonl"
-STATE_FILE = "state.json"
-SUMMARY_FILE = "summary.json"
+from medfed.model_files import read_arrays, read_model, write_arrays, write_model
+from medfed.storage import make_private_dirs, replace_file
+from medfed.workspace import RunPaths
 
 
 @dataclass(frozen=True)
@@ -44,19 +34,15 @@ class ResumePoint:
     strategy_state: Mapping[str, np.ndarray] | None
 
 
-def run_directory(workspace: Path, run_name: str) -> Path:
-    return Path(workspace) / "runs" / run_name
-
-
 class RunStore:
     """Reads and writes one run's directory; every write is atomic."""
 
-    def __init__(self, *, directory: Path) -> None:
-        self.directory = Path(directory)
+    def __init__(self, *, paths: RunPaths) -> None:
+        self.paths = paths
 
     @property
-    def events_path(self) -> Path:
-        return self.directory / EVENTS_FILE
+    def directory(self) -> Path:
+        return self.paths.directory
 
     def start(self, settings: RunSettings) -> ResumePoint | None:
         """Prepare the directory; return where to resume, or None for a fresh run.
@@ -67,7 +53,7 @@ class RunStore:
         state = self.check_name(settings)
         make_private_dirs(self.directory)
         if state is None:
-            replace_file(self.directory / "settings.json", _json(settings.model_dump(mode="json")))
+            replace_file(self.paths.settings, _json(settings.model_dump(mode="json")))
             return None
         return self._resume_point(state)
 
@@ -92,84 +78,42 @@ class RunStore:
         metadata: Mapping[str, Any],
     ) -> Path:
         """Save the global model of ``round`` and then mark the round complete."""
-        from medfed.models.checkpoint import save_weights
-        from medfed.models.spec import ModelSpec
-
-        model_dir = self.directory / "global" / f"round-{round:04d}"
-        save_weights(
-            directory=model_dir,
-            weights=weights,
-            spec=ModelSpec.from_dict(dict(spec), source="the run's model spec"),
-            metadata=dict(metadata),
-        )
+        model_dir = self.paths.global_model(round)
+        write_model(model_dir, weights=weights, spec=spec, metadata=metadata)
         if strategy_state is not None:
-            from safetensors.numpy import save_file
-
-            temporary = self.directory / ".strategy.safetensors.tmp"
-            save_file(
-                {k: np.ascontiguousarray(v) for k, v in strategy_state.items()}, str(temporary)
-            )
-            os.replace(temporary, self.directory / "strategy.safetensors")
+            write_arrays(self.paths.strategy_state, strategy_state)
         state = {"round": round, "model": str(model_dir.relative_to(self.directory))}
-        replace_file(self.directory / STATE_FILE, _json(state))
+        replace_file(self.paths.state, _json(state))
         return model_dir
 
-    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """Append one event line (flushed at once, so a follower sees it)."""
-        record = {"time": time.time(), "event": kind, **fields}
-        make_private_dirs(self.directory)  # events may come before start() (tests, tools)
-        with self.events_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, default=_jsonable) + "\n")
-        return record
-
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
-        path = self.directory / SUMMARY_FILE
-        replace_file(path, _json(summary))
-        return path
+        replace_file(self.paths.summary, _json(summary))
+        return self.paths.summary
 
     def _read_state(self) -> dict[str, Any] | None:
+        path = self.paths.state
         try:
-            state = json.loads((self.directory / STATE_FILE).read_text(encoding="utf-8"))
+            state = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
             raise ConfigError(
-                f"{self.directory / STATE_FILE}: unreadable ({exc})",
+                f"{path}: unreadable ({exc})",
                 hint="restore the run directory from backup, or start a new run name",
             ) from None
         if not isinstance(state, dict) or not isinstance(state.get("round"), int):
-            raise ConfigError(f"{self.directory / STATE_FILE}: not a run state")
+            raise ConfigError(f"{path}: not a run state")
         return state
 
     def _resume_point(self, state: Mapping[str, Any]) -> ResumePoint:
-        from medfed.models.checkpoint import read_weights
-
-        stored = read_weights(path=self.directory / str(state["model"]))
-        strategy_state = None
-        strategy_file = self.directory / "strategy.safetensors"
-        if strategy_file.exists():
-            from safetensors.numpy import load_file
-
-            strategy_state = load_file(str(strategy_file))
+        stored = read_model(self.directory / str(state["model"]))
+        strategy_file = self.paths.strategy_state
         return ResumePoint(
             round=int(state["round"]),
             weights=stored.weights,
-            spec=stored.spec.to_dict(),
-            strategy_state=strategy_state,
+            spec=stored.spec,
+            strategy_state=read_arrays(strategy_file) if strategy_file.exists() else None,
         )
-
-
-def read_events(path: Path, *, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """Complete event lines from byte ``offset`` on, and the offset after the last one."""
-    try:
-        with Path(path).open("rb") as handle:
-            handle.seek(offset)
-            data = handle.read()
-    except FileNotFoundError:
-        return [], offset
-    end = data.rfind(b"\n") + 1
-    events = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
-    return events, offset + end
 
 
 def _json(data: Any) -> bytes:

@@ -49,11 +49,10 @@ def settings_from(context: Context) -> RunSettings:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from medfed.aggregator.federation import run_federation
-    from medfed.aggregator.run_store import run_directory
     from medfed.logs import configure_from_env
     from medfed.tracking.tracker import tracking
     from medfed.tracking.uri import TRACKING_URI_ENV
-    from medfed.transport.provision import load_workspace
+    from medfed.workspace import load_workspace
 
     configure_from_env()
     try:
@@ -61,8 +60,7 @@ def main(grid: Grid, context: Context) -> None:
         workspace = load_workspace(workspace_from_environment())
         with tracking(
             tracking_uri=os.environ.get(TRACKING_URI_ENV) or None,
-            run_dir=run_directory(workspace.root, settings.run_name),
-            workspace_root=workspace.root,
+            run_dir=workspace.layout.run(settings.run_name).directory,
         ) as on_event:
             result = run_federation(
                 grid=grid, settings=settings, workspace=workspace, on_event=on_event

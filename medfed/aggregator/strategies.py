@@ -8,8 +8,8 @@ list and updates whose names or shapes disagree (see
 
 FedProx needs nothing special here: its proximal term ``mu/2 * ||w - w_global||^2`` is added to
 the *site's* local loss, and the server then averages exactly as FedAvg does (Li et al. 2020).
-``StrategySettings.proximal_mu`` carries the value so that it can be sent to sites
-(:meth:`StrategySettings.site_settings`).
+:class:`medfed.config.strategy.StrategySettings` carries ``proximal_mu`` so that it can be sent
+to sites.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Self
+from typing import Self
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medfed.aggregator.validation import check_aggregatable
+from medfed.config.strategy import StrategySettings
 from medfed.errors import AggregationError, ConfigError
 from medfed.types import SiteUpdate, freeze_arrays
 
@@ -30,8 +30,6 @@ __all__ = [
     "AggregationResult",
     "FedAdam",
     "FedAdamState",
-    "StrategyName",
-    "StrategySettings",
     "aggregate",
     "coordinate_median",
     "fedavg",
@@ -40,7 +38,6 @@ __all__ = [
     "trimmed_mean",
 ]
 
-StrategyName = Literal["fedavg", "fedprox", "fedadam", "median", "trimmed_mean"]
 Weights = dict[str, np.ndarray]
 
 
@@ -187,6 +184,13 @@ class FedAdam:
     beta2: float = 0.99
     tau: float = 1e-3
 
+    @classmethod
+    def from_settings(cls, settings: StrategySettings) -> FedAdam:
+        """The FedAdam optimiser a run's strategy settings describe."""
+        return cls(
+            eta=settings.server_lr, beta1=settings.beta1, beta2=settings.beta2, tau=settings.tau
+        )
+
     def __post_init__(self) -> None:
         if not (self.eta > 0 and self.tau > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError(
@@ -228,42 +232,6 @@ class FedAdam:
         return new_weights, FedAdamState(step=state.step + 1, m=m, v=v)
 
 
-class StrategySettings(BaseModel):
-    """The researcher's choice of strategy and its settings (unknown keys are refused).
-
-    Settings of strategies other than ``name`` are ignored, except ``proximal_mu``, which is
-    refused outside FedProx because sites would otherwise apply it silently.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: StrategyName = "fedavg"
-    proximal_mu: float = Field(default=0.0, ge=0.0, description="FedProx term, applied at sites.")
-    server_lr: float = Field(default=1e-2, gt=0.0, description="FedAdam server learning rate.")
-    beta1: float = Field(default=0.9, ge=0.0, lt=1.0, description="FedAdam first-moment decay.")
-    beta2: float = Field(default=0.99, ge=0.0, lt=1.0, description="FedAdam second-moment decay.")
-    tau: float = Field(default=1e-3, gt=0.0, description="FedAdam adaptivity (denominator floor).")
-    trim_fraction: float = Field(
-        default=0.1, ge=0.0, lt=0.5, description="Share trimmed at each end (trimmed_mean)."
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        if self.name == "fedprox" and self.proximal_mu <= 0:
-            raise ValueError("fedprox needs proximal_mu > 0 (with 0 it is fedavg), e.g. 0.01")
-        if self.name != "fedprox" and self.proximal_mu != 0:
-            raise ValueError(f"proximal_mu only applies to fedprox, not {self.name}")
-        return self
-
-    def site_settings(self) -> dict[str, float]:
-        """Settings the sites must apply during local training (sent with each round)."""
-        return {"proximal_mu": self.proximal_mu} if self.name == "fedprox" else {}
-
-    def fedadam(self) -> FedAdam:
-        """The FedAdam optimiser these settings describe."""
-        return FedAdam(eta=self.server_lr, beta1=self.beta1, beta2=self.beta2, tau=self.tau)
-
-
 @dataclass(frozen=True, eq=False)
 class AggregationResult:
     """New global weights (float32) and the strategy state to pass to the next round."""
@@ -301,7 +269,7 @@ def aggregate(
             weights = trimmed_mean(updates=updates, trim_fraction=settings.trim_fraction)
             return AggregationResult(weights=weights, state=state)
         case "fedadam":
-            weights, new_state = settings.fedadam().step(
+            weights, new_state = FedAdam.from_settings(settings).step(
                 state=state, global_weights=global_weights, updates=updates
             )
             return AggregationResult(weights=weights, state=new_state)

@@ -1,21 +1,98 @@
 """Progress of a federation for people: a line per event in a terminal, a live table in Jupyter.
 
-Both read the events of :func:`medfed.aggregator.federation.run_federation`; the lines are the
-ones ``medfed run`` prints (:func:`medfed.cli.progress.event_line`). In a notebook one output
-area is updated in place (IPython's display handles, no widget library), so a long run does not
-push hundreds of lines into the notebook.
+Both read the events of :mod:`medfed.run_events`; :func:`event_line` is also what ``medfed run``
+prints. In a notebook one output area is updated in place (IPython's display handles, no widget
+library), so a long run does not push hundreds of lines into the notebook.
 """
 
 from __future__ import annotations
 
 import html
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, TextIO
 
-EventCallback = Callable[[dict[str, Any]], None]
+from medfed.run_events import (
+    Evaluation,
+    EvaluationFailed,
+    EventCallback,
+    ModelInitialised,
+    PrivacyAlert,
+    ReleaseNote,
+    RoundDone,
+    RoundStarted,
+    RunEnded,
+    RunEvent,
+    RunFailed,
+    RunStarted,
+    SiteDeclined,
+    SiteExhausted,
+    SiteRejected,
+    SitesOnline,
+    SiteTimeout,
+    SiteUpdated,
+)
+
 # How many of the latest event lines the notebook table shows under it.
 RECENT_LINES = 4
+
+
+def _how(releases: Mapping[str, ReleaseNote], name: str) -> str:
+    """`` [gaussian]`` beside a released number; nothing when it was not released."""
+    release = releases.get(name)
+    return "" if release is None else f" [{release.mechanism}]"
+
+
+def event_line(event: RunEvent) -> str | None:
+    """The line to print for ``event``, or None for events that need none."""
+    match event:
+        case RunStarted():
+            resumed = event.resume_from
+            start = "" if resumed is None else f" (resuming after round {resumed})"
+            sites = ", ".join(event.sites)
+            return f"run {event.run_name}: {event.rounds} rounds, sites {sites}{start}"
+        case SitesOnline():
+            missing = f"; missing: {', '.join(event.missing)}" if event.missing else ""
+            return f"sites online: {', '.join(event.online) or 'none'}{missing}"
+        case ModelInitialised():
+            return f"initial model from {event.site} ({event.parameters} parameters)"
+        case RoundStarted():
+            return f"round {event.round}: training at {', '.join(event.sites)}"
+        case SiteUpdated():
+            releases = event.releases
+            return (
+                f"  {event.site}: {event.patients} patients{_how(releases, 'patients')}, loss "
+                f"{number_text(event.loss)}{_how(releases, 'loss')}, Dice of the global model "
+                f"{number_text(event.dice_before)}{_how(releases, 'dice_before')}, "
+                f"epsilon {number_text(event.epsilon_spent, 2)} / "
+                f"{number_text(event.epsilon_cap, 2)}"
+            )
+        case PrivacyAlert():
+            return f"  PRIVACY ALERT {event.site}: {event.alert}"
+        case SiteDeclined():
+            return f"  {event.site} declined round {event.round} [{event.code}]: {event.reason}"
+        case SiteRejected():
+            return f"  {event.site}: update rejected: {'; '.join(event.reasons)}"
+        case SiteTimeout():
+            return f"  {event.site}: no reply (round {event.round})"
+        case SiteExhausted():
+            return f"  {event.site}: not asked any more: {event.reason}"
+        case RoundDone():
+            return (
+                f"round {event.round} done: {event.sites_answered}/{event.sites_asked} sites, "
+                f"global Dice before the round {number_text(event.dice_before)}, "
+                f"{number_text(event.seconds, 1)} s"
+            )
+        case Evaluation():
+            per_site = ", ".join(f"{k} {number_text(v)}" for k, v in sorted(event.sites.items()))
+            return f"final evaluation: Dice {number_text(event.dice)} ({per_site})"
+        case EvaluationFailed():
+            return f"  {event.site}: evaluation failed: {event.reason}"
+        case RunFailed():
+            return f"run failed: {event.reason}"
+        case RunEnded():
+            return f"run {event.status}: {event.reason}"
+    return None
 
 
 def in_notebook() -> bool:
@@ -33,9 +110,7 @@ class TextProgress:
     def __init__(self, *, stream: TextIO | None = None) -> None:
         self._stream = stream
 
-    def __call__(self, event: dict[str, Any]) -> None:
-        from medfed.cli.progress import event_line
-
+    def __call__(self, event: RunEvent) -> None:
         line = event_line(event)
         if line is not None:
             print(line, file=self._stream or sys.stdout, flush=True)
@@ -49,28 +124,25 @@ class _Snapshot:
         self.sites: dict[str, dict[str, Any]] = {}
         self.lines: list[str] = []
 
-    def update(self, event: Mapping[str, Any]) -> None:
-        from medfed.cli.progress import event_line
-
-        kind = event.get("event")
-        if kind == "run_started":
-            self.title = f"run {event.get('run_name')}: {event.get('rounds')} rounds"
-            for site in event.get("sites") or []:
-                self.sites.setdefault(str(site), {"status": "waiting"})
-        elif kind == "round_started":
-            self.title = f"run {event.get('run_name')}: round {event.get('round')}"
-        elif kind == "site_update":
-            self.sites[str(event["site"])] = {
-                "status": f"round {event.get('round')} done",
-                "loss": event.get("loss"),
-                "Dice": event.get("dice_before"),
-                "epsilon": event.get("epsilon_spent"),
-                "cap": event.get("epsilon_cap"),
+    def update(self, event: RunEvent) -> None:
+        if isinstance(event, RunStarted):
+            self.title = f"run {event.run_name}: {event.rounds} rounds"
+            for site in event.sites:
+                self.sites.setdefault(site, {"status": "waiting"})
+        elif isinstance(event, RoundStarted):
+            self.title = f"run {event.run_name}: round {event.round}"
+        elif isinstance(event, SiteUpdated):
+            self.sites[event.site] = {
+                "status": f"round {event.round} done",
+                "loss": event.loss,
+                "Dice": event.dice_before,
+                "epsilon": event.epsilon_spent,
+                "cap": event.epsilon_cap,
             }
-        elif kind in ("site_declined", "site_rejected", "site_timeout", "site_exhausted"):
-            self.sites.setdefault(str(event["site"]), {})["status"] = str(kind).replace("_", " ")
-        elif kind in ("run_finished", "run_stopped", "run_failed"):
-            self.title = f"run {event.get('run_name')}: {str(kind).removeprefix('run_')}"
+        elif isinstance(event, SiteDeclined | SiteRejected | SiteTimeout | SiteExhausted):
+            self.sites.setdefault(event.site, {})["status"] = event.kind.replace("_", " ")
+        elif isinstance(event, RunEnded):
+            self.title = f"run {event.run_name}: {event.status}"
         line = event_line(event)
         if line is not None:
             self.lines = [*self.lines, line.strip()][-RECENT_LINES:]
@@ -79,9 +151,10 @@ class _Snapshot:
         rows = [self.title]
         for site, values in sorted(self.sites.items()):
             rows.append(
-                f"  {site}: {values.get('status', '')}, loss {_num(values.get('loss'))}, "
-                f"Dice {_num(values.get('Dice'))}, epsilon {_num(values.get('epsilon'), 2)}"
-                f" / {_num(values.get('cap'), 2)}"
+                f"  {site}: {values.get('status', '')}, loss {number_text(values.get('loss'))}, "
+                f"Dice {number_text(values.get('Dice'))}, "
+                f"epsilon {number_text(values.get('epsilon'), 2)} / "
+                f"{number_text(values.get('cap'), 2)}"
             )
         return "\n".join(rows + self.lines)
 
@@ -92,8 +165,8 @@ class _Snapshot:
         body = "".join(
             "<tr>"
             f"<td>{html.escape(site)}</td><td>{html.escape(str(v.get('status', '')))}</td>"
-            f"<td>{_num(v.get('loss'))}</td><td>{_num(v.get('Dice'))}</td>"
-            f"<td>{_num(v.get('epsilon'), 2)} / {_num(v.get('cap'), 2)}</td>"
+            f"<td>{number_text(v.get('loss'))}</td><td>{number_text(v.get('Dice'))}</td>"
+            f"<td>{number_text(v.get('epsilon'), 2)} / {number_text(v.get('cap'), 2)}</td>"
             "</tr>"
             for site, v in sorted(self.sites.items())
         )
@@ -111,7 +184,7 @@ class NotebookProgress:
         self._snapshot = _Snapshot()
         self._handle: Any = None
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: RunEvent) -> None:
         from IPython.display import display
 
         self._snapshot.update(event)
@@ -137,7 +210,8 @@ def progress_callback(progress: bool | EventCallback | None) -> EventCallback | 
     )
 
 
-def _num(value: Any, digits: int = 3) -> str:
+def number_text(value: Any, digits: int = 3) -> str:
+    """A number for people; ``n/a`` for a missing one."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return "n/a"
     return f"{float(value):.{digits}f}"

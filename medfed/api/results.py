@@ -1,9 +1,9 @@
 """A federation run's results as pandas tables, read from the events the aggregator recorded.
 
-The run store's ``events.jsonl`` (:mod:`medfed.aggregator.run_store`) is the one source: the
-in-process runner and the deployed ServerApp write the same events, and a finished run can be
-loaded again at any time with :func:`load_results`. Where the run is in MLflow comes from the
-run's ``mlflow.json`` (:mod:`medfed.tracking.info`).
+The run's ``events.jsonl`` (:mod:`medfed.run_events`) is the one source: the in-process runner
+and the deployed ServerApp write the same events, and a finished run can be loaded again at any
+time with :func:`load_results`. Where the run is in MLflow comes from the run's ``mlflow.json``
+(:mod:`medfed.tracking.info`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medfed.errors import ConfigError
+from medfed.numbers import as_float
+from medfed.run_events import (
+    Evaluation,
+    ReleaseNote,
+    RoundDone,
+    RunEnded,
+    RunEvent,
+    SiteUpdated,
+    global_dice,
+    read_events,
+)
+from medfed.workspace import RunPaths, WorkspaceLayout
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -53,7 +65,6 @@ SITE_COLUMNS = (
     "delta",
     "reason",
 )
-_STATUS = {"run_finished": "finished", "run_stopped": "stopped", "run_failed": "failed"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,13 +102,16 @@ class FederationResults:
     model: Path | None
     mlflow_run_id: str | None
     tracking_uri: str | None
-    events: Sequence[Mapping[str, Any]] = field(repr=False)
+    events: Sequence[RunEvent] = field(repr=False)
+
+    @property
+    def paths(self) -> RunPaths:
+        """Where the run's files are."""
+        return WorkspaceLayout(root=self.workspace).run(self.run_name)
 
     @property
     def run_directory(self) -> Path:
-        from medfed.aggregator.run_store import run_directory
-
-        return run_directory(self.workspace, self.run_name)
+        return self.paths.directory
 
     def dice_table(self) -> pd.DataFrame:
         """Global-model Dice per round (rows) and site (columns), for plotting."""
@@ -110,22 +124,20 @@ class FederationResults:
 
 def load_results(*, workspace: Path | str, run_name: str) -> FederationResults:
     """The results of run ``run_name`` of ``workspace``, from its recorded events."""
-    from medfed.aggregator.run_store import EVENTS_FILE, read_events, run_directory
-
-    root = Path(workspace).expanduser().absolute()
-    path = run_directory(root, run_name) / EVENTS_FILE
+    layout = WorkspaceLayout(root=Path(workspace).expanduser().absolute())
+    path = layout.run(run_name).events
     events, _ = read_events(path)
     if not events:
-        runs = sorted(p.parent.name for p in (root / "runs").glob(f"*/{EVENTS_FILE}"))
+        runs = [name for name in layout.run_names() if layout.run(name).events.is_file()]
         raise ConfigError(
             f"no events of run {run_name!r} in {path.parent}",
             hint=f"runs of this workspace: {', '.join(runs) or 'none'}",
         )
-    return results_from_events(events, workspace=root, run_name=run_name)
+    return results_from_events(events, workspace=layout.root, run_name=run_name)
 
 
 def results_from_events(
-    events: Iterable[Mapping[str, Any]], *, workspace: Path, run_name: str
+    events: Iterable[RunEvent], *, workspace: Path, run_name: str
 ) -> FederationResults:
     """Build the tables from a run's events (in the order they were written).
 
@@ -134,68 +146,55 @@ def results_from_events(
     """
     import pandas as pd
 
-    from medfed.aggregator.run_store import run_directory
     from medfed.tracking.info import read_tracking_info
 
-    records = [dict(e) for e in events]
-    updates: dict[tuple[int, str], dict[str, Any]] = {}
-    rounds: dict[int, dict[str, Any]] = {}
+    records = tuple(events)
+    updates: dict[tuple[int, str], SiteUpdated] = {}
+    rounds: dict[int, RoundDone] = {}
     final: dict[str, float] = {}
-    final_releases: dict[str, Any] = {}
     final_dice = math.nan
-    terminal: Mapping[str, Any] | None = None
+    terminal: RunEnded | None = None
     for event in records:
-        kind = event.get("event")
-        if kind == "site_update":
-            updates[(int(event["round"]), str(event["site"]))] = event
-        elif kind == "round_done":
-            rounds[int(event["round"])] = event
-        elif kind == "evaluation":
-            final = {str(s): _number(d) for s, d in dict(event.get("sites") or {}).items()}
-            final_releases = dict(event.get("releases") or {})
-            final_dice = _number(event.get("dice"))
-        elif kind in _STATUS:
+        if isinstance(event, SiteUpdated):
+            updates[(event.round, event.site)] = event
+        elif isinstance(event, RoundDone):
+            rounds[event.round] = event
+        elif isinstance(event, Evaluation):
+            final = {site: _number(dice) for site, dice in event.sites.items()}
+            final_dice = _number(event.dice)
+        elif isinstance(event, RunEnded):
             terminal = event
+    after = global_dice(records)
 
-    history_rows = []
-    for (round_index, site), event in sorted(updates.items()):
-        following = updates.get((round_index + 1, site))
-        if following is not None:
-            dice = _number(following.get("dice_before"))
-            dice_release = _release(following, "dice_before")
-        elif round_index == max(rounds, default=0):
-            dice = final.get(site, math.nan)
-            dice_release = _describe(final_releases.get(site))
-        else:
-            dice, dice_release = math.nan, ""
-        history_rows.append(
-            {
-                "round": round_index,
-                "site": site,
-                "loss": _number(event.get("loss")),
-                "dice": dice,
-                "epsilon": _number(event.get("epsilon_spent")),
-                "dice_before": _number(event.get("dice_before")),
-                "epsilon_cap": _number(event.get("epsilon_cap")),
-                "patients": int(event.get("patients") or 0),
-                "loss_release": _release(event, "loss"),
-                "dice_release": dice_release,
-            }
-        )
+    history_rows = [
+        {
+            "round": round_index,
+            "site": site,
+            "loss": _number(event.loss),
+            "dice": after.sites.get(site, {}).get(round_index, math.nan),
+            "epsilon": _number(event.epsilon_spent),
+            "dice_before": _number(event.dice_before),
+            "epsilon_cap": _number(event.epsilon_cap),
+            "patients": event.patients,
+            "loss_release": _describe(event.releases.get("loss")),
+            "dice_release": _describe(after.releases.get(site, {}).get(round_index)),
+        }
+        for (round_index, site), event in sorted(updates.items())
+    ]
     round_rows = [
         {
             "round": index,
-            "dice_before": _number(event.get("dice_before")),
-            "loss": _number(event.get("loss")),
-            "sites_answered": int(event.get("sites_answered") or 0),
-            "sites_asked": int(event.get("sites_asked") or 0),
-            "seconds": _number(event.get("seconds")),
-            "bytes_sent": int(event.get("bytes_sent") or 0),
-            "bytes_received": int(event.get("bytes_received") or 0),
+            "dice_before": _number(event.dice_before),
+            "loss": _number(event.loss),
+            "sites_answered": event.sites_answered,
+            "sites_asked": event.sites_asked,
+            "seconds": _number(event.seconds),
+            "bytes_sent": event.bytes_sent,
+            "bytes_received": event.bytes_received,
         }
         for index, event in sorted(rounds.items())
     ]
-    summary: Mapping[str, Any] = (terminal or {}).get("summary") or {}
+    summary: Mapping[str, Any] = (terminal.summary if terminal else None) or {}
     site_rows = [
         {
             "site": str(site.get("site_id")),
@@ -211,14 +210,14 @@ def results_from_events(
         }
         for site in summary.get("sites") or []
     ]
-    run_dir = run_directory(workspace, run_name)
-    info = read_tracking_info(run_dir=run_dir)
+    paths = WorkspaceLayout(root=Path(workspace)).run(run_name)
+    info = read_tracking_info(paths=paths)
     model = summary.get("model")
     return FederationResults(
         run_name=run_name,
         workspace=Path(workspace),
-        status="running" if terminal is None else _STATUS[str(terminal["event"])],
-        reason="" if terminal is None else str(terminal.get("reason") or ""),
+        status="running" if terminal is None else terminal.status,
+        reason="" if terminal is None else terminal.reason,
         history=pd.DataFrame(history_rows, columns=list(HISTORY_COLUMNS)),
         rounds=pd.DataFrame(round_rows, columns=list(ROUND_COLUMNS)),
         sites=pd.DataFrame(site_rows, columns=list(SITE_COLUMNS)),
@@ -228,27 +227,16 @@ def results_from_events(
         model=None if not model else Path(str(model)),
         mlflow_run_id=None if info is None else info.parent_run_id,
         tracking_uri=None if info is None else info.tracking_uri,
-        events=tuple(records),
+        events=records,
     )
 
 
-def _release(event: Mapping[str, Any], name: str) -> str:
-    return _describe(dict(event.get("releases") or {}).get(name))
-
-
-def _describe(release: Any) -> str:
+def _describe(release: ReleaseNote | None) -> str:
     """A release as a table cell: ``gaussian (std 0.12)``, ``public``; "" when none."""
-    if not isinstance(release, Mapping):
-        return ""
-    mechanism = str(release.get("mechanism", ""))
-    std = release.get("noise_std")
-    if isinstance(std, int | float) and not isinstance(std, bool) and math.isfinite(std):
-        return f"{mechanism} (std {std:.3g})"
-    return mechanism
+    return "" if release is None else release.describe()
 
 
 def _number(value: Any) -> float:
-    """Events write NaN as null; tables want NaN back."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return math.nan
-    return float(value)
+    """Events hold a missing number as None; tables want NaN."""
+    number = as_float(value)
+    return math.nan if number is None else number

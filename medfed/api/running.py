@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medfed.api.progress import EventCallback, progress_callback
+from medfed.api.progress import progress_callback
 from medfed.api.results import FederationResults, load_results
 from medfed.api.sites import SyntheticSites
 from medfed.config.run import RunSettings
 from medfed.errors import ConfigError, TransportError
-from medfed.transport.provision import Workspace
+from medfed.run_events import EventCallback, RunEvent, RunFailed
+from medfed.workspace import Workspace
 
 if TYPE_CHECKING:
     from medfed.transport.processes import ProcessGroup
@@ -32,7 +33,7 @@ SiteMap = Mapping[str, Path | str]
 
 
 def _workspace(workspace: Path | str | Workspace) -> Workspace:
-    from medfed.transport.provision import load_workspace
+    from medfed.workspace import load_workspace
 
     if isinstance(workspace, Workspace):
         return workspace
@@ -82,7 +83,8 @@ def run_federation(
     those sites. The run is logged to MLflow unless ``track`` is false: to ``tracking_uri``,
     else ``MLFLOW_TRACKING_URI``, else the workspace's ``mlflow.db``. ``progress``: True for
     a display that suits a terminal or a notebook, False for none, or a callable that gets
-    every event. Each run name can be used once per workspace (``resume=True`` continues it).
+    every event (a frozen record of :mod:`medfed.run_events`). Each run name can be used once
+    per workspace (``resume=True`` continues it).
     """
     from medfed.transport.inprocess import run_in_process
 
@@ -138,11 +140,11 @@ class SubmittedRun:
         ``timeout_s`` (it goes on at the aggregator then).
         """
         from medfed.transport.flwr_cli import wait_for_run
-        from medfed.transport.runner import flwr_home, follow
+        from medfed.transport.runner import follow
 
         ws = _workspace(self.workspace)
         callback = progress_callback(progress)
-        last: dict[str, object] = {}
+        last: RunEvent | None = None
         for event in follow(
             workspace=ws,
             run_name=self.run_name,
@@ -152,11 +154,11 @@ class SubmittedRun:
             last = event
             if callback is not None:
                 callback(event)
-        if last.get("event") == "run_failed":
-            raise TransportError(f"run {self.run_name!r} failed: {last.get('reason')}")
+        if isinstance(last, RunFailed):
+            raise TransportError(f"run {self.run_name!r} failed: {last.reason}")
         try:
             wait_for_run(
-                flwr_home=flwr_home(ws), run_id=self.flower_run_id, timeout_s=tracking_wait_s
+                flwr_home=ws.layout.flwr_home, run_id=self.flower_run_id, timeout_s=tracking_wait_s
             )
         except TransportError as exc:
             log.warning("the ServerApp did not end in time (%s); MLflow may be incomplete", exc)
@@ -208,7 +210,7 @@ def start_local_deployment(
     """
     import atexit
 
-    from medfed.demo import start_site_nodes
+    from medfed.api.demo import start_site_nodes
     from medfed.transport.processes import ProcessGroup
     from medfed.transport.runner import start_aggregator
 

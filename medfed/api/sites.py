@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medfed.errors import ConfigError
-from medfed.transport.provision import SUPERLINK_PORT, Workspace
+from medfed.transport.provision import SUPERLINK_PORT
+from medfed.workspace import Workspace
 
 if TYPE_CHECKING:
     from medfed.config.site import SiteConfig

@@ -9,8 +9,9 @@ MLflow) and with each site's cap. ``build_report`` turns that into a per-site pr
 
 from medfed.audit.accounting import Epsilons, recompute
 from medfed.audit.findings import Check, Finding
-from medfed.audit.report import AuditReport, SiteStatement, build_report
+from medfed.audit.report import AuditReport, build_report
 from medfed.audit.runs import RunEpsilon
+from medfed.audit.statement import SiteStatement
 from medfed.audit.verify import AuditResult, SiteAudit, verify_workspace
 
 __all__ = [

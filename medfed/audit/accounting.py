@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from medfed.audit.findings import number
+from medfed.numbers import finite_or_none
 from medfed.privacy.accounting import DPSteps, compute_epsilon, conversion_of
 
 # Orders at which both libraries evaluate the exact (integer-order) binomial series.
@@ -75,12 +75,12 @@ class Epsilons:
     def to_json(self) -> dict[str, Any]:
         return {
             "delta": self.delta,
-            "opacus_rdp": number(self.opacus_rdp),
-            "dp_accounting_rdp": number(self.dp_accounting_rdp),
-            "opacus_rdp_integer": number(self.opacus_rdp_integer),
-            "dp_accounting_rdp_integer": number(self.dp_accounting_rdp_integer),
-            "pld": number(self.pld),
-            "rdp_classic": number(self.rdp_classic),
+            "opacus_rdp": finite_or_none(self.opacus_rdp),
+            "dp_accounting_rdp": finite_or_none(self.dp_accounting_rdp),
+            "opacus_rdp_integer": finite_or_none(self.opacus_rdp_integer),
+            "dp_accounting_rdp_integer": finite_or_none(self.dp_accounting_rdp_integer),
+            "pld": finite_or_none(self.pld),
+            "rdp_classic": finite_or_none(self.rdp_classic),
             "dp_accounting_dropped_orders": self.dropped_orders,
             "accountants": dict(ACCOUNTANT_DESCRIPTIONS),
         }

@@ -106,13 +106,6 @@ def relative_difference(value: float, reference: float) -> float:
     return abs(value - reference) / max(abs(reference), 1e-300)
 
 
-def number(value: float | None) -> float | None:
-    """JSON has no infinity or NaN: such a value is written as null."""
-    if value is None or not math.isfinite(value):
-        return None
-    return float(value)
-
-
 def fmt(value: float | None, digits: int = 6) -> str:
     """A number for people: ``inf`` and missing values spelled out."""
     if value is None:

@@ -1,4 +1,5 @@
-"""Rendering an :class:`~medfed.audit.report.AuditReport`: self-contained HTML, and PDF.
+"""Rendering an audit report's statements (:mod:`medfed.audit.statement`): self-contained HTML,
+and PDF.
 
 Plots are drawn with matplotlib when it can be imported (it comes with MLflow, so with
 ``medfed[tracking]``) and embedded as inline SVG; without it the HTML says that the plots were
@@ -8,25 +9,32 @@ text and plots, one site per page or more.
 
 from __future__ import annotations
 
-import contextlib
 import html
 import importlib.util
-import io
-import math
 import textwrap
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from medfed.audit.accounting import ACCOUNTANT_DESCRIPTIONS
+from medfed.audit.figures import dice_figure, dice_svg, epsilon_figure, epsilon_svg
 from medfed.audit.findings import fmt
+from medfed.audit.statement import (
+    ADJACENCY,
+    MECHANISM,
+    PRIVACY_UNIT,
+    SAMPLING,
+    ReleaseRow,
+    RoundRow,
+    SiteStatement,
+)
 from medfed.errors import ConfigError
 from medfed.privacy.events import DECLARED_PUBLIC
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from medfed.audit.report import AuditReport, ReleaseRow, RoundRow, SiteStatement
+    from medfed.audit.result import AuditResult
 
 NO_PLOTS: Final = "Plots left out: matplotlib is not installed (pip install 'medfed[tracking]')."
 _STYLE: Final = """
@@ -47,7 +55,6 @@ def plots_available() -> bool:
 
 def statement_rows(site: SiteStatement) -> list[tuple[str, str]]:
     """The statement as (item, value) rows, shared by the HTML and the PDF."""
-    from medfed.audit.report import ADJACENCY, MECHANISM, PRIVACY_UNIT, SAMPLING
 
     data = site.to_json()
     per_round = ", ".join(
@@ -112,18 +119,24 @@ def epsilon_rows(site: SiteStatement) -> list[tuple[str, str, str]]:
     return [(name, fmt(values[name]), text) for name, text in ACCOUNTANT_DESCRIPTIONS.items()]
 
 
-def render_html(*, report: AuditReport) -> str:
+def render_html(
+    *,
+    workspace: Path,
+    generated_at: str,
+    verification: AuditResult,
+    sites: Sequence[SiteStatement],
+) -> str:
     """The report as one self-contained HTML page."""
     e = html.escape
-    result = report.verification
+    result = verification
     verdict = result.verdict
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>medfed privacy audit: {e(str(report.workspace))}</title>",
+        f"<title>medfed privacy audit: {e(str(workspace))}</title>",
         f"<style>{_STYLE}</style></head><body>",
         "<h1>Privacy audit</h1>",
-        f"<p>Workspace <code>{e(str(report.workspace))}</code>; generated {e(report.generated_at)};"
+        f"<p>Workspace <code>{e(str(workspace))}</code>; generated {e(generated_at)};"
         f" runs: {e(', '.join(result.run_names) or 'none')}.</p>",
         f'<p>Verdict: <span class="{verdict.lower()}">{e(verdict)}</span> '
         f"({len(result.findings)} finding(s)).</p>",
@@ -153,7 +166,7 @@ def render_html(*, report: AuditReport) -> str:
     draw = plots_available()
     if not draw:
         parts.append(f'<p class="note">{e(NO_PLOTS)}</p>')
-    for site in report.sites:
+    for site in sites:
         parts += _site_html(site, draw)
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
@@ -286,87 +299,17 @@ def _list(values: Sequence[Any]) -> str:
     return ", ".join(fmt(v) if isinstance(v, float) else str(v) for v in values) or "n/a"
 
 
-# Plots ------------------------------------------------------------------------------------
-
-
-def epsilon_figure(site: SiteStatement) -> Figure | None:
-    """Epsilon after each reserved round (cumulative over the whole ledger) and the cap."""
-    if not site.rounds:
-        return None
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6, 3.4))
-    axes = figure.subplots()
-    xs = list(range(1, len(site.rounds) + 1))
-    ys = [r.epsilon_after if math.isfinite(r.epsilon_after) else math.nan for r in site.rounds]
-    labels = [f"{r.reservation.run_id}/{r.reservation.round}" for r in site.rounds]
-    axes.plot(xs, ys, marker="o", label="epsilon (Opacus RDP, all charges to this round)")
-    if site.cap is not None:
-        axes.axhline(site.cap, color="#a31515", linestyle="--", label=f"cap {site.cap:g}")
-    axes.set_xticks(xs, labels, rotation=45, fontsize=7)
-    axes.set_xlabel("run/round (ledger order)")
-    axes.set_ylabel(f"epsilon at delta {fmt(site.delta)}")
-    axes.set_ylim(bottom=0)
-    axes.set_title(f"site {site.site_id}: epsilon over rounds")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
-
-
-def dice_figure(site: SiteStatement) -> Figure | None:
-    """Released Dice of each round's global model against the epsilon reported after it."""
-    points = [
-        (p["epsilon_spent"], p["dice_before"], f"{p['run_name']}/{p['round']}")
-        for p in site.dice
-        if isinstance(p.get("epsilon_spent"), int | float)
-        and isinstance(p.get("dice_before"), int | float)
-    ]
-    if not points:
-        return None
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(5, 3.4))
-    axes = figure.subplots()
-    axes.plot([p[0] for p in points], [p[1] for p in points], marker="o")
-    for x, y, label in points:
-        axes.annotate(label, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
-    axes.set_xlabel("epsilon spent")
-    axes.set_ylabel("released Dice of the global model")
-    axes.set_title(f"site {site.site_id}: Dice against epsilon")
-    figure.tight_layout()
-    return figure
-
-
-def epsilon_svg(site: SiteStatement) -> str | None:
-    return _svg(epsilon_figure(site))
-
-
-def dice_svg(site: SiteStatement) -> str | None:
-    return _svg(dice_figure(site))
-
-
-def _svg(figure: Figure | None) -> str | None:
-    if figure is None:
-        return None
-    buffer = io.StringIO()
-    with _plain_svg():
-        figure.savefig(buffer, format="svg")
-    text = buffer.getvalue()
-    return text[text.find("<svg") :]
-
-
-@contextlib.contextmanager
-def _plain_svg() -> Iterator[None]:
-    import matplotlib
-
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "medfed-audit"}):
-        yield
-
-
 # PDF --------------------------------------------------------------------------------------
 
 
-def write_pdf(*, report: AuditReport, path: Path) -> None:
+def write_pdf(
+    *,
+    workspace: Path,
+    generated_at: str,
+    verification: AuditResult,
+    sites: Sequence[SiteStatement],
+    path: Path,
+) -> None:
     """Text pages and plots with matplotlib's PdfPages."""
     if not plots_available():
         raise ConfigError(
@@ -375,11 +318,11 @@ def write_pdf(*, report: AuditReport, path: Path) -> None:
         )
     from matplotlib.backends.backend_pdf import PdfPages
 
-    result = report.verification
+    result = verification
     lines = [
         "medfed privacy audit",
-        f"workspace: {report.workspace}",
-        f"generated: {report.generated_at}",
+        f"workspace: {workspace}",
+        f"generated: {generated_at}",
         f"verdict: {result.verdict} ({len(result.findings)} finding(s))",
         "",
         *result.lines(verbose=True),
@@ -388,7 +331,7 @@ def write_pdf(*, report: AuditReport, path: Path) -> None:
     with PdfPages(path) as pdf:
         for page in _pages(lines):
             pdf.savefig(page)
-        for site in report.sites:
+        for site in sites:
             text = [f"Site {site.site_id}", ""]
             text += [f"{item}: {value}" for item, value in statement_rows(site)]
             text += [

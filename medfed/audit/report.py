@@ -10,189 +10,23 @@ models trained on the site's data, and the verification's findings.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
-from medfed.audit.accounting import ACCOUNTANT_DESCRIPTIONS, Epsilons, cumulative_opacus_rdp
-from medfed.audit.findings import Finding, number
+from medfed.audit.accounting import ACCOUNTANT_DESCRIPTIONS, cumulative_opacus_rdp
 from medfed.audit.mlflow_store import MlflowStore, resolve_target
+from medfed.audit.render import render_html, write_pdf
 from medfed.audit.sources import RunRecord, read_runs
-from medfed.audit.verify import AuditResult, SiteAudit, verify_workspace
-from medfed.privacy.accounting import conversion_of
-from medfed.privacy.events import DECLARED_PUBLIC, ReleaseEntry, ReserveEntry, TermsEntry
-from medfed.privacy.ledger import LedgerReport, ReservationState
-
-MECHANISM: Final = (
-    "DP-SGD (Abadi et al. 2016): each sampled patient's gradient (with its clipped training loss "
-    "as one more coordinate) clipped to the clipping norm, Gaussian noise of standard deviation "
-    "noise multiplier x clipping norm from a CSPRNG added to the sum (Opacus' optimiser); "
-    "released counts and Dice through Gaussian mechanisms of their own, listed below"
-)
-PRIVACY_UNIT: Final = "patient (one image volume with its label; one crop per patient per step)"
-ADJACENCY: Final = "add/remove one patient"
-SAMPLING: Final = (
-    "Poisson sampling of patients, rate q = batch size / released training count per step"
-)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RoundRow:
-    """One reserved round of the ledger, with epsilon after it (cumulative, Opacus RDP)."""
-
-    reservation: ReservationState
-    epsilon_after: float
-
-    def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.reservation), "epsilon_after": number(self.epsilon_after)}
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ReleaseRow:
-    """One number that left the site besides the weights, with what covers it."""
-
-    release: ReleaseEntry
-
-    @property
-    def cover(self) -> str:
-        entry = self.release
-        if entry.mechanism == "gaussian":
-            return (
-                f"Gaussian mechanism, noise multiplier {entry.noise_multiplier:g} on sensitivity "
-                f"{entry.sensitivity:g}: charged as one unsampled Gaussian step"
-            )
-        if entry.mechanism == "dp-sgd":
-            return (
-                f"a coordinate of the clipped DP-SGD vectors of reservation seq "
-                f"{entry.reservation_seq} (per-patient loss bound {entry.sensitivity:g}): no "
-                "extra cost"
-            )
-        return f"declared public by the site's policy: {entry.reason}"
-
-    def to_json(self) -> dict[str, Any]:
-        entry = self.release
-        return {
-            "seq": entry.seq,
-            "run_id": entry.run_id,
-            "round": entry.round,
-            "quantity": entry.quantity,
-            "values": dict(entry.values),
-            "mechanism": entry.mechanism,
-            "unit": entry.unit,
-            "noise_multiplier": entry.noise_multiplier,
-            "sensitivity": entry.sensitivity,
-            "noise_std": entry.noise_std,
-            "model_sha256": entry.model_sha256,
-            "cover": self.cover,
-        }
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SiteStatement:
-    """The privacy statement of one site."""
-
-    site_id: str
-    key_id: str | None
-    verified: bool
-    delta: float | None
-    cap: float | None
-    accountant: str
-    epsilon_spent: float | None
-    epsilons: Epsilons | None
-    rounds: tuple[RoundRow, ...]
-    releases: tuple[ReleaseRow, ...]
-    terms: tuple[str, ...]
-    deltas: tuple[float, ...]
-    accountants: tuple[str, ...]
-    library_versions: tuple[tuple[str, tuple[int, ...]], ...]  # (versions text, seqs)
-    dice: tuple[Mapping[str, Any], ...]
-    models: tuple[Mapping[str, Any], ...]
-    models_source: str
-    findings: tuple[Finding, ...]
-    site_ledger_entries: int | None
-
-    @property
-    def spent(self) -> float | None:
-        """Epsilon spent with the ledger's own accountant."""
-        return self.epsilon_spent
-
-    @property
-    def remaining(self) -> float | None:
-        if self.cap is None or self.spent is None:
-            return None
-        return max(self.cap - self.spent, 0.0)
-
-    @property
-    def runs(self) -> dict[str, list[int]]:
-        """Run id -> rounds reserved in it, in ledger order."""
-        found: dict[str, list[int]] = {}
-        for row in self.rounds:
-            found.setdefault(row.reservation.run_id, []).append(row.reservation.round)
-        return found
-
-    def distinct(self, name: str) -> list[Any]:
-        """Distinct values of one reservation field, in first-seen order."""
-        values: list[Any] = []
-        for row in self.rounds:
-            value = getattr(row.reservation, name)
-            if value not in values:
-                values.append(value)
-        return values
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "site_id": self.site_id,
-            "key_id": self.key_id,
-            "ledger_verified": self.verified,
-            "mechanism": MECHANISM,
-            "privacy_unit": PRIVACY_UNIT,
-            "adjacency": ADJACENCY,
-            "sampling": SAMPLING,
-            "sample_rates": self.distinct("sample_rate"),
-            "released_patient_counts": [
-                {"seq": row.release.seq, **dict(row.release.values)}
-                for row in self.releases
-                if row.release.quantity == "patients"
-            ],
-            "noise_multipliers": self.distinct("noise_multiplier"),
-            "clipping_norms": self.distinct("max_grad_norm"),
-            "steps_total": sum(row.reservation.counted_steps for row in self.rounds),
-            "steps_per_round": [
-                {
-                    "run_id": row.reservation.run_id,
-                    "round": row.reservation.round,
-                    "reserved": row.reservation.reserved_steps,
-                    "committed": row.reservation.committed_steps,
-                }
-                for row in self.rounds
-            ],
-            "delta": self.delta,
-            "ledger_deltas": list(self.deltas),
-            "ledger_accountants": {name: conversion_of(name) for name in self.accountants},
-            "terms": list(self.terms),
-            "accountant": self.accountant,
-            "epsilon": None if self.epsilons is None else self.epsilons.to_json(),
-            "epsilon_spent": number(self.spent),
-            "epsilon_cap": self.cap,
-            "epsilon_remaining": number(self.remaining),
-            "library_versions": [
-                {"versions": text, "seqs": list(seqs)} for text, seqs in self.library_versions
-            ],
-            "rounds_participated": len(self.rounds),
-            "runs": self.runs,
-            "rounds": [row.to_json() for row in self.rounds],
-            "releases": [row.to_json() for row in self.releases],
-            "declared_public": dict(DECLARED_PUBLIC),
-            "dice_vs_epsilon": [dict(point) for point in self.dice],
-            "models": [dict(model) for model in self.models],
-            "models_source": self.models_source,
-            "site_ledger_entries": self.site_ledger_entries,
-            "findings": [finding.to_json() for finding in self.findings],
-        }
+from medfed.audit.statement import ReleaseRow, RoundRow, SiteStatement
+from medfed.audit.verify import AuditResult, SiteAudit, check_mlflow_run, verify_runs
+from medfed.model_files import MANIFEST_NAME
+from medfed.privacy.events import ReserveEntry, TermsEntry
+from medfed.privacy.ledger import LedgerReport
+from medfed.workspace import RunPaths, load_workspace
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -226,15 +60,22 @@ class AuditReport:
 
     def to_html(self) -> str:
         """A self-contained HTML page (inline CSS and SVG plots; no external resources)."""
-        from medfed.audit.render import render_html
-
-        return render_html(report=self)
+        return render_html(
+            workspace=self.workspace,
+            generated_at=self.generated_at,
+            verification=self.verification,
+            sites=self.sites,
+        )
 
     def write_pdf(self, path: Path) -> None:
         """A PDF of text pages and plots (needs matplotlib; ConfigError without it)."""
-        from medfed.audit.render import write_pdf
-
-        write_pdf(report=self, path=Path(path))
+        write_pdf(
+            workspace=self.workspace,
+            generated_at=self.generated_at,
+            verification=self.verification,
+            sites=self.sites,
+            path=Path(path),
+        )
 
 
 def build_report(
@@ -246,14 +87,16 @@ def build_report(
     mlflow_run: str | None = None,
 ) -> AuditReport:
     """Verify the workspace and build every registered site's statement from what verified."""
-    result = verify_workspace(
-        workspace=workspace,
-        run_name=run_name,
+    check_mlflow_run(run_name=run_name, mlflow_run=mlflow_run)
+    ws = load_workspace(Path(workspace))
+    runs = read_runs(workspace_root=ws.root, run_name=run_name)
+    result = verify_runs(
+        workspace=ws,
+        runs=runs,
         site_ledgers=site_ledgers,
         tracking_uri=tracking_uri,
         mlflow_run=mlflow_run,
     )
-    runs = read_runs(workspace_root=result.workspace, run_name=run_name)
     models = _ModelSource(runs, tracking_uri=tracking_uri, mlflow_run=mlflow_run)
     statements = tuple(_statement(site, result, runs, models) for site in result.sites)
     return AuditReport(
@@ -287,13 +130,13 @@ def _statement(
     dice = tuple(
         {
             "run_name": run.name,
-            "round": event.get("round"),
-            "dice_before": event.get("dice_before"),
-            "epsilon_spent": event.get("epsilon_spent"),
+            "round": event.round,
+            "dice_before": event.dice_before,
+            "epsilon_spent": event.epsilon_spent,
         }
         for run in runs
         for event in run.site_updates()
-        if event.get("site") == site.site_id
+        if event.site == site.site_id
     )
     found, source = models.for_site(site.site_id)
     return SiteStatement(
@@ -387,9 +230,9 @@ def _checkpoints(run: RunRecord, site_id: str) -> list[dict[str, Any]]:
     """
     final = None if run.summary is None else run.summary.get("model")
     rounds = []
-    for directory in sorted((run.directory / "global").glob("round-*")):
+    for directory in sorted(RunPaths(directory=run.directory).global_models.glob("round-*")):
         try:
-            meta = json.loads((directory / "model.json").read_text(encoding="utf-8"))
+            meta = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
             metadata = meta["metadata"]
             sites = metadata.get("sites", [])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from medfed.audit.accounting import Epsilons
-from medfed.audit.findings import Check, Finding, fmt, number
+from medfed.audit.findings import Check, Finding, fmt
 from medfed.audit.runs import RunEpsilon
+from medfed.numbers import finite_or_none
 from medfed.privacy.budget import BudgetCap, PrivacyTerms
 from medfed.privacy.ledger import LedgerReport
 
@@ -71,9 +72,9 @@ class SiteAudit:
             "epsilon_cap": None if self.cap is None else self.cap.epsilon,
             "delta": None if self.epsilons is None else self.epsilons.delta,
             "accountant": self.accountant,
-            "epsilon_spent": number(self.spent),
+            "epsilon_spent": finite_or_none(self.spent),
             "epsilon": None if self.epsilons is None else self.epsilons.to_json(),
-            "site_ledger_epsilon": number(self.site_ledger_epsilon),
+            "site_ledger_epsilon": finite_or_none(self.site_ledger_epsilon),
             "runs": [run.to_json() for run in self.runs],
         }
 

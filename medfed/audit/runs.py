@@ -17,10 +17,11 @@ from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from medfed.audit.findings import Check, Collector, Finding, fmt, number, relative_difference
+from medfed.audit.findings import Check, Collector, Finding, fmt, relative_difference
 from medfed.audit.mlflow_store import MlflowStore, resolve_target
 from medfed.audit.sources import RunRecord
 from medfed.errors import LedgerError
+from medfed.numbers import as_float, finite_or_none
 from medfed.privacy.accounting import compute_epsilon
 from medfed.privacy.events import line_hash
 from medfed.privacy.ledger import LedgerReport, verify_ledger_bytes
@@ -48,9 +49,9 @@ class RunEpsilon:
             "site_id": self.site_id,
             "entries": self.entries,
             "delta": self.delta,
-            "recomputed_opacus_rdp": number(self.recomputed),
-            "summary_epsilon_spent": number(self.summary),
-            "mlflow_epsilon_spent": number(self.mlflow),
+            "recomputed_opacus_rdp": finite_or_none(self.recomputed),
+            "summary_epsilon_spent": finite_or_none(self.summary),
+            "mlflow_epsilon_spent": finite_or_none(self.mlflow),
             "mlflow_step": self.mlflow_step,
         }
 
@@ -103,7 +104,7 @@ def audit_run(
         prefix = _prefix(run, site_id, budget, copies[site_id], collect)
         if prefix is None:
             continue
-        delta = _as_float(budget.get("delta"))
+        delta = as_float(budget.get("delta"))
         if delta is None or not 0.0 < delta < 1.0:
             collect.findings.append(
                 Finding(
@@ -215,7 +216,7 @@ def _summary_epsilon(
     reported: float | None = None
     for where, value in values.items():
         # JSON has no infinity: an unbounded epsilon is written as null.
-        found = math.inf if value is None else _as_float(value)
+        found = math.inf if value is None else as_float(value)
         found = math.nan if found is None else found
         reported = found if reported is None else reported
         if math.isnan(found) or relative_difference(found, recomputed) > REPORTED_TOLERANCE:
@@ -337,13 +338,6 @@ class _MlflowSide:
                 )
             )
         return step, value
-
-
-def _as_float(value: object) -> float | None:
-    """A JSON number as a float; None for anything else."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    return None
 
 
 def _short(exc: BaseException) -> str:

@@ -15,13 +15,12 @@ from medfed.audit.accounting import (
 from medfed.audit.findings import Collector, Finding, fmt, ledger_finding, relative_difference
 from medfed.audit.result import SiteAudit
 from medfed.audit.runs import VerifiedCopy
-from medfed.audit.sources import ledger_copy_path
 from medfed.errors import ConfigError, LedgerError
 from medfed.privacy.accounting import compute_epsilon
 from medfed.privacy.budget import PrivacyTerms
 from medfed.privacy.ledger import LedgerReport, verify_ledger, verify_ledger_bytes
-from medfed.privacy.storage import read_bytes
-from medfed.transport.provision import Workspace
+from medfed.storage import read_bytes
+from medfed.workspace import Workspace
 
 
 def audit_site(
@@ -47,7 +46,7 @@ def audit_site(
         collect.findings.append(Finding(site_id=site_id, check="key", problem=exc.message))
         return empty, None
     key = workspace.site(site_id).ledger_key_id
-    path = ledger_copy_path(workspace_root=workspace.root, site_id=site_id)
+    path = workspace.layout.ledger_copy(site_id)
     source = relative_source(workspace=workspace, path=path)
     data = read_bytes(path)
     copy: LedgerReport | None = None

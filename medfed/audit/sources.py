@@ -1,12 +1,9 @@
 """The workspace files an audit reads: ledger copies, and each run's records.
 
-Only reading, never writing: an audit leaves the workspace exactly as it found it. Layout::
-
-    <workspace>/ledgers/<site>.ledger.jsonl   the aggregator's verified copy of a site's ledger
-    <workspace>/runs/<run>/summary.json       the run's final table (per site epsilon_spent)
-    <workspace>/runs/<run>/events.jsonl       one event per line (site_update: dice, epsilon)
-    <workspace>/runs/<run>/settings.json      the run's settings
-    <workspace>/runs/<run>/mlflow.json        where the run was tracked in MLflow (optional)
+Only reading, never writing: an audit leaves the workspace exactly as it found it. Where each
+file is comes from :class:`medfed.workspace.WorkspaceLayout`: the ledger copies, and per run its
+``summary.json`` (the final table, per site epsilon spent), ``events.jsonl``
+(:mod:`medfed.run_events`), ``settings.json`` and ``mlflow.json`` (where it was tracked).
 """
 
 from __future__ import annotations
@@ -15,26 +12,11 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from medfed.errors import ConfigError
-
-LEDGERS_DIR: Final = "ledgers"
-RUNS_DIR: Final = "runs"
-LEDGER_SUFFIX: Final = ".ledger.jsonl"
-MLFLOW_FILE: Final = "mlflow.json"
-
-
-def ledger_copy_path(*, workspace_root: Path, site_id: str) -> Path:
-    return Path(workspace_root) / LEDGERS_DIR / f"{site_id}{LEDGER_SUFFIX}"
-
-
-def copy_site_ids(workspace_root: Path) -> list[str]:
-    """Site ids of every ledger copy on disk (registered or not)."""
-    directory = Path(workspace_root) / LEDGERS_DIR
-    if not directory.is_dir():
-        return []
-    return sorted(p.name[: -len(LEDGER_SUFFIX)] for p in directory.glob(f"*{LEDGER_SUFFIX}"))
+from medfed.run_events import RunEvent, SiteUpdated, of_kind, read_events
+from medfed.workspace import RunPaths, WorkspaceLayout
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,12 +27,12 @@ class RunRecord:
     directory: Path
     summary: Mapping[str, Any] | None
     settings: Mapping[str, Any] | None
-    events: tuple[Mapping[str, Any], ...]
+    events: tuple[RunEvent, ...]
     mlflow: Mapping[str, Any] | None
 
-    def site_updates(self) -> list[Mapping[str, Any]]:
-        """The run's ``site_update`` events in order."""
-        return [event for event in self.events if event.get("event") == "site_update"]
+    def site_updates(self) -> list[SiteUpdated]:
+        """The run's accepted site updates, in order."""
+        return of_kind(self.events, SiteUpdated)
 
     def budget(self, site_id: str) -> Mapping[str, Any] | None:
         """``summary.budgets.sites.<site>`` (entries, epsilon_spent, delta, last_hash...)."""
@@ -81,30 +63,26 @@ class RunRecord:
 
 def read_runs(*, workspace_root: Path, run_name: str | None) -> list[RunRecord]:
     """The named run, or every run of the workspace (sorted by name)."""
-    runs_dir = Path(workspace_root) / RUNS_DIR
-    if run_name is not None:
-        directory = runs_dir / run_name
-        if not directory.is_dir() or Path(run_name).name != run_name:
-            known = ", ".join(sorted(p.name for p in _run_dirs(runs_dir))) or "none"
-            raise ConfigError(
-                f"no run {run_name!r} in {runs_dir}", hint=f"runs of this workspace: {known}"
-            )
-        return [_read_run(directory)]
-    return [_read_run(directory) for directory in sorted(_run_dirs(runs_dir))]
+    layout = WorkspaceLayout(root=Path(workspace_root))
+    if run_name is None:
+        return [_read_run(layout.run(name)) for name in layout.run_names()]
+    if Path(run_name).name != run_name or not layout.run(run_name).directory.is_dir():
+        known = ", ".join(layout.run_names()) or "none"
+        raise ConfigError(
+            f"no run {run_name!r} in {layout.runs}", hint=f"runs of this workspace: {known}"
+        )
+    return [_read_run(layout.run(run_name))]
 
 
-def _run_dirs(runs_dir: Path) -> list[Path]:
-    return [p for p in runs_dir.iterdir() if p.is_dir()] if runs_dir.is_dir() else []
-
-
-def _read_run(directory: Path) -> RunRecord:
+def _read_run(paths: RunPaths) -> RunRecord:
+    events, _ = read_events(paths.events)
     return RunRecord(
-        name=directory.name,
-        directory=directory,
-        summary=_json_object(directory / "summary.json"),
-        settings=_json_object(directory / "settings.json"),
-        events=tuple(_events(directory / "events.jsonl")),
-        mlflow=_json_object(directory / MLFLOW_FILE),
+        name=paths.directory.name,
+        directory=paths.directory,
+        summary=_json_object(paths.summary),
+        settings=_json_object(paths.settings),
+        events=tuple(events),
+        mlflow=_json_object(paths.mlflow_info),
     )
 
 
@@ -120,21 +98,3 @@ def _json_object(path: Path) -> dict[str, Any] | None:
     if not isinstance(obj, dict):
         raise ConfigError(f"{path}: not a JSON object", hint="restore it from backup")
     return obj
-
-
-def _events(path: Path) -> list[dict[str, Any]]:
-    """Complete event lines (a torn last line, from a run still writing, is left out)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    events = []
-    for raw in data[: data.rfind(b"\n") + 1].splitlines():
-        if raw.strip():
-            try:
-                event = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(event, dict):
-                events.append(event)
-    return events

@@ -20,16 +20,16 @@ For each site registered in the workspace:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from medfed.audit.findings import Collector, Finding
 from medfed.audit.result import AuditResult, SiteAudit
 from medfed.audit.runs import RunEpsilon, VerifiedCopy, audit_run
 from medfed.audit.sites import audit_site, relative_source
-from medfed.audit.sources import copy_site_ids, ledger_copy_path, read_runs
+from medfed.audit.sources import RunRecord, read_runs
 from medfed.errors import ConfigError
-from medfed.transport.provision import load_workspace
+from medfed.workspace import Workspace, load_workspace
 
 __all__ = ["AuditResult", "SiteAudit", "verify_workspace"]
 
@@ -50,12 +50,36 @@ def verify_workspace(
     override it. Raises ConfigError when the workspace or a named run or site does not exist;
     everything else that does not hold becomes a finding.
     """
+    check_mlflow_run(run_name=run_name, mlflow_run=mlflow_run)
+    ws = load_workspace(Path(workspace))
+    runs = read_runs(workspace_root=ws.root, run_name=run_name)
+    return verify_runs(
+        workspace=ws,
+        runs=runs,
+        site_ledgers=site_ledgers,
+        tracking_uri=tracking_uri,
+        mlflow_run=mlflow_run,
+    )
+
+
+def check_mlflow_run(*, run_name: str | None, mlflow_run: str | None) -> None:
+    """An MLflow parent run id names one run: refuse it for a whole workspace."""
     if mlflow_run is not None and run_name is None:
         raise ConfigError(
             "an MLflow parent run id belongs to one run", hint="give --run NAME with --mlflow-run"
         )
-    ws = load_workspace(Path(workspace))
-    runs = read_runs(workspace_root=ws.root, run_name=run_name)
+
+
+def verify_runs(
+    *,
+    workspace: Workspace,
+    runs: Sequence[RunRecord],
+    site_ledgers: Mapping[str, Path] | None,
+    tracking_uri: str | None,
+    mlflow_run: str | None,
+) -> AuditResult:
+    """:func:`verify_workspace` on runs already read (a report reads them once)."""
+    ws = workspace
     registered = [entry.site_id for entry in ws.manifest.sites]
     given = {str(site): Path(path) for site, path in (site_ledgers or {}).items()}
     unknown = sorted(set(given) - set(registered))
@@ -65,15 +89,13 @@ def verify_workspace(
             hint=f"registered sites: {', '.join(registered)}",
         )
     collect = Collector()
-    for site_id in copy_site_ids(ws.root):
+    for site_id in ws.layout.copy_site_ids():
         if site_id not in registered:
             collect.findings.append(
                 Finding(
                     site_id=site_id,
                     check="registration",
-                    source=relative_source(
-                        workspace=ws, path=ledger_copy_path(workspace_root=ws.root, site_id=site_id)
-                    ),
+                    source=relative_source(workspace=ws, path=ws.layout.ledger_copy(site_id)),
                     problem="a ledger copy of a site the workspace does not register",
                 )
             )

@@ -2,7 +2,8 @@
 
 Heavy libraries (torch, MONAI, Opacus) are imported inside the commands that need them so that
 ``medfed --help`` stays instant. Every :class:`~medfed.errors.MedfedError` becomes one line on
-stderr and the error's exit code; a traceback means a bug in medfed, not a user mistake.
+stderr and the error's exit code (the table is :mod:`medfed.errors`); a traceback means a bug
+in medfed, not a user mistake.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 import typer
 
 from medfed.cli import audit_cmd, data_cmd, federation_cmd, privacy_cmd, provision_cmd, site_cmd
-from medfed.errors import MedfedError
+from medfed.errors import INTERRUPTED_EXIT_CODE, MedfedError
 
 app = typer.Typer(
     name="medfed",
@@ -26,7 +27,6 @@ app.add_typer(privacy_cmd.app, name="privacy")
 app.add_typer(audit_cmd.app, name="audit")
 app.add_typer(site_cmd.app, name="site")
 app.add_typer(federation_cmd.aggregator_app, name="aggregator")
-site_cmd.app.command("start")(federation_cmd.site_start)
 app.command("provision")(provision_cmd.provision)
 app.command("run")(federation_cmd.run)
 app.command("demo")(federation_cmd.demo)
@@ -49,4 +49,4 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(INTERRUPTED_EXIT_CODE)

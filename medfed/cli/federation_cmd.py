@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
-import signal
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
-from medfed.errors import ConfigError, MedfedError
-from medfed.logs import LOG_FORMAT_ENV, configure_logging, resolve_log_format
-
-if TYPE_CHECKING:
-    from medfed.transport.processes import ManagedProcess
+from medfed.cli.service import LogFormatOption, reporter, rich_console, serve
+from medfed.errors import ConfigError
+from medfed.logs import LOG_FORMAT_ENV, resolve_log_format
+from medfed.run_events import RunEvent
 
 aggregator_app = typer.Typer(help="Run the aggregator (Flower SuperLink).", no_args_is_help=True)
 
@@ -34,42 +31,6 @@ TrackingUriOption = Annotated[
 ]
 
 
-# How long a stopping node gives a round in progress to abort cleanly (the ClientApp commits
-# the steps it took to the ledger) before what is left is killed; the systemd unit's
-# TimeoutStopSec is longer.
-STOP_GRACE_S = 30.0
-
-LogFormatOption = Annotated[
-    str | None,
-    typer.Option(
-        "--log-format",
-        envvar=LOG_FORMAT_ENV,
-        help="text | json (one JSON object per line, for log shippers); also reaches the "
-        "Flower app processes. Default: text.",
-        show_envvar=True,
-    ),
-]
-
-
-class _Signalled(KeyboardInterrupt):
-    """A stop signal from a service manager, handled like Ctrl-C and remembered by name."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    # SIGTERM from a service manager stops the processes the same way Ctrl-C does.
-    raise _Signalled(signal.Signals(signum).name)
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    return Console(highlight=False)
-
-
 @aggregator_app.command("start")
 def aggregator_start(
     workspace: WorkspaceOption,
@@ -81,11 +42,11 @@ def aggregator_start(
     Every run is logged to MLflow (one parent run, one child run per site). Runs in the
     foreground until Ctrl-C or SIGTERM, as a service manager expects.
     """
-    from medfed.transport.provision import load_workspace
     from medfed.transport.runner import start_aggregator
+    from medfed.workspace import load_workspace
 
     chosen = resolve_log_format(log_format)
-    say = _reporter(chosen, "medfed.aggregator")
+    say = reporter(chosen, "medfed.aggregator")
     # The SuperLink's environment reaches the ServerApp processes it starts.
     os.environ[LOG_FORMAT_ENV] = chosen
     loaded = load_workspace(workspace)
@@ -100,95 +61,7 @@ def aggregator_start(
     else:
         say("MLflow tracking: off (MLflow is not installed)")
     say(f"log: {process.log_file}; Ctrl-C stops the aggregator")
-    _serve(say, process, what="the SuperLink", stopping="stopping the aggregator")
-
-
-def site_start(
-    config: Annotated[Path, typer.Option("--config", "-c", help="The site's site.yaml.")],
-    log_format: LogFormatOption = None,
-) -> None:
-    """Start this site's node (Flower SuperNode): TLS, its node key, its site config.
-
-    Runs in the foreground until Ctrl-C or SIGTERM; reconnects when the aggregator restarts.
-
-    Runs only the medfed app of this medfed version (see policy.allowed_app_hashes).
-
-    SIGTERM aborts a round in progress; the steps taken are committed to the ledger first.
-    """
-    from medfed.config import load_site_config
-    from medfed.site.node_status import record_node_start, record_node_stop
-    from medfed.transport.deploy import start_supernode
-
-    chosen = resolve_log_format(log_format)
-    say = _reporter(chosen, "medfed.site")
-    site = load_site_config(config)
-    log_file = site.paths.workdir / "logs" / "supernode.log"
-    process = start_supernode(
-        config_path=config.absolute(),
-        site=site,
-        log_file=log_file,
-        env={LOG_FORMAT_ENV: chosen},
-    )
-    assert site.transport is not None  # start_supernode refuses a config without one
-    reason = "stopped"
-    record_node_start(config=site, pid=os.getpid())
-    try:
-        say(
-            f"site {site.site_id}: node connecting to {site.transport.superlink_address}; "
-            f"log: {log_file}; Ctrl-C stops it",
-            site_id=site.site_id,
-        )
-        reason = _serve(say, process, what="the SuperNode", stopping="stopping the site node")
-    except MedfedError as exc:
-        reason = exc.one_line()
-        raise
-    except BaseException as exc:
-        reason = f"unexpected {type(exc).__name__}"
-        raise
-    finally:
-        record_node_stop(config=site, reason=reason)
-
-
-def _reporter(log_format: str, logger: str) -> Callable[..., None]:
-    """How a service command reports: console lines, or JSON log lines on stderr."""
-    if log_format == "json":
-        configure_logging(log_format="json")
-        named = logging.getLogger(logger)
-
-        def say_json(message: str, **context: Any) -> None:
-            named.info("%s", message.strip(), extra=context)
-
-        return say_json
-    console = _console()
-
-    def say_text(message: str, **context: Any) -> None:
-        console.print(message)
-
-    return say_text
-
-
-def _serve(say: Callable[..., None], process: ManagedProcess, *, what: str, stopping: str) -> str:
-    """Wait in the foreground until Ctrl-C or SIGTERM (a service manager), then stop it all.
-
-    Returns the name of the signal that stopped it. The process ending by itself is an error:
-    a service must be restarted, not left down.
-    """
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        while process.running():
-            time.sleep(1.0)
-        raise ConfigError(
-            f"{what} exited with code {process.poll()}",
-            hint=f"see {process.log_file}: {process.log_tail(3)}",
-        )
-    except KeyboardInterrupt as exc:
-        say(stopping)
-        return exc.name if isinstance(exc, _Signalled) else "SIGINT"
-    finally:
-        # A second signal must not cut the stop short: the round's abort is what it waits for.
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, signal.SIG_IGN)
-        process.stop(grace_s=STOP_GRACE_S)
+    serve(say, process, what="the SuperLink", stopping="stopping the aggregator")
 
 
 def run(
@@ -227,8 +100,9 @@ def run(
 ) -> None:
     """Submit a federation run to the running aggregator and stream its progress."""
     from medfed.config.run import parse_run_settings
-    from medfed.transport.provision import load_workspace, parse_sites
+    from medfed.transport.provision import parse_sites
     from medfed.transport.runner import follow, submit
+    from medfed.workspace import load_workspace
 
     data: dict[str, Any] = {}
     if settings_file is not None:
@@ -256,7 +130,7 @@ def run(
         data["project"] = project
     settings = parse_run_settings(data, source="run settings")
     loaded = load_workspace(workspace)
-    console = _console()
+    console = rich_console()
     run_id = submit(workspace=loaded, settings=settings)
     console.print(f"submitted run {settings.run_name!r} (Flower run {run_id})")
     if follow_run:
@@ -283,10 +157,10 @@ def demo(
     tracking_uri: TrackingUriOption = None,
 ) -> None:
     """A whole federation on this machine: aggregator and sites as processes, TLS on, DP on."""
-    from medfed.demo import prepare_federation, remove_demo, run_deployed
+    from medfed.api.demo import prepare_federation, remove_demo, run_deployed
     from medfed.transport.processes import free_port
 
-    console = _console()
+    console = rich_console()
     if tracking_uri is not None:  # a bad URI is refused before anything is made
         from medfed.tracking.uri import resolve_tracking_uri
 
@@ -305,8 +179,8 @@ def demo(
     )
     started = time.monotonic()
 
-    def show(event: dict[str, Any]) -> None:
-        _show(console, iter([event]), final=False)
+    def show(event: RunEvent) -> None:
+        _show(console, [event], final=False)
 
     if in_process:
         from medfed.tracking.uri import mlflow_available, resolve_tracking_uri
@@ -322,7 +196,7 @@ def demo(
             on_event=show,
             tracking_uri=uri,
         )
-        summary = json.loads((result.directory / "summary.json").read_text(encoding="utf-8"))
+        summary = json.loads(result.paths.summary.read_text(encoding="utf-8"))
     else:
         summary = run_deployed(setup=setup, on_event=show, tracking_uri=tracking_uri)
     from medfed.cli.progress import print_summary
@@ -330,34 +204,34 @@ def demo(
     print_summary(console, summary)
     console.print(
         f"{time.monotonic() - started:.0f} s; workspace {setup.workspace.root}, logs in "
-        f"{setup.workspace.root / 'logs'}, site ledgers under {setup.root / 'sites'}"
+        f"{setup.workspace.layout.logs}, site ledgers under {setup.root / 'sites'}"
     )
     _show_tracking(console, setup.workspace.root, setup.settings.run_name)
 
 
 def _show_tracking(console: Any, workspace_root: Path, run_name: str) -> None:
     """Where the run is in MLflow (from the run directory's mlflow.json), when it is there."""
-    from medfed.aggregator.run_store import run_directory
-    from medfed.tracking.buffer import PENDING_FILE
     from medfed.tracking.info import describe, read_tracking_info
+    from medfed.workspace import run_paths
 
-    run_dir = run_directory(workspace_root, run_name)
-    info = read_tracking_info(run_dir=run_dir)
+    paths = run_paths(workspace_root, run_name)
+    info = read_tracking_info(paths=paths)
     if info is not None:
         console.print(describe(info))
-    if (run_dir / PENDING_FILE).is_file():
+    if paths.mlflow_pending.is_file():
         console.print(
             f"MLflow has not received all of the run yet: the rest waits in "
-            f"{run_dir / PENDING_FILE} and is sent when the run is resumed"
+            f"{paths.mlflow_pending} and is sent when the run is resumed"
         )
 
 
-def _show(console: Any, events: Any, *, final: bool = True) -> None:
+def _show(console: Any, events: Iterable[RunEvent], *, final: bool = True) -> None:
     from medfed.cli.progress import event_line, print_summary
+    from medfed.run_events import RunEnded
 
     for event in events:
         line = event_line(event)
         if line is not None:
             console.print(line)
-        if final and isinstance(event.get("summary"), dict):
-            print_summary(console, event["summary"])
+        if final and isinstance(event, RunEnded) and event.summary is not None:
+            print_summary(console, event.summary)

@@ -6,12 +6,12 @@ Accounting libraries are imported only when an epsilon is computed, so ``--help`
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from medfed.numbers import finite_or_none
 from medfed.privacy.accounting import AccountantName, check_accountant
 
 app = typer.Typer(help="Privacy accounting and the site's privacy ledger.", no_args_is_help=True)
@@ -27,11 +27,6 @@ AccountantOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
-
-
-def _number(value: float) -> float | None:
-    """JSON has no infinity: an unbounded epsilon is written as null."""
-    return value if math.isfinite(value) else None
 
 
 @app.command()
@@ -55,7 +50,7 @@ def epsilon(
     value = compute_epsilon(history=history, delta=delta, accountant=name)
     if as_json:
         result = {
-            "epsilon": _number(value),
+            "epsilon": finite_or_none(value),
             "accountant": name,
             "conversion": conversion_of(name),
             "delta": delta,
@@ -111,11 +106,13 @@ def ledger(
         "accountant": accountant,
         "conversion": conversion_of(accountant),
         "delta": cap.delta,
-        "spent": _number(status.spent),
+        "spent": finite_or_none(status.spent),
         "cap": cap.epsilon,
         "remaining": status.remaining,
         "exhausted": status.exhausted,
-        "epsilon_by_accountant": {name: _number(value) for name, value in by_accountant.items()},
+        "epsilon_by_accountant": {
+            name: finite_or_none(value) for name, value in by_accountant.items()
+        },
     }
     if as_json:
         typer.echo(json.dumps(summary))

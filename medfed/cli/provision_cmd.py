@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from medfed.transport.provision import Workspace
+    from medfed.workspace import Workspace
 
 
 def provision(

@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+from medfed.cli.service import LogFormatOption, reporter, serve
+from medfed.errors import MedfedError
+from medfed.logs import LOG_FORMAT_ENV, resolve_log_format
 
 if TYPE_CHECKING:
     from medfed.site.preflight import PreflightReport
@@ -33,7 +38,8 @@ def train(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from medfed.config import load_site_config
-    from medfed.site.trainer import StepReport, train_local
+    from medfed.site.epochs import StepReport
+    from medfed.site.trainer import train_local
 
     site = load_site_config(config)
     console = Console(stderr=True)
@@ -224,3 +230,50 @@ def status(
         typer.echo(f"last error: {state.last_error} (at {state.last_error_at})")
     else:
         typer.echo("last error: none")
+
+
+@app.command("start")
+def site_start(
+    config: Annotated[Path, typer.Option("--config", "-c", help="The site's site.yaml.")],
+    log_format: LogFormatOption = None,
+) -> None:
+    """Start this site's node (Flower SuperNode): TLS, its node key, its site config.
+
+    Runs in the foreground until Ctrl-C or SIGTERM; reconnects when the aggregator restarts.
+
+    Runs only the medfed app of this medfed version (see policy.allowed_app_hashes).
+
+    SIGTERM aborts a round in progress; the steps taken are committed to the ledger first.
+    """
+    from medfed.config import load_site_config
+    from medfed.site.node_status import record_node_start, record_node_stop
+    from medfed.transport.deploy import start_supernode
+
+    chosen = resolve_log_format(log_format)
+    say = reporter(chosen, "medfed.site")
+    site = load_site_config(config)
+    log_file = site.paths.workdir / "logs" / "supernode.log"
+    process = start_supernode(
+        config_path=config.absolute(),
+        site=site,
+        log_file=log_file,
+        env={LOG_FORMAT_ENV: chosen},
+    )
+    assert site.transport is not None  # start_supernode refuses a config without one
+    reason = "stopped"
+    record_node_start(config=site, pid=os.getpid())
+    try:
+        say(
+            f"site {site.site_id}: node connecting to {site.transport.superlink_address}; "
+            f"log: {log_file}; Ctrl-C stops it",
+            site_id=site.site_id,
+        )
+        reason = serve(say, process, what="the SuperNode", stopping="stopping the site node")
+    except MedfedError as exc:
+        reason = exc.one_line()
+        raise
+    except BaseException as exc:
+        reason = f"unexpected {type(exc).__name__}"
+        raise
+    finally:
+        record_node_stop(config=site, reason=reason)

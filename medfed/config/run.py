@@ -13,8 +13,8 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from medfed.aggregator.strategies import StrategySettings
 from medfed.config.site import ModelSection
+from medfed.config.strategy import StrategySettings
 from medfed.errors import ConfigError
 
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")

@@ -15,6 +15,7 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medfed.privacy.budget import PrivacyTerms
+from medfed.workspace import SITE_ID_PATTERN
 
 Accountant = Literal["rdp", "prv", "pld"]
 # "vmap" is torch.func over the whole network; "hooks" and "functorch" are Opacus' modes. Opacus'
@@ -269,7 +270,7 @@ class PolicySection(_Strict):
 class SiteConfig(_Strict):
     """A site's whole configuration."""
 
-    site_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    site_id: str = Field(pattern=SITE_ID_PATTERN.pattern)
     data: DataSection
     model: ModelSection = ModelSection()
     training: TrainingSection = TrainingSection()

@@ -1,20 +1,13 @@
-"""Checkpoints: weights as safetensors plus a small JSON manifest (spec, metadata, weights hash).
+"""Checkpoints of torch networks: the format of :mod:`medfed.model_files` (safetensors and a
+JSON manifest), written from a network and read back into one.
 
-A checkpoint is a directory holding ``model.safetensors`` and ``model.json``. Nothing is ever
-pickled or read with ``torch.load``: a checkpoint may come from another site. Each file is
-written to a temporary name and moved into place with ``os.replace``, weights first; the
-manifest records the weights' SHA-256, so a save interrupted between the two files (or files
-mixed from two saves) is reported instead of loading the wrong weights.
+Nothing is ever pickled or read with ``torch.load``: a checkpoint may come from another site.
+The weights are checked against the network's spec when saved and when loaded.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,13 +16,10 @@ import torch
 from torch import nn
 
 from medfed.errors import ModelError
+from medfed.model_files import MANIFEST_NAME, WEIGHTS_NAME, read_model, write_model
 from medfed.models.factory import build_model, parameter_shapes
 from medfed.models.spec import ModelSpec
 
-FORMAT = "medfed-checkpoint"
-VERSION = 1
-WEIGHTS_NAME = "model.safetensors"
-MANIFEST_NAME = "model.json"
 # GradSampleModule (Opacus) and torch.compile wrap the network and prefix its parameter names.
 _WRAPPER_PREFIXES = ("_module.", "_orig_mod.")
 
@@ -78,30 +68,6 @@ def _mismatches(
     return problems
 
 
-def _fsync_directory(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with tmp.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
 def save_checkpoint(
     *,
     directory: Path | str,
@@ -127,101 +93,19 @@ def save_checkpoint(
     return _write_checkpoint(Path(directory), state, spec, metadata)
 
 
-def save_weights(
-    *,
-    directory: Path | str,
-    weights: Mapping[str, np.ndarray],
-    spec: ModelSpec,
-    metadata: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write plain arrays (e.g. an aggregated global model) as a checkpoint of ``spec``.
-
-    Unlike :func:`save_checkpoint` this builds no network, so the aggregator can save models
-    without MONAI; :func:`load_checkpoint` still checks the shapes against the spec.
-    """
-    state = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in weights.items()}
-    return _write_checkpoint(Path(directory), state, spec, metadata)
-
-
 def _write_checkpoint(
     directory: Path,
     state: Mapping[str, torch.Tensor],
     spec: ModelSpec,
     metadata: Mapping[str, Any] | None,
 ) -> Path:
-    try:
-        metadata_json = json.loads(json.dumps(dict(metadata or {}), sort_keys=True))
-    except (TypeError, ValueError) as exc:
-        raise ModelError(
-            f"checkpoint metadata is not JSON-serialisable: {exc}",
-            hint="pass numbers, strings, lists and mappings only",
-        ) from None
-    from safetensors.torch import save_file
-
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        weights = directory / WEIGHTS_NAME
-        _atomic_write(weights, lambda tmp: save_file(dict(state), str(tmp)))
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "spec": spec.to_dict(),
-            "metadata": metadata_json,
-            "weights": {"file": WEIGHTS_NAME, "sha256": _sha256(weights)},
-            "torch": torch.__version__,
-        }
-        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-
-        def write_manifest(tmp: Path) -> None:
-            tmp.write_text(text, encoding="utf-8")
-
-        _atomic_write(directory / MANIFEST_NAME, write_manifest)
-    except OSError as exc:
-        raise ModelError(
-            f"cannot write checkpoint to {directory}: {exc.strerror or exc}",
-            hint="check that the directory is writable and the disk is not full",
-        ) from None
-    return directory
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _locate(path: Path) -> tuple[Path, Path]:
-    directory = path if path.is_dir() else path.parent
-    if not path.is_dir() and path.name not in (WEIGHTS_NAME, MANIFEST_NAME):
-        raise ModelError(
-            f"{path}: not a checkpoint (expected a directory with {WEIGHTS_NAME} and "
-            f"{MANIFEST_NAME})"
-        )
-    return directory / WEIGHTS_NAME, directory / MANIFEST_NAME
-
-
-def _read_manifest(manifest: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(
-            f"{manifest}: checkpoint manifest not found", hint="check the checkpoint path"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{manifest}: unreadable checkpoint manifest ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ModelError(f"{manifest}: not a medfed checkpoint manifest")
-    if data.get("version") != VERSION:
-        raise ModelError(
-            f"{manifest}: checkpoint format version {data.get('version')!r} "
-            f"(this medfed reads version {VERSION})",
-            hint="load it with the medfed version that wrote it",
-        )
-    if not isinstance(data.get("metadata"), dict) or not isinstance(data.get("weights"), dict):
-        raise ModelError(f"{manifest}: checkpoint manifest lacks metadata or weights entries")
-    return data
+    return write_model(
+        directory,
+        weights={name: tensor.numpy() for name, tensor in state.items()},
+        spec=spec.to_dict(),
+        metadata=metadata,
+        extra={"torch": torch.__version__},
+    )
 
 
 class StoredWeights(NamedTuple):
@@ -235,31 +119,13 @@ class StoredWeights(NamedTuple):
 def read_weights(*, path: Path | str) -> StoredWeights:
     """Read a checkpoint's weights as numpy arrays after checking them against the manifest.
 
-    No network is built (the aggregator has no MONAI), so the shapes are not checked against
-    the spec here; :func:`load_checkpoint` does that.
+    No network is built, so the shapes are not checked against the spec here;
+    :func:`load_checkpoint` does that.
     """
-    weights, manifest = _locate(Path(path))
-    data = _read_manifest(manifest)
-    spec = ModelSpec.from_dict(data.get("spec", {}), source=str(manifest))
-    try:
-        digest = _sha256(weights)
-    except FileNotFoundError:
-        raise ModelError(f"{weights}: checkpoint weights not found") from None
-    except OSError as exc:
-        raise ModelError(f"{weights}: cannot read checkpoint weights ({exc.strerror})") from None
-    if digest != data["weights"].get("sha256"):
-        raise ModelError(
-            f"{weights}: weights do not match the manifest's SHA-256 ({manifest})",
-            hint="the checkpoint is corrupt or its files come from different saves; re-save it",
-        )
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
-
-    try:
-        arrays = load(weights.read_bytes())
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"{weights}: corrupt safetensors file ({exc})") from None
-    return StoredWeights(weights=dict(arrays), spec=spec, metadata=dict(data["metadata"]))
+    stored = read_model(path)
+    source = Path(path) if Path(path).is_dir() else Path(path).parent
+    spec = ModelSpec.from_dict(stored.spec, source=str(source / MANIFEST_NAME))
+    return StoredWeights(weights=stored.weights, spec=spec, metadata=stored.metadata)
 
 
 def load_checkpoint(*, path: Path | str) -> LoadedCheckpoint:
@@ -270,7 +136,7 @@ def load_checkpoint(*, path: Path | str) -> LoadedCheckpoint:
     different saves, or weights that do not fit the spec) raises ModelError naming the file.
     """
     stored = read_weights(path=path)
-    weights, _ = _locate(Path(path))
+    weights = (Path(path) if Path(path).is_dir() else Path(path).parent) / WEIGHTS_NAME
     problems = _mismatches(
         {key: tuple(a.shape) for key, a in stored.weights.items()},
         parameter_shapes(spec=stored.spec),

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from medfed.errors import LedgerError
-from medfed.privacy.storage import fsync_dir, make_private_dirs, replace_file, write_all
+from medfed.storage import fsync_dir, make_private_dirs, replace_file, write_all
 
 _RESTORE_HINT = "restore the key from the site's backup; a new key cannot sign the existing ledger"
 

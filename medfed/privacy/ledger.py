@@ -1,13 +1,9 @@
-"""The site's privacy ledger: verification of the signed hash chain and budget-checked appends.
+"""The site's privacy ledger verified: the signed hash chain, line by line, and what it says.
 
-The ledger is append-only JSON Lines (see :mod:`medfed.privacy.events`). A signed head file
-next to it records the number of entries and the hash of the last line, so that cutting
-entries off the end is detected. Epsilon is never stored: it is recomputed from the reserve
-entries, each counted with its committed steps, or in full while uncommitted.
-
-A head exactly one entry behind a ledger whose extra last line verifies is accepted: that is
-what a crash between appending a line and replacing the head leaves, and the extra entry can
-only add to the privacy spent. The next append rewrites the head.
+The ledger is append-only JSON Lines (see :mod:`medfed.privacy.events`), with a signed head
+file next to it (:mod:`medfed.privacy.ledger_head`) so that cutting entries off the end is
+detected. Epsilon is never stored: it is recomputed from the reserve entries, each counted with
+its committed steps, or in full while uncommitted, and from the Gaussian releases.
 """
 
 from __future__ import annotations
@@ -17,35 +13,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from medfed.errors import LedgerError
 from medfed.privacy.accounting import DPSteps
 from medfed.privacy.budget import PrivacyTerms
+from medfed.privacy.entry_format import EntryFormatError, parse_entry
 from medfed.privacy.events import (
     GENESIS_HASH,
-    LEDGER_VERSION,
-    READABLE_VERSIONS,
     CommitEntry,
-    EntryFormatError,
     LedgerEntry,
     ReleaseEntry,
     ReserveEntry,
     TermsEntry,
     canonical_json,
     line_hash,
-    parse_entry,
-    sign,
     signature_valid,
 )
 from medfed.privacy.keys import key_id
-from medfed.privacy.storage import head_path, read_bytes, read_json_object, replace_file
-
-RESTORE_HINT = (
-    "restore the ledger and its .head file together from the site's backup and verify again; "
-    "never edit a ledger by hand"
-)
-_HEAD_FIELDS = frozenset({"v", "kind", "site_id", "key_id", "count", "last_hash", "signature"})
+from medfed.privacy.ledger_head import check_head, head_path, ledger_failure
+from medfed.storage import read_bytes, read_json_object
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,10 +237,6 @@ def verify_ledger_bytes(
     return _verify(Path(source), data, None, public_key, site_id, with_head=False)
 
 
-def _fail(path: Path, where: str, problem: str) -> LedgerError:
-    return LedgerError(f"{path}: {where}: {problem}", hint=RESTORE_HINT)
-
-
 def _verify(
     path: Path,
     data: bytes,
@@ -268,7 +250,7 @@ def _verify(
     chunks = data.split(b"\n")
     if chunks[-1]:
         line_no = len(chunks)
-        raise _fail(
+        raise ledger_failure(
             path,
             f"line {line_no}",
             f"incomplete last line ({len(chunks[-1])} bytes without a newline): a write was "
@@ -282,41 +264,47 @@ def _verify(
         try:
             obj = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise _fail(path, where, "not valid JSON (a torn or edited line)") from None
+            raise ledger_failure(path, where, "not valid JSON (a torn or edited line)") from None
         seq = obj.get("seq") if isinstance(obj, dict) else None
         if isinstance(seq, int) and not isinstance(seq, bool):
             where += f" (seq {seq})"
         try:
             entry = parse_entry(obj)
         except EntryFormatError as exc:
-            raise _fail(path, where, str(exc)) from None
+            raise ledger_failure(path, where, str(exc)) from None
         if entry.seq != index:
-            raise _fail(
+            raise ledger_failure(
                 path,
                 where,
                 f"seq {entry.seq} where seq {index} was expected: an entry was removed, "
                 "duplicated or moved",
             )
         if entry.prev_hash != previous:
-            raise _fail(
+            raise ledger_failure(
                 path, where, "hash chain broken: prev_hash does not match the line before it"
             )
         if entry.key_id != expected_key:
-            raise _fail(
+            raise ledger_failure(
                 path, where, f"signed by key {entry.key_id}, not by this site's key {expected_key}"
             )
         if not signature_valid(obj, public_key):
-            raise _fail(path, where, "bad signature: the entry was changed after it was signed")
+            raise ledger_failure(
+                path, where, "bad signature: the entry was changed after it was signed"
+            )
         if canonical_json(obj) != raw:
-            raise _fail(path, where, "not in canonical form: the line was rewritten by hand")
+            raise ledger_failure(
+                path, where, "not in canonical form: the line was rewritten by hand"
+            )
         site_id = site_id or entry.site_id
         if entry.site_id != site_id:
-            raise _fail(path, where, f"entry of site {entry.site_id!r}, expected {site_id!r}")
+            raise ledger_failure(
+                path, where, f"entry of site {entry.site_id!r}, expected {site_id!r}"
+            )
         problem = state.add(entry, version=obj["v"])
         if problem:
-            raise _fail(path, where, problem)
+            raise ledger_failure(path, where, problem)
         previous = line_hash(raw)
-    lagging = with_head and _check_head(path, head, lines, public_key, expected_key, site_id)
+    lagging = with_head and check_head(path, head, lines, public_key, expected_key, site_id)
     reservations = tuple(
         _reservation_state(entry, state.commits.get(seq)) for seq, entry in state.reserves.items()
     )
@@ -408,56 +396,6 @@ def _commit_problem(
     return None
 
 
-def _check_head(
-    path: Path,
-    head: dict[str, Any] | None,
-    lines: list[bytes],
-    public_key: Ed25519PublicKey,
-    expected_key: str,
-    site_id: str | None,
-) -> bool:
-    """Check the head against the ledger; True when it is one (verified) entry behind."""
-    where = f"head {head_path(path).name}"
-    if head is None:
-        if lines:
-            raise _fail(path, where, f"missing while the ledger holds {len(lines)} entries")
-        return False
-    readable = head.get("v") in READABLE_VERSIONS and head.get("kind") == "head"
-    if set(head) != _HEAD_FIELDS or not readable:
-        raise _fail(path, where, "not a ledger head (wrong fields or format)")
-    count, last = head["count"], head["last_hash"]
-    if isinstance(count, bool) or not isinstance(count, int) or not isinstance(last, str):
-        raise _fail(path, where, "count or last_hash has the wrong type")
-    if head["key_id"] != expected_key or not signature_valid(head, public_key):
-        raise _fail(path, where, "bad signature or foreign key: the head was not written here")
-    if lines and head["site_id"] != site_id:
-        raise _fail(path, where, f"belongs to site {head['site_id']!r}, expected {site_id!r}")
-    total = len(lines)
-    if count > total:
-        raise _fail(
-            path,
-            where,
-            f"records {count} entries but the ledger holds {total}: entries were cut off the "
-            f"end (first missing: line {total + 1}, seq {total})",
-        )
-    if count < total - 1:
-        raise _fail(
-            path,
-            where,
-            f"records {count} entries but the ledger holds {total}: lines {count + 1} to "
-            f"{total} were added without updating the head",
-        )
-    hashes = [GENESIS_HASH, *(line_hash(raw) for raw in lines)]
-    if last != hashes[count]:
-        raise _fail(
-            path,
-            where,
-            f"the last entry it records (line {count}) differs from the ledger's: the ledger "
-            "was rewritten",
-        )
-    return count == total - 1
-
-
 def _reservation_state(entry: ReserveEntry, commit: CommitEntry | None) -> ReservationState:
     return ReservationState(
         seq=entry.seq,
@@ -471,26 +409,3 @@ def _reservation_state(entry: ReserveEntry, commit: CommitEntry | None) -> Reser
         max_grad_norm=entry.max_grad_norm,
         timestamp=entry.timestamp,
     )
-
-
-def signed_head(
-    *, site_id: str, count: int, last_hash: str, private_key: Ed25519PrivateKey
-) -> bytes:
-    """The bytes of a head file for a ledger of ``count`` entries ending in ``last_hash``."""
-    head = {
-        "v": LEDGER_VERSION,
-        "kind": "head",
-        "site_id": site_id,
-        "key_id": key_id(private_key.public_key()),
-        "count": count,
-        "last_hash": last_hash,
-    }
-    return canonical_json(sign(head, private_key)) + b"\n"
-
-
-def write_head(
-    ledger_path: Path, *, site_id: str, count: int, last_hash: str, private_key: Ed25519PrivateKey
-) -> None:
-    """Atomically replace the ledger's head file."""
-    data = signed_head(site_id=site_id, count=count, last_hash=last_hash, private_key=private_key)
-    replace_file(head_path(ledger_path), data)

@@ -38,8 +38,9 @@ from medfed.privacy.events import (
     sign,
 )
 from medfed.privacy.keys import key_id, load_or_create_signing_key, load_public_key, public_key_path
-from medfed.privacy.ledger import LedgerReport, verify_ledger, verify_ledger_bytes, write_head
-from medfed.privacy.storage import append_line, head_path, locked, read_bytes
+from medfed.privacy.ledger import LedgerReport, verify_ledger, verify_ledger_bytes
+from medfed.privacy.ledger_head import head_path, write_head
+from medfed.storage import append_line, locked, read_bytes
 
 _PACKAGES = ("medfed", "torch", "opacus", "dp-accounting")
 
@@ -117,12 +118,11 @@ class Release:
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """A recorded reservation: commit it with the steps actually taken."""
+    """A recorded reservation: the round's plan, under the terms it was checked against, at
+    ledger entry ``seq``. Commit it with the steps actually taken."""
 
     seq: int
-    run_id: str
-    round: int
-    steps: int
+    plan: RoundPlan
     epsilon_before: float
     epsilon_after: float
     terms: PrivacyTerms
@@ -228,9 +228,7 @@ class SiteLedger:
         assert check is not None
         return Reservation(
             seq=seq,
-            run_id=plan.run_id,
-            round=plan.round,
-            steps=plan.steps,
+            plan=plan,
             epsilon_before=check.spent,
             epsilon_after=check.would_reach,
             terms=terms,
@@ -291,11 +289,11 @@ class SiteLedger:
         with locked(self.path, exclusive=True):
             report = self._verify_now(private_key.public_key())
             state = next((r for r in report.reservations if r.seq == reservation.seq), None)
-            wanted = (reservation.seq, reservation.run_id, reservation.round)
+            wanted = (reservation.seq, reservation.plan.run_id, reservation.plan.round)
             if state is None or (state.seq, state.run_id, state.round) != wanted:
                 raise LedgerError(
                     f"{self.path}: no reservation seq {reservation.seq} for run "
-                    f"{reservation.run_id!r} round {reservation.round}",
+                    f"{reservation.plan.run_id!r} round {reservation.plan.round}",
                     hint="commit the Reservation returned by reserve() on this same ledger",
                 )
             if state.committed:

@@ -13,11 +13,12 @@ two names of ``flwr.supernode.runtime.run_clientapp`` (flwr 1.41) wrapped:
   (:func:`check_bundle`), and after Flower installed them, that the installed directory holds
   exactly the bundle's files.
 
-A refused bundle raises :class:`AppRefusedError` inside Flower's ``run_clientapp``, which
-replies to the message with ``Error(code=2, reason="<class '...AppRefusedError'>:<'error[
-app-refused]: ...'>")`` (Flower's "ClientApp raised an exception") and exits non-zero: the
-aggregator's ServerApp gets that error reply for its message, and medfed's aggregator reads it
-as a decline with code ``app-refused``. No code of the refused app is ever imported.
+A refused bundle raises :class:`~medfed.errors.AppRefusedError` inside Flower's
+``run_clientapp``, which replies to the message with ``Error(code=2, reason="<class
+'...AppRefusedError'>:<'error[app-refused]: ...'>")`` (Flower's "ClientApp raised an
+exception") and exits non-zero: the aggregator's ServerApp gets that error reply for its
+message, and medfed's aggregator reads it as a decline with code ``app-refused``. No code of
+the refused app is ever imported.
 
 The wrapped names are Flower internals; :func:`check_flower_internals` verifies at node start
 and in every guard that they exist and that ``run_clientapp`` looks them up at call time. If
@@ -37,8 +38,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Final
 
-from medfed.errors import TransportError
-from medfed.transport.app_bundle import AppBundleError, FabInfo, read_fab
+from medfed.app_bundle import FabInfo, read_fab
+from medfed.errors import AppBundleError, AppRefusedError, TransportError
 
 ALLOWED_APPS_ENV: Final = "MEDFED_ALLOWED_APPS"
 SITE_ID_ENV: Final = "MEDFED_SITE_ID"
@@ -49,10 +50,6 @@ _WRAPPED: Final = ("pull_task_input", "install_from_fab")
 _DEPENDENCY_FLAG: Final = "--allow-runtime-dependency-installation"
 
 log = logging.getLogger("medfed.site.app_guard")
-
-
-class AppRefusedError(AppBundleError):
-    """This site's allow-list does not hold the app bundle a run shipped."""
 
 
 def check_flower_internals() -> ModuleType:
@@ -254,7 +251,7 @@ def guard_script(python: str) -> str:
 
 def write_guard(bin_dir: Path, *, python: str | None = None) -> Path:
     """Write the guard as ``bin_dir/flwr-clientapp`` (atomically, mode 0700); its path."""
-    from medfed.privacy.storage import make_private_dirs, replace_file
+    from medfed.storage import make_private_dirs, replace_file
 
     make_private_dirs(Path(bin_dir))
     path = Path(bin_dir) / GUARD_NAME

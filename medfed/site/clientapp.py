@@ -17,16 +17,15 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from medfed.config.site import SiteConfig
-from medfed.errors import ConfigError, DataError, MedfedError
-from medfed.site.release import shareable, unexpected
-from medfed.transport.envelope import (
-    EnvelopeError,
+from medfed.envelope import (
     decline_error,
     evaluation_content,
     init_content,
     read_request,
     reply_content,
 )
+from medfed.errors import ConfigError, DataError, EnvelopeError, MedfedError
+from medfed.site.release import shareable, unexpected
 
 log = logging.getLogger("medfed.site")
 

@@ -26,9 +26,9 @@ import numpy as np
 from pydantic import ValidationError
 
 from medfed.config.site import ModelSection, SiteConfig
-from medfed.errors import ConfigError, LedgerError, PolicyError, RunSettingsError
+from medfed.envelope import EvaluationReply, InitReply, RoundReply, RoundRequest
+from medfed.errors import ConfigError, LedgerError, ModelError, PolicyError, RunSettingsError
 from medfed.site import policy
-from medfed.transport.envelope import EvaluationReply, InitReply, RoundReply, RoundRequest
 from medfed.types import weights_digest
 
 log = logging.getLogger("medfed.site")
@@ -158,7 +158,7 @@ def train_round(*, config: SiteConfig, request: RoundRequest) -> RoundReply:
             hint="rounds 1 to planned_rounds train; round 0 is the initial model",
         )
     digest = weights_digest(request.weights)
-    from medfed.privacy.storage import locked, make_private_dirs
+    from medfed.storage import locked, make_private_dirs
 
     directory = _reply_dir(effective, request)
     make_private_dirs(directory)
@@ -198,7 +198,7 @@ def _train(config: SiteConfig, request: RoundRequest, digest: str) -> Mapping[st
         ledger=ledger,
         run_id=request.run_name,
         round=request.round,
-        reservation_seq=result.reservation_seq,
+        reservation_seq=result.reservation.seq,
         estimates=result.loss_estimates,
         step_std=result.loss_step_std,
         noise_multiplier=result.noise_multiplier,
@@ -339,15 +339,13 @@ def _store_reply(
 ) -> None:
     """The round's update, for a replay; ``seconds`` of the site's work stay here too (the
     site's own record, never sent)."""
-    from safetensors.numpy import save
-
-    from medfed.privacy.storage import replace_file
+    from medfed.model_files import write_arrays
+    from medfed.storage import replace_file
 
     directory = _reply_dir(config, request)
-    arrays = {name: np.ascontiguousarray(array) for name, array in weights.items()}
     # Atomic and fsynced like the reply file: a node stopped mid-write leaves the old file or
     # none, and the round is trained again instead of replayed from a torn update.
-    replace_file(directory / "update.safetensors", save(arrays), mode=0o600)
+    write_arrays(directory / "update.safetensors", weights, mode=0o600)
     record = {
         "global_sha256": digest,
         "update_sha256": weights_digest(weights),
@@ -361,13 +359,13 @@ def _stored_reply(
     config: SiteConfig, request: RoundRequest, digest: str
 ) -> Mapping[str, np.ndarray] | None:
     """The stored update of this round for this global model; refuses another model."""
-    from safetensors.numpy import load_file
+    from medfed.model_files import read_arrays
 
     directory = _reply_dir(config, request)
     try:
         record = json.loads((directory / _REPLY_FILE).read_text(encoding="utf-8"))
-        weights = load_file(str(directory / "update.safetensors"))
-    except (OSError, ValueError):
+        weights = read_arrays(directory / "update.safetensors")
+    except (OSError, ValueError, ModelError):
         return None
     if record.get("update_sha256") != weights_digest(weights):
         return None  # a torn or damaged store: the round was never answered from it

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.config.site import SiteConfig
-from medfed.privacy.storage import make_private_dirs, replace_file
+from medfed.storage import make_private_dirs, replace_file
 
 STATUS_VERSION = 1
 STATUS_DIR = "node"

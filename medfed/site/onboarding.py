@@ -34,7 +34,7 @@ from pydantic.fields import FieldInfo
 from medfed.config.loading import format_validation_error
 from medfed.config.site import PrivacySection, SiteConfig
 from medfed.errors import ConfigError
-from medfed.privacy.storage import replace_file
+from medfed.storage import replace_file
 
 KIT_TEMPLATE = "site.template.yaml"
 # What `medfed provision` puts in every site's kit (name -> what it is, for error messages).

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Final
 from medfed.config.site import SiteConfig
 from medfed.errors import BudgetExceededError, DataError, MedfedError, PolicyError
 from medfed.privacy import LedgerReport, Release, SiteLedger
-from medfed.privacy.storage import make_private_dirs, read_json_object, replace_file
+from medfed.storage import make_private_dirs, read_json_object, replace_file
 
 if TYPE_CHECKING:
     from medfed.data import SiteDatasets

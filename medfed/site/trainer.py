@@ -5,9 +5,10 @@ The order is the privacy contract: the ledger entry that reserves the round's st
 written after the last one. A crash in between leaves the full reservation on the books, so a
 crash can only over-count the privacy spent.
 
-The network, the optimiser, the batching and the validation Dice come from small public
-functions that :mod:`medfed.baselines` reuses, so that a non-private baseline differs from DP
-training in privacy only.
+The round is planned and checked in :mod:`medfed.site.round_plan` and its steps are taken in
+:mod:`medfed.site.epochs`. The network, the optimiser, the batching and the validation Dice come
+from small public functions that :mod:`medfed.api.baselines` reuses, so that a non-private
+baseline differs from DP training in privacy only.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import logging
 import math
 import time
 import uuid
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,48 +31,24 @@ from torch import nn
 from medfed.config.site import SiteConfig
 from medfed.errors import TrainingError
 from medfed.models.checkpoint import model_weights, unwrap
-from medfed.privacy.accounting import DPSteps, compute_epsilon
-from medfed.privacy.sampling import SamplingPlan, plan_sampling
-from medfed.privacy.site_ledger import RoundPlan, SiteLedger
-from medfed.privacy.storage import replace_file
-from medfed.site.dp import (
-    DPComponents,
-    PoissonPatientSampler,
-    check_one_example_per_patient,
-    make_private,
+from medfed.privacy.accounting import compute_epsilon
+from medfed.privacy.site_ledger import Reservation, SiteLedger
+from medfed.site.dp import DPComponents, PoissonPatientSampler
+from medfed.site.epochs import (
+    EpochReport,
+    Progress,
+    StepReport,
+    private_training,
+    train_epochs,
 )
 from medfed.site.evaluate import Volumes, evaluate_dice
-from medfed.site.release import PatientCounts
+from medfed.site.round_plan import plan_round
+from medfed.storage import replace_file
 
 if TYPE_CHECKING:
-    from medfed.data import SiteDatasets
     from medfed.models.spec import ModelSpec
 
 log = logging.getLogger("medfed.site")
-
-
-@dataclass(frozen=True)
-class StepReport:
-    """What a progress display needs after each step (and once more at each epoch's end).
-
-    ``epsilon`` is the spend up to the last completed epoch (NaN before the first), recomputed
-    from the ledger's history; ``patients`` is 0 in the report that closes an epoch.
-    """
-
-    step: int
-    total_steps: int
-    epoch: int
-    patients: int
-    loss: float | None
-    epsilon: float
-
-
-@dataclass(frozen=True)
-class EpochReport:
-    epoch: int
-    mean_loss: float | None
-    empty_steps: int
-    epsilon: float
 
 
 @dataclass(frozen=True)
@@ -85,33 +61,56 @@ class TrainResult:
     are the steps' noisy mean losses (one more coordinate of the DP-SGD step, see
     :class:`medfed.site.dp.LossCoordinate`), each with standard deviation ``loss_step_std``.
     ``dice_before``/``dice_after`` are exact and stay at the site (NaN when not evaluated).
+    ``reservation`` is the ledger's reservation of the round (its plan and terms); ``steps``
+    the steps taken and committed.
     """
 
-    run_id: str
-    round: int
     site_id: str
+    reservation: Reservation
     train_patients: int
     val_patients: int
     released_train_patients: int
     released_val_patients: int
-    sample_rate: float
-    noise_multiplier: float
     steps: int
-    reservation_seq: int
     epochs: list[EpochReport]
     loss_estimates: list[float]
     loss_step_std: float
     dice_before: float
     dice_after: float
     epsilon_spent: float
-    epsilon_cap: float
-    delta: float
-    accountant: str
     seconds: float
     checkpoint: Path
     metrics_file: Path
     # The trained network's weights, for the reply to the aggregator (not part of the JSON).
     weights: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def run_id(self) -> str:
+        return self.reservation.plan.run_id
+
+    @property
+    def round(self) -> int:
+        return self.reservation.plan.round
+
+    @property
+    def sample_rate(self) -> float:
+        return self.reservation.plan.sample_rate
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self.reservation.plan.noise_multiplier
+
+    @property
+    def epsilon_cap(self) -> float:
+        return self.reservation.terms.epsilon_cap
+
+    @property
+    def delta(self) -> float:
+        return self.reservation.terms.delta
+
+    @property
+    def accountant(self) -> str:
+        return self.reservation.terms.accountant
 
     @property
     def mean_loss(self) -> float | None:
@@ -121,21 +120,25 @@ class TrainResult:
         return sum(self.loss_estimates) / len(self.loss_estimates)
 
     def to_json(self) -> dict[str, Any]:
+        """The round's metrics file: flat, the reservation as its ledger seq."""
+        skip = {"weights", "reservation"}
         data: dict[str, Any] = {
-            item.name: getattr(self, item.name) for item in fields(self) if item.name != "weights"
+            "run_id": self.run_id,
+            "round": self.round,
+            "reservation_seq": self.reservation.seq,
+            "sample_rate": self.sample_rate,
+            "noise_multiplier": self.noise_multiplier,
+            "epsilon_cap": self.epsilon_cap,
+            "delta": self.delta,
+            "accountant": self.accountant,
+        }
+        data |= {
+            item.name: getattr(self, item.name) for item in fields(self) if item.name not in skip
         }
         data["epochs"] = [dataclasses.asdict(epoch) for epoch in self.epochs]
         data["checkpoint"] = str(self.checkpoint)
         data["metrics_file"] = str(self.metrics_file)
         return data
-
-
-def make_optimizer(*, config: SiteConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The site's optimiser over ``model``'s trainable parameters (before any DP wrapping)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if config.training.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.training.learning_rate)
-    return torch.optim.SGD(params, lr=config.training.learning_rate, momentum=0.9)
 
 
 def build_site_model(
@@ -171,14 +174,6 @@ def validation_dice(
         num_classes=len(config.data.classes),
         device=device,
     )
-
-
-def collate_patients(*, items: Sequence[Any], device: torch.device) -> dict[str, torch.Tensor]:
-    """Stack patient items (``image``, ``label``, ``patient``) into one batch on ``device``."""
-    from torch.utils.data import default_collate
-
-    batch = default_collate(list(items))
-    return {key: torch.as_tensor(value).to(device) for key, value in batch.items()}
 
 
 def train_local(
@@ -235,22 +230,9 @@ def train_local(
         return validation_dice(model=model, config=config, dataset=datasets.val, device=device)
 
     dice_before = dice()
-    dp = make_private(
-        model=model,
-        num_classes=len(config.data.classes),
-        optimizer=make_optimizer(config=config, model=model),
-        noise_multiplier=setup.plan.noise_multiplier,
-        max_grad_norm=config.privacy.max_grad_norm,
-        expected_batch_size=plan.expected_batch_size,
-        grad_sample_mode=config.training.grad_sample_mode,
-        secure_mode=config.privacy.secure_mode,
-        loss_clip=config.release.loss_clip,
-        loss_share=config.release.loss_share,
-    )
-    if proximal_mu > 0:
-        if initial_weights is None:
-            raise TrainingError("proximal_mu needs the global model's initial_weights")
-        _add_proximal_term(dp, mu=proximal_mu)
+    if proximal_mu > 0 and initial_weights is None:
+        raise TrainingError("proximal_mu needs the global model's initial_weights")
+    dp = private_training(config=config, model=model, setup=setup, proximal_mu=proximal_mu)
     # Poisson sampling over the patients the site has, at the rate planned from the count it
     # released: the rate is public, and so the accountant's analysis holds as it is.
     sampler = PoissonPatientSampler(num_patients=len(datasets.train), sample_rate=plan.sample_rate)
@@ -262,9 +244,9 @@ def train_local(
         history = [*setup.prior, dataclasses.replace(setup.plan.dp_steps, steps=steps)]
         return compute_epsilon(history=history, delta=terms.delta, accountant=terms.accountant)
 
-    progress = _Progress()
+    progress = Progress()
     try:
-        reports = _train_epochs(
+        reports = train_epochs(
             dp=dp,
             dataset=datasets.train,
             sampler=sampler,
@@ -283,17 +265,13 @@ def train_local(
     epsilon_spent = ledger.spent(delta=terms.delta, accountant=terms.accountant)
     checkpoint_dir = _save(config, dp, spec, run_id, round_index, dice_after, epsilon_spent)
     result = TrainResult(
-        run_id=run_id,
-        round=round_index,
         site_id=config.site_id,
+        reservation=reservation,
         train_patients=len(datasets.train),
         val_patients=len(datasets.val),
         released_train_patients=setup.counts.train,
         released_val_patients=setup.counts.validation,
-        sample_rate=plan.sample_rate,
-        noise_multiplier=setup.plan.noise_multiplier,
         steps=progress.steps,
-        reservation_seq=reservation.seq,
         epochs=reports,
         loss_estimates=list(progress.losses),
         loss_step_std=dp.loss.step_std(
@@ -303,9 +281,6 @@ def train_local(
         dice_before=dice_before,
         dice_after=dice_after,
         epsilon_spent=epsilon_spent,
-        epsilon_cap=terms.epsilon_cap,
-        delta=terms.delta,
-        accountant=terms.accountant,
         seconds=time.monotonic() - started,
         checkpoint=checkpoint_dir,
         metrics_file=config.paths.workdir / "metrics" / run_id / f"round-{round_index:04d}.json",
@@ -313,73 +288,6 @@ def train_local(
     )
     _write_json(result.metrics_file, result.to_json())
     return result
-
-
-@dataclass(frozen=True)
-class RoundSetup:
-    """A round as planned and checked, before anything of it is reserved."""
-
-    counts: PatientCounts
-    sampling: SamplingPlan
-    plan: RoundPlan
-    prior: tuple[DPSteps, ...]
-
-
-def plan_round(
-    *,
-    config: SiteConfig,
-    ledger: SiteLedger,
-    datasets: SiteDatasets,
-    run_id: str,
-    round_index: int,
-    planned_rounds: int | None,
-    epochs: int,
-    requested_noise: float | None,
-) -> RoundSetup:
-    """Plan one round from the released patient counts and check it: run, policy, budget.
-
-    The run's history is checked first (it needs the ledger only); the counts are released
-    when this dataset has none yet (their own small cost); then the plan, the site's ceilings
-    and the cap are checked, all before the first step is reserved.
-    """
-    from medfed.privacy import check_budget
-    from medfed.site import policy, release
-
-    report = ledger.verify()  # a bad ledger stops the site before anything else
-    if planned_rounds is not None:
-        policy.check_run_history(
-            config, report, run_id=run_id, round=round_index, planned_rounds=planned_rounds
-        )
-    counts = release.patient_counts(
-        config=config,
-        ledger=ledger,
-        report=report,
-        train_ids=[case.patient_id for case in datasets.train_cases],
-        validation_ids=[case.patient_id for case in datasets.val_cases],
-        run_id=run_id,
-        round_index=round_index,
-    )
-    release.check_delta(config, counts)
-    sampling = plan_sampling(
-        dataset_size=counts.train, batch_size=config.training.batch_size, epochs=epochs
-    )
-    plan = RoundPlan(
-        run_id=run_id,
-        round=round_index,
-        planned_rounds=planned_rounds,
-        steps=sampling.steps,
-        sample_rate=sampling.sample_rate,
-        noise_multiplier=policy.resolve_noise(config, sampling, requested_noise),
-        max_grad_norm=config.privacy.max_grad_norm,
-    )
-    policy.check_round(config, plan.dp_steps)
-    report = ledger.verify()  # with the counts' release, when this round made it
-    terms = config.terms
-    # Refuse early, before any model is built; reserve() checks again under the ledger's lock.
-    check_budget(
-        history=report.history, planned=plan.dp_steps, cap=terms.cap, accountant=terms.accountant
-    )
-    return RoundSetup(counts=counts, sampling=sampling, plan=plan, prior=report.history)
 
 
 def _save(
@@ -408,96 +316,6 @@ def _save(
         },
     )
     return checkpoint_dir
-
-
-def _add_proximal_term(dp: DPComponents, *, mu: float) -> None:
-    """After noise, add ``mu * (w - w_global)`` to each gradient (FedProx's proximal term)."""
-    optimizer: Any = dp.optimizer  # an Opacus DPOptimizer (typed as its torch base)
-    anchors = [p.detach().clone() for p in optimizer.params]
-
-    def hook(dp_optimizer: Any) -> None:
-        for param, anchor in zip(dp_optimizer.params, anchors, strict=True):
-            if param.grad is not None:
-                param.grad.add_(param.detach() - anchor, alpha=mu)
-
-    optimizer.attach_step_hook(hook)
-
-
-@dataclass
-class _Progress:
-    steps: int = 0
-    losses: list[float] = field(default_factory=list)
-
-
-def _train_epochs(
-    *,
-    dp: DPComponents,
-    dataset: Any,
-    sampler: PoissonPatientSampler,
-    plan: SamplingPlan,
-    device: torch.device,
-    progress: _Progress,
-    epsilon_after: Callable[[int], float],
-    on_step: Callable[[StepReport], None] | None,
-) -> list[EpochReport]:
-    reports: list[EpochReport] = []
-
-    def notify(epoch: int, patients: int, loss: float | None) -> None:
-        if on_step is not None:
-            # Epsilon is recomputed at epoch ends (PRV and PLD take a while), and shown then.
-            epsilon = reports[-1].epsilon if reports else math.nan
-            on_step(
-                StepReport(
-                    step=progress.steps,
-                    total_steps=plan.steps,
-                    epoch=epoch,
-                    patients=patients,
-                    loss=loss,
-                    epsilon=epsilon,
-                )
-            )
-
-    with warnings.catch_warnings():
-        # Opacus' backward hooks warn when the input needs no gradient, which is always so here.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        dp.module.train()
-        for epoch in range(1, plan.epochs + 1):
-            losses: list[float] = []
-            empty = 0
-            for patients in sampler.steps(plan.steps_per_epoch):
-                loss = _dp_step(dp, dataset, patients, device)
-                progress.steps += 1
-                progress.losses.append(loss)
-                losses.append(loss)
-                empty += not patients
-                notify(epoch, len(patients), loss)
-            mean_loss = sum(losses) / len(losses) if losses else None
-            reports.append(
-                EpochReport(
-                    epoch=epoch,
-                    mean_loss=mean_loss,
-                    empty_steps=empty,
-                    epsilon=epsilon_after(progress.steps),
-                )
-            )
-            notify(epoch, 0, mean_loss)
-            log.info(
-                "epoch %d/%d loss %s epsilon %.3f",
-                epoch,
-                plan.epochs,
-                "n/a" if mean_loss is None else f"{mean_loss:.4f}",
-                reports[-1].epsilon,
-            )
-    return reports
-
-
-def _dp_step(dp: DPComponents, dataset: Any, patients: list[int], device: torch.device) -> float:
-    """One DP-SGD step over the sampled patients (possibly none); its noisy mean loss."""
-    if not patients:
-        return dp.step(None, None)
-    batch = collate_patients(items=[dataset[index] for index in patients], device=device)
-    check_one_example_per_patient(batch["patient"].tolist(), int(batch["image"].shape[0]))
-    return dp.step(batch["image"], batch["label"])
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -7,7 +7,8 @@ passed (5 s, doubling to 60 s), so a dead tracking server costs the federation a
 short timeout now and then. Each MLflow call runs with MLflow's HTTP timeout and retry count
 lowered for its duration (MLflow's defaults can block for minutes).
 
-Until it is sent, every operation is also in ``mlflow-pending.jsonl`` (first line: the tracker's
+Until it is sent, every operation is also in the run's ``mlflow-pending.jsonl``
+(:attr:`medfed.workspace.RunPaths.mlflow_pending`; first line: the tracker's
 state, e.g. which MLflow run id each logical run has; then one operation per line), so an
 aggregator that stops during an outage loses nothing: the next tracker for the same run
 directory loads the file and sends the rest. An operation MLflow refuses outright (an invalid
@@ -29,12 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medfed.privacy.storage import make_private_dirs, replace_file
+from medfed.storage import make_private_dirs, replace_file
+from medfed.workspace import RunPaths
 
 log = logging.getLogger("medfed.tracking")
 
-PENDING_FILE = "mlflow-pending.jsonl"
-DROPPED_FILE = "mlflow-dropped.jsonl"
 
 Operation = dict[str, Any]
 
@@ -68,7 +68,13 @@ _LOCAL_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, Not
 
 
 class PermanentError(Exception):
-    """An operation that can never succeed (raised by the tracker's own checks)."""
+    """An operation that can never succeed (raised by the tracker's own checks).
+
+    A signal to :meth:`Outbox.flush`, not a :class:`~medfed.errors.MedfedError`: it never
+    reaches a user. The outbox drops the operation at once, logs it and keeps it in
+    the dropped file, exactly as it does when MLflow itself refuses one, because a tracking
+    problem must never stop a federation.
+    """
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -107,17 +113,17 @@ def short_timeouts(policy: RetryPolicy) -> Iterator[None]:
 
 
 class Outbox:
-    """Operations waiting to be applied to MLflow, in order, mirrored in ``PENDING_FILE``."""
+    """Operations waiting to be applied to MLflow, in order, mirrored in the run's pending file."""
 
     def __init__(
         self,
         *,
-        directory: Path,
+        paths: RunPaths,
         apply: Callable[[Operation], None],
         state: Callable[[], Mapping[str, Any]],
         policy: RetryPolicy,
     ) -> None:
-        self._directory = Path(directory)
+        self._paths = paths
         self._apply = apply
         self._state = state
         self._policy = policy
@@ -127,7 +133,7 @@ class Outbox:
 
     @property
     def path(self) -> Path:
-        return self._directory / PENDING_FILE
+        return self._paths.mlflow_pending
 
     def __len__(self) -> int:
         return len(self._ops)
@@ -168,7 +174,7 @@ class Outbox:
             return
         lines = [json.dumps({"state": dict(self._state())}, sort_keys=True)]
         lines += [json.dumps(op, sort_keys=True) for op in self._ops]
-        make_private_dirs(self._directory)
+        make_private_dirs(self._paths.directory)
         replace_file(self.path, ("\n".join(lines) + "\n").encode("utf-8"), mode=0o600)
 
     def flush(self, *, force: bool = False) -> bool:
@@ -221,12 +227,12 @@ class Outbox:
             op.get("key"),
             type(exc).__name__,
             _short(exc),
-            self._directory / DROPPED_FILE,
+            self._paths.mlflow_dropped,
         )
         record = {"time": time.time(), "error": f"{type(exc).__name__}: {_short(exc)}", **op}
         with contextlib.suppress(OSError):
-            make_private_dirs(self._directory)
-            with (self._directory / DROPPED_FILE).open("a", encoding="utf-8") as handle:
+            make_private_dirs(self._paths.directory)
+            with self._paths.mlflow_dropped.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record, sort_keys=True, default=str) + "\n")
 
 

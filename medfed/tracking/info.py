@@ -1,4 +1,5 @@
-"""``<run dir>/mlflow.json``: where a federation run is in MLflow (read without MLflow).
+"""A run's ``mlflow.json`` (:attr:`medfed.workspace.RunPaths.mlflow_info`): where the run is in
+MLflow, read without MLflow.
 
 Written by the tracker as soon as the runs exist::
 
@@ -14,12 +15,10 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from medfed.privacy.storage import make_private_dirs, replace_file
-
-INFO_FILE = "mlflow.json"
+from medfed.storage import make_private_dirs, replace_file
+from medfed.workspace import RunPaths
 
 
 @dataclass(frozen=True)
@@ -45,10 +44,10 @@ class TrackingInfo:
         }
 
 
-def read_tracking_info(*, run_dir: Path) -> TrackingInfo | None:
+def read_tracking_info(*, paths: RunPaths) -> TrackingInfo | None:
     """The run's ``mlflow.json``, or None when it has none (or an unreadable one)."""
     try:
-        data = json.loads((Path(run_dir) / INFO_FILE).read_text(encoding="utf-8"))
+        data = json.loads(paths.mlflow_info.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or not isinstance(data.get("parent_run_id"), str):
@@ -65,10 +64,10 @@ def read_tracking_info(*, run_dir: Path) -> TrackingInfo | None:
     )
 
 
-def write_tracking_info(*, run_dir: Path, info: TrackingInfo) -> None:
-    make_private_dirs(Path(run_dir))
+def write_tracking_info(*, paths: RunPaths, info: TrackingInfo) -> None:
+    make_private_dirs(paths.directory)
     text = json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n"
-    replace_file(Path(run_dir) / INFO_FILE, text.encode("utf-8"))
+    replace_file(paths.mlflow_info, text.encode("utf-8"))
 
 
 def describe(info: TrackingInfo) -> str:

@@ -1,19 +1,19 @@
 """Per-round plots of a federation run (PNG, matplotlib's Agg canvas, no pyplot state).
 
-Built from the run's ``events.jsonl``, so a run resumed in a new aggregator process is plotted
-whole. ``dice.png``: the validation Dice of each global model, per site and weighted over the
-sites, against the round after which that model was made (a round's ``dice_before`` measures
-the model of the round before; the final evaluation measures the last one). ``epsilon.png``:
-each site's epsilon spent after each round, with its cap as a dashed line of the same colour.
+Built from the run's events, so a run resumed in a new aggregator process is plotted whole.
+``dice.png``: the validation Dice of each global model, per site and weighted over the sites,
+against the round after which that model was made (:func:`medfed.run_events.global_dice`).
+``epsilon.png``: each site's epsilon spent after each round, with its cap as a dashed line of
+the same colour.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from medfed.run_events import RunEvent, SiteUpdated, global_dice, of_kind
 
 DICE_PLOT = "dice.png"
 EPSILON_PLOT = "epsilon.png"
@@ -29,42 +29,19 @@ class RunSeries:
     caps: Mapping[str, float] = field(default_factory=dict)
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def series_from_events(events: Iterable[Mapping[str, Any]]) -> RunSeries:
+def series_from_events(events: Iterable[RunEvent]) -> RunSeries:
     """Collect the plotted values from a run's events (a later value for a round wins)."""
-    dice_sites: dict[str, dict[int, float]] = {}
-    dice_global: dict[int, float] = {}
+    events = list(events)
     epsilon: dict[str, dict[int, float]] = {}
     caps: dict[str, float] = {}
-    for event in events:
-        kind = event.get("event")
-        round_index = event.get("round")
-        if not isinstance(round_index, int):
-            continue
-        if kind == "site_update":
-            site = str(event.get("site"))
-            if (dice := _number(event.get("dice_before"))) is not None:
-                dice_sites.setdefault(site, {})[round_index - 1] = dice
-            if (spent := _number(event.get("epsilon_spent"))) is not None:
-                epsilon.setdefault(site, {})[round_index] = spent
-            if (cap := _number(event.get("epsilon_cap"))) is not None:
-                caps[site] = cap
-        elif kind == "round_done":
-            if (dice := _number(event.get("dice_before"))) is not None:
-                dice_global[round_index - 1] = dice
-        elif kind == "evaluation":
-            if (dice := _number(event.get("dice"))) is not None:
-                dice_global[round_index] = dice
-            for site, value in dict(event.get("sites") or {}).items():
-                if (dice := _number(value)) is not None:
-                    dice_sites.setdefault(str(site), {})[round_index] = dice
+    for event in of_kind(events, SiteUpdated):
+        if event.epsilon_spent is not None:
+            epsilon.setdefault(event.site, {})[event.round] = event.epsilon_spent
+        if event.epsilon_cap is not None:
+            caps[event.site] = event.epsilon_cap
+    dice = global_dice(events)
     return RunSeries(
-        dice_sites=dice_sites, dice_global=dice_global, epsilon_sites=epsilon, caps=caps
+        dice_sites=dice.sites, dice_global=dice.overall, epsilon_sites=epsilon, caps=caps
     )
 
 

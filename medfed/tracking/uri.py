@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from medfed.errors import ConfigError
+from medfed.workspace import MLFLOW_ARTIFACTS, WorkspaceLayout
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -28,9 +29,6 @@ if TYPE_CHECKING:
 # Set by `start_aggregator` for the ServerApp: the tracking URI to log runs to.
 TRACKING_URI_ENV = "MEDFED_TRACKING_URI"
 MLFLOW_URI_ENV = "MLFLOW_TRACKING_URI"
-DB_NAME = "mlflow.db"
-# Artifacts of a SQLite store live beside the database, never relative to a process' cwd.
-ARTIFACTS_DIR = "mlartifacts"
 DEFAULT_EXPERIMENT = "medfed"
 _SQLITE = "sqlite:///"
 
@@ -44,7 +42,7 @@ def mlflow_available() -> bool:
 
 def default_tracking_uri(*, workspace_root: Path) -> str:
     """``sqlite:///<absolute workspace>/mlflow.db`` (four slashes: the path is absolute)."""
-    return _SQLITE + str(Path(workspace_root).absolute() / DB_NAME)
+    return _SQLITE + str(WorkspaceLayout(root=Path(workspace_root).absolute()).mlflow_db)
 
 
 def resolve_tracking_uri(
@@ -96,8 +94,9 @@ def is_server(uri: str) -> bool:
 
 def artifact_location(uri: str) -> str | None:
     """Where a new experiment of a SQLite store keeps artifacts (None: the store decides)."""
+    # Beside the database, never relative to a process' working directory.
     path = sqlite_path(uri)
-    return None if path is None else (path.parent / ARTIFACTS_DIR).absolute().as_uri()
+    return None if path is None else (path.parent / MLFLOW_ARTIFACTS).absolute().as_uri()
 
 
 def prepare_store(*, uri: str, experiment: str = DEFAULT_EXPERIMENT) -> str | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from medfed.config.site import SiteConfig
 from medfed.errors import ConfigError, TransportError
-from medfed.privacy.storage import make_private_dirs
+from medfed.storage import make_private_dirs
 from medfed.transport.flwr_cli import (
     CONTROL_CHARS,
     DEFAULT_CONNECTION,
@@ -37,14 +37,12 @@ from medfed.transport.processes import (
     venv_bin_dir,
     wait_until_tls_ready,
 )
-from medfed.transport.provision import Workspace
+from medfed.workspace import Workspace
 
 # The node_config key under which a ClientApp finds the absolute path of its site's site.yaml.
 NODE_CONFIG_SITE_KEY = "site-config"
 # Under the site's workdir: the app guard that the SuperNode runs as `flwr-clientapp`.
 GUARD_BIN_DIR = "bin"
-STATE_DIR = "state"
-SUPERLINK_DATABASE = "superlink.db"
 # flwr's ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE, as `flwr supernode register` reports it.
 _KEY_IN_USE = re.compile(r"\[code: 23\]|public key already in use", re.IGNORECASE)
 
@@ -81,7 +79,7 @@ def superlink_command(*, workspace: Workspace, bind_host: str | None = None) -> 
     argv += [
         "--enable-supernode-auth",
         "--database",
-        str(workspace.root / STATE_DIR / SUPERLINK_DATABASE),
+        str(workspace.layout.superlink_db),
         "--host",
         bind_host or manifest.host,
         "--port",
@@ -109,7 +107,7 @@ def start_superlink(
     ``bind_host`` to the manifest's host. Node registrations and runs are kept in
     ``<workspace>/state/superlink.db`` across restarts.
     """
-    state = workspace.root / STATE_DIR
+    state = workspace.layout.state
     make_private_dirs(state)
     host = bind_host or workspace.manifest.host
     port = workspace.manifest.port
@@ -118,7 +116,7 @@ def start_superlink(
         name="superlink",
         argv=superlink_command(workspace=workspace, bind_host=bind_host),
         log_file=log_file,
-        flwr_home=flwr_home or state / "flwr-home",
+        flwr_home=flwr_home or workspace.layout.flwr_home,
         env=env,
         cwd=state,
     )
@@ -292,6 +290,7 @@ def app_guard_env(*, site: SiteConfig, bin_dir: Path) -> dict[str, str]:
     the installed medfed app's digests) in ``MEDFED_ALLOWED_APPS``. Flower internals the guard
     depends on are checked here, so a node that could not check apps does not start.
     """
+    from medfed.app_bundle import medfed_app
     from medfed.config.site import MEDFED_APP
     from medfed.site.app_guard import (
         ALLOWED_APPS_ENV,
@@ -299,7 +298,6 @@ def app_guard_env(*, site: SiteConfig, bin_dir: Path) -> dict[str, str]:
         check_flower_internals,
         write_guard,
     )
-    from medfed.transport.app_bundle import medfed_app
 
     check_flower_internals()
     allowed: list[str] = []

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.errors import ConfigError, TransportError
-from medfed.privacy.storage import make_private_dirs, replace_file
+from medfed.storage import make_private_dirs, replace_file
 from medfed.transport.processes import ManagedProcess, find_command, flower_env
 
 DEFAULT_CONNECTION = "medfed"

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
@@ -29,7 +29,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from medfed.config.run import RunSettings
 from medfed.errors import ConfigError
-from medfed.transport.provision import Workspace
+from medfed.run_events import EventCallback
+from medfed.workspace import Workspace
 
 if TYPE_CHECKING:
     from medfed.aggregator.outcome import FederationResult
@@ -155,7 +156,7 @@ def run_in_process(
     workspace: Workspace,
     site_configs: Mapping[str, Path],
     settings: RunSettings,
-    on_event: Callable[[dict[str, Any]], None] | None = None,
+    on_event: EventCallback | None = None,
     client_app: ClientAppCallable | None = None,
     tracking_uri: str | None = None,
 ) -> FederationResult:
@@ -166,7 +167,6 @@ def run_in_process(
     not tracked); every MLflow run is ended before this returns.
     """
     from medfed.aggregator.federation import run_federation
-    from medfed.aggregator.run_store import run_directory
     from medfed.site.clientapp import app
     from medfed.tracking.tracker import tracking
 
@@ -183,8 +183,7 @@ def run_in_process(
         _task_identity(run_id=grid.run.run_id),
         tracking(
             tracking_uri=tracking_uri,
-            run_dir=run_directory(workspace.root, settings.run_name),
-            workspace_root=workspace.root,
+            run_dir=workspace.layout.run(settings.run_name).directory,
             on_event=on_event,
         ) as tracked,
     ):

@@ -35,7 +35,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from medfed.errors import TransportError
-from medfed.privacy.storage import make_private_dirs
+from medfed.storage import make_private_dirs
 
 DEFAULT_GRACE_S = 10.0
 _POLL_S = 0.05

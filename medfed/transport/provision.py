@@ -18,155 +18,36 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import re
 import secrets
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from medfed.errors import ConfigError
-from medfed.privacy.keys import key_id, load_public_key
-from medfed.privacy.storage import fsync_dir, make_private_dirs, replace_file
+from medfed.privacy.keys import key_id
+from medfed.storage import fsync_dir, make_private_dirs, replace_file
 from medfed.transport import certs
+from medfed.workspace import (
+    PROTECTED_DIRS,
+    SITE_ID_PATTERN,
+    WORKSPACE_FILE,
+    CaPaths,
+    SiteEntry,
+    SuperlinkPaths,
+    Workspace,
+    WorkspaceManifest,
+    spki_pem,
+)
 
 # flwr 1.41's SuperLink serves HTTPS on one port (`--port`, 8000 by default; `--host` defaults
 # to 127.0.0.1) for the Fleet, Control and Runtime APIs together; older releases used separate
 # gRPC ports. Because the Control API shares this port and has no login, hospitals should reach
 # it only through a proxy that forwards /v1/fleet/*.
 SUPERLINK_PORT = 8000
-SITE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-WORKSPACE_FILE = "workspace.yaml"
-# Directories that hold a federation's history; a forced re-provision must not delete them.
-PROTECTED_DIRS = ("ledger", "ledgers", "state")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class CaPaths(_Strict):
-    """Where the CA lives, relative to the workspace."""
-
-    cert: str
-    key: str
-
-
-class SuperlinkPaths(_Strict):
-    """Files for ``flower-superlink --ssl-certfile/--ssl-keyfile/--ssl-ca-certfile``."""
-
-    cert: str
-    key: str
-    ca_cert: str
-
-
-class SiteEntry(_Strict):
-    """One site's kit, its public node key (to ``flwr supernode register``) and the public half
-    of its ledger signing key (the aggregator verifies the site's privacy ledger with it)."""
-
-    site_id: str = Field(pattern=SITE_ID_PATTERN.pattern)
-    kit: str
-    node_key: str
-    node_public_key_file: str
-    public_key: str = Field(pattern=r"^ecdsa-sha2-nistp384 [A-Za-z0-9+/=]+$")
-    fingerprint: str
-    ledger_public_key_file: str
-    ledger_key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
-
-
-class WorkspaceManifest(_Strict):
-    """The content of ``workspace.yaml``."""
-
-    version: int = Field(default=1, ge=1, le=1)
-    created_at: dt.datetime
-    host: str
-    port: int = Field(ge=1, le=65535)
-    address: str
-    ca: CaPaths
-    superlink: SuperlinkPaths
-    certificate_not_after: dt.datetime
-    sites: list[SiteEntry] = Field(min_length=1)
-
-
-@dataclass(frozen=True)
-class Workspace:
-    """A provisioned workspace: its root directory and its manifest."""
-
-    root: Path
-    manifest: WorkspaceManifest
-
-    def path(self, relative: str) -> Path:
-        """Absolute path of a manifest entry."""
-        return self.root / relative
-
-    def site(self, site_id: str) -> SiteEntry:
-        """The entry of ``site_id``; :class:`ConfigError` if the workspace has no such site."""
-        for entry in self.manifest.sites:
-            if entry.site_id == site_id:
-                return entry
-        known = ", ".join(s.site_id for s in self.manifest.sites)
-        raise ConfigError(f"no site {site_id!r} in {self.root}", hint=f"known sites: {known}")
-
-    def ledger_public_key(self, site_id: str) -> Ed25519PublicKey:
-        """The public key that verifies ``site_id``'s privacy ledger.
-
-        The file is checked against the key id in the manifest, so that a ``.pub`` swapped
-        after provisioning cannot make the aggregator accept another key's ledger.
-        """
-        entry = self.site(site_id)
-        path = self.path(entry.ledger_public_key_file)
-        key = load_public_key(path)
-        found = key_id(key)
-        if found != entry.ledger_key_id:
-            raise ConfigError(
-                f"{path}: ledger key {found} of site {site_id!r} is not the key "
-                f"{entry.ledger_key_id} registered in {self.root / WORKSPACE_FILE}",
-                hint="restore the site's ledger_key.pub from the provisioned kit",
-            )
-        return key
-
-    def node_public_key_pem(self, site_id: str) -> bytes:
-        """The site's node key as Flower reports it in ``NodeInfo.public_key``.
-
-        ``flwr supernode register`` reads the OpenSSH key and stores it as PEM
-        SubjectPublicKeyInfo (flwr's ``public_key_to_bytes``); the same bytes here let the
-        aggregator tell which site a Flower node id belongs to.
-        """
-        return _node_key_pem(self.site(site_id).public_key)
-
-    def site_for_node_key(self, pem: bytes) -> str | None:
-        """The site whose registered node key is ``pem`` (PEM SubjectPublicKeyInfo), if any."""
-        try:
-            key = serialization.load_pem_public_key(pem)
-        except (ValueError, TypeError, UnsupportedAlgorithm):
-            return None
-        if not isinstance(key, ec.EllipticCurvePublicKey):
-            return None
-        wanted = _spki_pem(key)
-        for entry in self.manifest.sites:
-            if _node_key_pem(entry.public_key) == wanted:
-                return entry.site_id
-        return None
-
-
-def _spki_pem(key: ec.EllipticCurvePublicKey | Ed25519PublicKey) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def _node_key_pem(public_openssh: str) -> bytes:
-    key = serialization.load_ssh_public_key(public_openssh.encode("ascii"))
-    if not isinstance(key, ec.EllipticCurvePublicKey):  # the manifest pattern rules this out
-        raise ConfigError("node public key is not an EC key", hint="re-provision")
-    return _spki_pem(key)
 
 
 def parse_sites(text: str) -> list[str]:
@@ -248,30 +129,6 @@ def provision_workspace(
     return Workspace(root=out, manifest=manifest)
 
 
-def load_workspace(path: Path) -> Workspace:
-    """Read a workspace back from its directory (or its ``workspace.yaml``)."""
-    path = Path(path)
-    file = path if path.is_file() else path / WORKSPACE_FILE
-    hint = "run `medfed provision --out DIR --sites ...` first, or point at that DIR"
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{file}: no workspace file", hint=hint) from None
-    except OSError as exc:
-        raise ConfigError(f"{file}: cannot read ({exc.strerror})", hint=hint) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: not valid YAML ({exc})", hint="re-provision") from None
-    try:
-        manifest = WorkspaceManifest.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"{file}: invalid workspace ({problems})", hint="re-provision") from None
-    return Workspace(root=file.parent.absolute(), manifest=manifest)
-
-
 def _check_target(out: Path, *, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a directory", hint="choose another --out")
@@ -331,7 +188,7 @@ def _build(
             serialization.NoEncryption(),
         )
         _write(root / kit / "ledger_key.pem", ledger_pem, secret=True)
-        _write(root / kit / "ledger_key.pub", _spki_pem(ledger_key.public_key()))
+        _write(root / kit / "ledger_key.pub", spki_pem(ledger_key.public_key()))
         template = site_template(site_id=site_id, address=address, created_at=now)
         _write(root / kit / "site.template.yaml", template.encode("utf-8"))
         entries.append(

@@ -13,35 +13,25 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from medfed.aggregator.run_store import RunStore, read_events, run_directory
+from medfed.aggregator.run_store import RunStore
 from medfed.aggregator.serverapp import WORKSPACE_ENV
+from medfed.app_bundle import medfed_app_directory
 from medfed.config.run import RUN_CONFIG_KEY, RunSettings
 from medfed.errors import ConfigError, TransportError
+from medfed.run_events import RunEnded, RunEvent, RunStarted, read_events
 from medfed.tracking.uri import (
     TRACKING_URI_ENV,
     mlflow_available,
     prepare_store,
     resolve_tracking_uri,
 )
-from medfed.transport.app_bundle import medfed_app_directory
-from medfed.transport.deploy import STATE_DIR, SiteRegistration, register_sites, start_superlink
+from medfed.transport.deploy import SiteRegistration, register_sites, start_superlink
 from medfed.transport.flwr_cli import DEFAULT_CONNECTION, run_status, submit_run
 from medfed.transport.processes import ManagedProcess
-from medfed.transport.provision import Workspace
-
-TERMINAL_EVENTS = frozenset({"run_finished", "run_stopped", "run_failed"})
+from medfed.workspace import Workspace
 
 log = logging.getLogger("medfed.transport")
-
-
-def flwr_home(workspace: Workspace) -> Path:
-    return workspace.root / STATE_DIR / "flwr-home"
-
-
-def logs_dir(workspace: Workspace) -> Path:
-    return workspace.root / "logs"
 
 
 @dataclass(frozen=True)
@@ -77,12 +67,12 @@ def start_aggregator(
         uri = None
     process = start_superlink(
         workspace=workspace,
-        log_file=log_file or logs_dir(workspace) / "superlink.log",
+        log_file=log_file or workspace.layout.logs / "superlink.log",
         env=env,
-        flwr_home=flwr_home(workspace),
+        flwr_home=workspace.layout.flwr_home,
     )
     try:
-        registrations = register_sites(workspace=workspace, flwr_home=flwr_home(workspace))
+        registrations = register_sites(workspace=workspace, flwr_home=workspace.layout.flwr_home)
     except BaseException:
         process.stop(grace_s=5.0)
         raise
@@ -95,15 +85,15 @@ def submit(*, workspace: Workspace, settings: RunSettings) -> int:
     The run's name is checked here too, so that a taken name is refused before Flower starts
     a ServerApp that would refuse it.
     """
-    RunStore(directory=run_directory(workspace.root, settings.run_name)).check_name(settings)
-    if not (flwr_home(workspace) / "config.toml").is_file():
+    RunStore(paths=workspace.layout.run(settings.run_name)).check_name(settings)
+    if not (workspace.layout.flwr_home / "config.toml").is_file():
         raise TransportError(
             f"no aggregator has been started for the workspace {workspace.root}",
             hint=f"start it first: medfed aggregator start --workspace {workspace.root}",
         )
     return submit_run(
         app_dir=medfed_app_directory(),
-        flwr_home=flwr_home(workspace),
+        flwr_home=workspace.layout.flwr_home,
         connection=DEFAULT_CONNECTION,
         run_config={RUN_CONFIG_KEY: settings.to_json()},
     )
@@ -117,7 +107,7 @@ def follow(
     timeout_s: float,
     poll_s: float = 0.5,
     alive: Callable[[], None] | None = None,
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[RunEvent]:
     """Yield the run's events as they are written, until its last one.
 
     Only the events of Flower run ``run_id`` are yielded: earlier attempts under the same name (a
@@ -125,7 +115,7 @@ def follow(
     ended before this is called is still read whole. ``alive`` is called while waiting; it
     raises to abort (e.g. when a process the caller watches died).
     """
-    path = run_directory(workspace.root, run_name) / "events.jsonl"
+    path = workspace.layout.run(run_name).events
     offset = 0
     ours = False
     ended: str | None = None  # Flower's final status, once it says the run is over
@@ -134,22 +124,22 @@ def follow(
     while True:
         events, offset = read_events(path, offset=offset)
         for event in events:
-            if event.get("event") == "run_started":
-                ours = event.get("flower_run_id") == run_id
+            if isinstance(event, RunStarted):
+                ours = event.flower_run_id == run_id
             if not ours:
                 continue
             yield event
-            if event.get("event") in TERMINAL_EVENTS:
+            if isinstance(event, RunEnded):
                 return
         if ended is not None:
             raise TransportError(
                 f"Flower run {run_id} ended ({ended}) without finishing {run_name!r}",
-                hint=f"see {logs_dir(workspace) / 'superlink.log'} for the ServerApp's output",
+                hint=f"see {workspace.layout.logs / 'superlink.log'} for the ServerApp's output",
             )
         now = time.monotonic()
         if now >= next_status:
             next_status = now + 5.0
-            status = run_status(flwr_home=flwr_home(workspace), run_id=run_id)
+            status = run_status(flwr_home=workspace.layout.flwr_home, run_id=run_id)
             if status.finished:
                 # Read once more: the ServerApp may have written its last lines since.
                 ended = f"{status.status}: {status.details or 'no details'}"

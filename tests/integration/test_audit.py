@@ -14,8 +14,8 @@ from subprocess import CompletedProcess
 
 import pytest
 
+from medfed.api.demo import DemoSetup, prepare_federation
 from medfed.config import load_site_config
-from medfed.demo import DemoSetup, prepare_federation
 from medfed.transport.inprocess import run_in_process
 
 pytestmark = pytest.mark.slow

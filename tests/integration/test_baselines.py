@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from medfed.baselines import BaselineResult, train_centralised, train_federated_nonprivate
+from medfed.api.baselines import BaselineResult, train_centralised, train_federated_nonprivate
 from medfed.config import SiteConfig, load_site_config
 from medfed.config.run import RunSettings
 from medfed.data import build_datasets, synthesize_site

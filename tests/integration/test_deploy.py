@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 import yaml
 
+from medfed.app_bundle import describe_app
 from medfed.config.loading import load_site_config
 from medfed.config.site import SiteConfig
 from medfed.errors import ConfigError, TransportError
-from medfed.privacy.storage import replace_file
+from medfed.storage import replace_file
 from medfed.transport import certs
-from medfed.transport.app_bundle import describe_app
 from medfed.transport.deploy import (
     NODE_CONFIG_SITE_KEY,
     node_config_arg,
@@ -54,7 +54,8 @@ from medfed.transport.processes import (
     free_port,
     venv_bin_dir,
 )
-from medfed.transport.provision import Workspace, provision_workspace
+from medfed.transport.provision import provision_workspace
+from medfed.workspace import Workspace
 
 pytestmark = pytest.mark.slow
 
@@ -453,7 +454,7 @@ import json, sys, time
 from pathlib import Path
 from medfed.transport.deploy import start_superlink
 from medfed.transport.processes import ProcessGroup, descendant_groups
-from medfed.transport.provision import load_workspace
+from medfed.workspace import load_workspace
 
 ws = load_workspace(Path(sys.argv[2]))
 log = Path(sys.argv[3])

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
+from medfed.api.demo import DemoSetup, prepare_federation, start_site_nodes
 from medfed.config import load_site_config
-from medfed.demo import DemoSetup, prepare_federation, start_site_nodes
 from medfed.privacy import SiteLedger
 from medfed.transport.flwr_cli import wait_for_nodes, wait_for_run
 from medfed.transport.processes import ManagedProcess, ProcessGroup, free_port
-from medfed.transport.runner import flwr_home, follow, start_aggregator, submit
+from medfed.transport.runner import follow, start_aggregator, submit
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ def _mlflow_statuses(setup: DemoSetup, runs: int | None = None) -> set[str]:
 
     from medfed.tracking.info import read_tracking_info
 
-    info = read_tracking_info(run_dir=setup.workspace.root / "runs" / setup.settings.run_name)
+    info = read_tracking_info(paths=setup.workspace.layout.run(setup.settings.run_name))
     assert info is not None
     found = MlflowClient(tracking_uri=info.tracking_uri).search_runs([info.experiment_id])
     assert len(found) == (runs or 1 + len(setup.site_configs))
@@ -72,12 +72,14 @@ def _mlflow_statuses(setup: DemoSetup, runs: int | None = None) -> set[str]:
 
 
 def _events(setup: DemoSetup, run_id: int, timeout_s: float = 900) -> Iterator[dict[str, Any]]:
-    return follow(
+    """The run's events as they come, each as its line in the events file."""
+    followed = follow(
         workspace=setup.workspace,
         run_name=setup.settings.run_name,
         run_id=run_id,
         timeout_s=timeout_s,
     )
+    return (event.to_json() for event in followed)
 
 
 def test_demo_command_runs_a_federation_over_tls_that_learns(tmp_path: Path) -> None:
@@ -117,8 +119,9 @@ def test_demo_command_runs_a_federation_over_tls_that_learns(tmp_path: Path) -> 
     from mlflow import MlflowClient
 
     from medfed.tracking.info import read_tracking_info
+    from medfed.workspace import run_paths
 
-    info = read_tracking_info(run_dir=root / "workspace/runs/demo")
+    info = read_tracking_info(paths=run_paths(root / "workspace", "demo"))
     assert info is not None and f"MLflow run {info.parent_run_id}" in done.stdout
     assert info.tracking_uri == f"sqlite:///{root.absolute() / 'workspace' / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=info.tracking_uri)
@@ -148,7 +151,7 @@ def test_a_killed_site_is_left_out_and_too_few_sites_end_the_run_cleanly(
             if event["event"] == "round_started" and event["round"] == 2:
                 _kill(nodes["site-b"])
         # After its last event the ServerApp logs to MLflow and ends its runs: let it.
-        wait_for_run(flwr_home=flwr_home(setup.workspace), run_id=run_id, timeout_s=180)
+        wait_for_run(flwr_home=setup.workspace.layout.flwr_home, run_id=run_id, timeout_s=180)
 
     assert _mlflow_statuses(setup) == {"KILLED"}  # run_stopped: ended early, cleanly
     done = [e for e in seen if e["event"] == "round_done"]
@@ -177,11 +180,11 @@ def test_aggregator_restart_resumes_without_gap_or_double_spend(tmp_path: Path) 
                 break
 
         group.add(start_aggregator(workspace=setup.workspace).process)
-        wait_for_nodes(flwr_home=flwr_home(setup.workspace), count=2, timeout_s=120)
+        wait_for_nodes(flwr_home=setup.workspace.layout.flwr_home, count=2, timeout_s=120)
         resumed = setup.settings.model_copy(update={"resume": True})
         run_id = submit(workspace=setup.workspace, settings=resumed)
         events = list(_events(setup, run_id))
-        wait_for_run(flwr_home=flwr_home(setup.workspace), run_id=run_id, timeout_s=180)
+        wait_for_run(flwr_home=setup.workspace.layout.flwr_home, run_id=run_id, timeout_s=180)
 
     # The resumed ServerApp reopened the MLflow runs of the first attempt (no new ones).
     assert _mlflow_statuses(setup, runs=3) == {"FINISHED"}

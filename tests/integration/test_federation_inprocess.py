@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message
 
+from medfed.api.demo import DemoSetup, prepare_federation
 from medfed.config import load_site_config
 from medfed.config.loading import dump_site_config
-from medfed.demo import DemoSetup, prepare_federation
 from medfed.privacy import DPSteps, SiteLedger, compute_epsilon, plan_sampling
+from medfed.run_events import RoundDone, RunEvent
 from medfed.site.clientapp import app as medfed_client_app
 from medfed.transport.inprocess import run_in_process
 
@@ -205,8 +206,8 @@ def test_resume_continues_from_the_last_round_without_spending_twice(tmp_path: P
     class Stopped(Exception):
         """The aggregator stops after round 1 (its process was killed, say)."""
 
-    def stop_after_round_one(event: dict[str, Any]) -> None:
-        if event["event"] == "round_done" and event["round"] == 1:
+    def stop_after_round_one(event: RunEvent) -> None:
+        if isinstance(event, RoundDone) and event.round == 1:
             raise Stopped
 
     with pytest.raises(Stopped):

@@ -22,12 +22,12 @@ from site_support import round_request
 
 from medfed.config import SiteConfig, load_site_config
 from medfed.config.loading import dump_site_config
+from medfed.envelope import RoundRequest, reply_content
 from medfed.errors import DataError, LedgerError, PolicyError, PrivacyUnitError
 from medfed.privacy import ReleaseEntry, ReserveEntry, SiteLedger, compute_epsilon
-from medfed.privacy.events import parse_entry
+from medfed.privacy.entry_format import parse_entry
 from medfed.site import release
 from medfed.site.federated import evaluate_round, train_round
-from medfed.transport.envelope import RoundRequest, reply_content
 
 pytestmark = pytest.mark.slow
 
@@ -422,7 +422,7 @@ def test_refusals_carry_no_patient_ids_or_paths(tmp_path: Path) -> None:
 def test_every_reply_path_goes_through_the_release_policy(tmp_path: Path) -> None:
     """Train, evaluate, initialise, decline and fail: nothing in any reply but the weights,
     the site's id and round, and signed ledger lines whose every number has a mechanism."""
-    from medfed.demo import prepare_federation
+    from medfed.api.demo import prepare_federation
     from medfed.site.clientapp import app
     from medfed.transport.inprocess import run_in_process
 

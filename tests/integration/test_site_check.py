@@ -16,9 +16,9 @@ import pytest
 import yaml
 from site_support import no_gpu, write_dataset
 
-from medfed.privacy.storage import replace_file
 from medfed.site.onboarding import init_site
 from medfed.site.preflight import PREFLIGHT_FAILED_EXIT_CODE, run_preflight
+from medfed.storage import replace_file
 from medfed.transport import certs
 from medfed.transport.deploy import register_sites, start_superlink
 from medfed.transport.flwr_cli import list_nodes

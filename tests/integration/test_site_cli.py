@@ -9,6 +9,8 @@ from subprocess import CompletedProcess
 
 import pytest
 
+from medfed.errors import BudgetExceededError
+
 pytestmark = pytest.mark.slow
 
 RunMedfed = Callable[..., CompletedProcess[str]]
@@ -50,7 +52,7 @@ def test_synth_check_train_and_ledger(tmp_path: Path, run_medfed: RunMedfed) -> 
     # The same run again would pass the cap: one line, non-zero, nothing spent.
     before = (tmp_path / "site" / ".medfed" / "ledger.jsonl").read_bytes()
     again = run_medfed("site", "train", "--config", "site/site.yaml", cwd=tmp_path)
-    assert again.returncode == 5
+    assert again.returncode == BudgetExceededError.exit_code == 16
     assert again.stderr.strip().startswith("error[budget-exceeded]:")
     assert len(again.stderr.strip().splitlines()) == 1 and "Traceback" not in again.stderr
     assert (tmp_path / "site" / ".medfed" / "ledger.jsonl").read_bytes() == before

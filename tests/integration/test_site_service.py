@@ -20,15 +20,15 @@ from typing import Any
 
 import pytest
 
+from medfed.api.demo import DemoSetup, prepare_federation
 from medfed.config import load_site_config
-from medfed.demo import DemoSetup, prepare_federation
 from medfed.models.checkpoint import read_weights
 from medfed.privacy import SiteLedger
 from medfed.site.node_status import read_status
 from medfed.transport.deploy import start_supernode
 from medfed.transport.flwr_cli import wait_for_nodes, wait_for_run
 from medfed.transport.processes import ProcessGroup, descendant_groups, free_port, group_alive
-from medfed.transport.runner import flwr_home, follow, start_aggregator, submit
+from medfed.transport.runner import follow, start_aggregator, submit
 
 pytestmark = pytest.mark.slow
 
@@ -86,14 +86,14 @@ def _wait_for_reservation(ledger: Path, round_index: int, timeout_s: float) -> N
 
 
 def _events(setup: DemoSetup, run_id: int) -> list[dict[str, Any]]:
-    return list(
-        follow(
-            workspace=setup.workspace,
-            run_name=setup.settings.run_name,
-            run_id=run_id,
-            timeout_s=240,
-        )
+    """The run's events, each as its line in the events file."""
+    followed = follow(
+        workspace=setup.workspace,
+        run_name=setup.settings.run_name,
+        run_id=run_id,
+        timeout_s=240,
     )
+    return [event.to_json() for event in followed]
 
 
 def test_sigterm_mid_round_keeps_the_ledger_whole_and_a_restarted_node_resumes_the_run(
@@ -113,7 +113,7 @@ def test_sigterm_mid_round_keeps_the_ledger_whole_and_a_restarted_node_resumes_t
     config = load_site_config(setup.site_configs[SERVICE_SITE])
     logs = tmp_path / "logs"
     logs.mkdir()
-    home = flwr_home(setup.workspace)
+    home = setup.workspace.layout.flwr_home
     with ProcessGroup() as group:
         group.add(start_aggregator(workspace=setup.workspace).process)
         group.add(

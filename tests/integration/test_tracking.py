@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from medfed.demo import prepare_federation
+from medfed.api.demo import prepare_federation
 from medfed.tracking import default_tracking_uri
-from medfed.tracking.buffer import PENDING_FILE
 from medfed.tracking.info import read_tracking_info
 from medfed.transport.inprocess import run_in_process
 from medfed.transport.processes import free_port
+from medfed.workspace import RunPaths
 
 pytestmark = pytest.mark.slow
 
@@ -100,9 +100,9 @@ def _check_logged_run(setup: Any, uri: str, rounds: int) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["rounds_completed"] == rounds
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    assert not (run_dir / PENDING_FILE).exists()
+    assert not RunPaths(directory=run_dir).mlflow_pending.exists()
 
-    info = read_tracking_info(run_dir=run_dir)
+    info = read_tracking_info(paths=RunPaths(directory=run_dir))
     assert info is not None and info.tracking_uri == uri
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([info.experiment_id])

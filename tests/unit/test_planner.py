@@ -7,7 +7,7 @@ import math
 import pytest
 
 import medfed
-from medfed.demo import planned_noise
+from medfed.api.demo import planned_noise
 from medfed.errors import PrivacyError
 from medfed.privacy import DPSteps, compute_epsilon, plan_sampling
 

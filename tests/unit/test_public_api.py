@@ -12,6 +12,7 @@ import pytest
 import medfed
 from medfed.api.progress import TextProgress, progress_callback
 from medfed.errors import ConfigError, MedfedError
+from medfed.run_events import RoundStarted, RunEvent
 
 PUBLIC = {
     "FederationResults",
@@ -137,8 +138,8 @@ def test_run_federation_needs_settings_and_a_workspace_for_plain_configs(tmp_pat
 def test_progress_prints_one_line_per_event_outside_a_notebook() -> None:
     stream = io.StringIO()
     show = TextProgress(stream=stream)
-    show({"event": "round_started", "round": 1, "sites": ["site-a", "site-b"]})
-    show({"event": "model_saved"})  # an event without a line prints nothing
+    show(RoundStarted(run_name="study", round=1, sites=("site-a", "site-b")))
+    show(RunEvent(run_name="study"))  # an event without a line prints nothing
     assert stream.getvalue() == "round 1: training at site-a, site-b\n"
     assert isinstance(progress_callback(True), TextProgress)
     assert progress_callback(False) is None

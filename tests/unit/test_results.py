@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from event_support import write_event
 
 import medfed
-from medfed.aggregator.run_store import RunStore, run_directory
 from medfed.errors import ConfigError
 from medfed.tracking.info import TrackingInfo, write_tracking_info
+from medfed.workspace import RunPaths, run_paths
 
 SITES = ["site-a", "site-b"]
 
@@ -34,8 +35,11 @@ def _site_update(site: str, round_index: int, dice_before: float, epsilon: float
 
 def _record(workspace: Path, *, run_name: str = "study", resumed: bool = False) -> Path:
     """The events of a two-site, two-round run, written as the round loop writes them."""
-    store = RunStore(directory=run_directory(workspace, run_name))
-    emit = store.event
+    paths = run_paths(workspace, run_name)
+
+    def emit(kind: str, **fields: Any) -> None:
+        write_event(paths.events, kind, **fields)
+
     emit("run_started", run_name=run_name, resume_from=None, rounds=2, sites=SITES, settings={})
     emit("sites_online", run_name=run_name, online=SITES, missing=[])
     emit("round_started", run_name=run_name, round=1, sites=SITES)
@@ -104,7 +108,7 @@ def _record(workspace: Path, *, run_name: str = "study", resumed: bool = False) 
         "rounds_completed": 2,
         "dice_initial": 0.16,
         "dice_final": 0.55,
-        "model": str(store.directory / "global" / "round-0002"),
+        "model": str(paths.global_model(2)),
         "sites": sites,
         "budgets": {},
     }
@@ -115,13 +119,13 @@ def _record(workspace: Path, *, run_name: str = "study", resumed: bool = False) 
         reason="all rounds done",
         summary=summary,
     )
-    return store.directory
+    return paths.directory
 
 
 def test_history_has_one_row_per_site_and_round_with_the_global_dice(tmp_path: Path) -> None:
     run_dir = _record(tmp_path)
     write_tracking_info(
-        run_dir=run_dir,
+        paths=RunPaths(directory=run_dir),
         info=TrackingInfo(
             tracking_uri="sqlite:////tmp/x/mlflow.db", experiment_id="1", parent_run_id="abc123"
         ),
@@ -172,9 +176,9 @@ def test_a_resumed_round_counts_with_its_last_attempt(tmp_path: Path) -> None:
 
 
 def test_a_run_without_a_last_event_is_still_running(tmp_path: Path) -> None:
-    store = RunStore(directory=run_directory(tmp_path, "live"))
-    store.event("run_started", run_name="live", resume_from=None, rounds=3, sites=SITES)
-    store.event("site_update", run_name="live", **_site_update("site-a", 1, 0.1, 1.0))
+    events = run_paths(tmp_path, "live").events
+    write_event(events, "run_started", run_name="live", resume_from=None, rounds=3, sites=SITES)
+    write_event(events, "site_update", run_name="live", **_site_update("site-a", 1, 0.1, 1.0))
     results = medfed.load_results(workspace=tmp_path, run_name="live")
     assert results.status == "running"
     assert len(results.history) == 1 and math.isnan(results.history["dice"][0])

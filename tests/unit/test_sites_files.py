@@ -35,7 +35,7 @@ def _seconds(value: str) -> float:
 
 
 def test_the_systemd_unit_runs_the_node_unprivileged_and_stops_it_gracefully() -> None:
-    from medfed.cli.federation_cmd import STOP_GRACE_S
+    from medfed.cli.service import STOP_GRACE_S
 
     unit = _unit((SITES / "medfed-site.service").read_text(encoding="utf-8"))
     service = unit["Service"]

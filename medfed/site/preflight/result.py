@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+# Documented in `medfed site check --help`; defined next to the error tree's exit codes, so that
+# none of them can take it.
+from medfed.errors import PREFLIGHT_FAILED_EXIT_CODE as PREFLIGHT_FAILED_EXIT_CODE
+
 Status = Literal["PASS", "WARN", "FAIL"]
 
-# Documented in `medfed site check --help`: distinct from every MedfedError exit code (1-10).
-PREFLIGHT_FAILED_EXIT_CODE = 11
 _ORDER: Mapping[Status, int] = {"PASS": 0, "WARN": 1, "FAIL": 2}
 
 

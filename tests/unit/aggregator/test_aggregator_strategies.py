@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from medfed.aggregator import StrategySettings, aggregate
+from medfed.aggregator import aggregate
 from medfed.aggregator.strategies import (
     FedAdam,
     FedAdamState,
@@ -18,13 +18,14 @@ from medfed.aggregator.strategies import (
     trimmed_count,
     trimmed_mean,
 )
+from medfed.config.strategy import StrategySettings
 from medfed.errors import AggregationError, ConfigError
 from medfed.types import SiteUpdate
 
 
 def update(site: str, num_patients: int = 1, **weights: list[float]) -> SiteUpdate:
     arrays = {name: np.array(values, dtype=np.float32) for name, values in weights.items()}
-    return SiteUpdate(site_id=site, round=1, weights=arrays, num_patients=num_patients, metrics={})
+    return SiteUpdate(site_id=site, round=1, weights=arrays, num_patients=num_patients)
 
 
 def scalar_updates(values: list[float]) -> list[SiteUpdate]:

@@ -34,7 +34,6 @@ def make(
         round=round_,
         weights={name: array for name, array in weights.items() if array is not None},
         num_patients=num_patients,
-        metrics={"loss": 0.5},
     )
 
 
@@ -162,14 +161,10 @@ def test_check_aggregatable_refuses_empty_and_mismatched() -> None:
 
 def test_site_update_holds_read_only_copies() -> None:
     source = np.zeros(2, dtype=np.float32)
-    update = SiteUpdate(
-        site_id="a", round=1, weights={"w": source}, num_patients=1, metrics={"loss": 1.0}
-    )
+    update = SiteUpdate(site_id="a", round=1, weights={"w": source}, num_patients=1)
     source[0] = 5.0  # the caller's array stays writable and is not shared
     assert update.weights["w"][0] == 0.0
     with pytest.raises(ValueError, match="read-only"):
         update.weights["w"][0] = 1.0
     with pytest.raises(TypeError):
         update.weights["v"] = source  # type: ignore[index]
-    with pytest.raises(TypeError):
-        update.metrics["loss"] = 2.0  # type: ignore[index]

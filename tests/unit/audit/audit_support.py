@@ -15,7 +15,8 @@ from typing import Any
 
 from medfed.aggregator.budget import BudgetTracker
 from medfed.privacy import BudgetCap, PrivacyTerms, Release, RoundPlan, SiteLedger
-from medfed.transport.provision import Workspace, load_workspace, provision_workspace
+from medfed.transport.provision import provision_workspace
+from medfed.workspace import Workspace, load_workspace
 
 SITES = ("site-a", "site-b")
 DELTA = 1e-5

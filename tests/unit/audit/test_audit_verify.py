@@ -26,7 +26,7 @@ from medfed.audit import AuditResult, Finding, verify_workspace
 from medfed.errors import ConfigError
 from medfed.privacy import PrivacyTerms, RoundPlan, compute_epsilon, key_id
 from medfed.privacy.events import GENESIS_HASH, canonical_json, line_hash, sign
-from medfed.privacy.ledger import write_head
+from medfed.privacy.ledger_head import write_head
 
 
 def _verify(federation: Federation, **kwargs: object) -> AuditResult:

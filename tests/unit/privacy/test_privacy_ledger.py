@@ -73,7 +73,7 @@ def test_empty_ledger_is_valid_and_spends_nothing(ledger: SiteLedger) -> None:
 def test_reserve_commit_round_trip(ledger: SiteLedger) -> None:
     first = ledger.reserve(plan=_plan(run_id="état-1"), terms=TERMS)
     # The first write names the terms: seq 0 is the terms entry.
-    assert (first.seq, first.steps, first.epsilon_before) == (1, 100, 0.0)
+    assert (first.seq, first.plan.steps, first.epsilon_before) == (1, 100, 0.0)
     assert first.epsilon_after == pytest.approx(_epsilon(100), rel=1e-12)
     ledger.commit(first, steps=60)
     second = ledger.reserve(plan=_plan(round=1, noise_multiplier=1.5), terms=TERMS)
@@ -268,7 +268,7 @@ def test_a_format_one_ledger_is_read_and_continued(tmp_path: Path) -> None:
     from medfed.privacy import load_or_create_signing_key
     from medfed.privacy.events import GENESIS_HASH, canonical_json, line_hash, sign
     from medfed.privacy.keys import key_id
-    from medfed.privacy.ledger import write_head
+    from medfed.privacy.ledger_head import write_head
 
     key_path = tmp_path / "keys" / "site.pem"
     key = load_or_create_signing_key(key_path)

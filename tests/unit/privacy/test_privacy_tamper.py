@@ -20,7 +20,7 @@ from medfed.privacy import (
     load_or_create_signing_key,
 )
 from medfed.privacy.events import GENESIS_HASH, canonical_json, line_hash, sign
-from medfed.privacy.ledger import write_head
+from medfed.privacy.ledger_head import write_head
 
 TERMS = PrivacyTerms(accountant="rdp", delta=1e-5, epsilon_cap=50.0)
 

@@ -11,19 +11,18 @@ from pathlib import Path
 
 import pytest
 
+from medfed import app_bundle
+from medfed.app_bundle import build_fab, medfed_app, medfed_app_directory, read_fab
 from medfed.config.site import SiteConfig
-from medfed.errors import TransportError
+from medfed.errors import AppRefusedError, TransportError
 from medfed.site import app_guard
 from medfed.site.app_guard import (
-    AppRefusedError,
     allowed_from_env,
     check_bundle,
     check_flower_internals,
     check_installed,
     write_guard,
 )
-from medfed.transport import app_bundle
-from medfed.transport.app_bundle import build_fab, medfed_app, medfed_app_directory, read_fab
 from medfed.transport.deploy import app_guard_env
 
 ECHO_APP = Path(__file__).parents[2] / "integration" / "flower_echo_app"

@@ -15,7 +15,8 @@ from medfed.config import load_site_config
 from medfed.config.site import PolicySection, PrivacySection, ReleaseSection, SiteConfig
 from medfed.errors import ConfigError, DataError
 from medfed.site.onboarding import init_site, read_kit
-from medfed.transport.provision import Workspace, provision_workspace
+from medfed.transport.provision import provision_workspace
+from medfed.workspace import Workspace
 
 SITE = "hospital-a"
 

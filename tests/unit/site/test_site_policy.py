@@ -11,9 +11,9 @@ from pydantic import ValidationError
 from site_support import policy_site, round_request
 
 from medfed.config.site import MEDFED_APP, PolicySection, SiteConfig
+from medfed.envelope import RoundRequest
 from medfed.errors import ConfigError, PolicyError
 from medfed.site.federated import check_policy, round_config, trainable_parameters
-from medfed.transport.envelope import RoundRequest
 
 SMALL_UNET = {"network": "unet", "channels": [4, 8], "strides": [2]}
 

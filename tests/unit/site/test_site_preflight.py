@@ -28,7 +28,6 @@ from medfed.config import load_site_config
 from medfed.config.site import SiteConfig
 from medfed.privacy.budget import PrivacyTerms
 from medfed.privacy.site_ledger import RoundPlan, SiteLedger
-from medfed.privacy.storage import replace_file
 from medfed.site import preflight
 from medfed.site.onboarding import init_site
 from medfed.site.preflight import (
@@ -46,9 +45,11 @@ from medfed.site.preflight import (
     check_versions,
     run_preflight,
 )
+from medfed.storage import replace_file
 from medfed.transport import certs
 from medfed.transport.processes import free_port
-from medfed.transport.provision import Workspace, provision_workspace
+from medfed.transport.provision import provision_workspace
+from medfed.workspace import Workspace
 
 SITE = "hospital-a"
 NOW = dt.datetime.now(dt.UTC)

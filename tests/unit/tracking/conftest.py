@@ -10,6 +10,7 @@ from tracking_support import ROUNDS, SITES, FakeRun
 
 from medfed.aggregator.run_store import RunStore
 from medfed.config.run import RunSettings
+from medfed.workspace import RunPaths
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +54,7 @@ def fake_run(tmp_path: Path, tiny_checkpoint: Path) -> Callable[..., FakeRun]:
             workspace=workspace,
             run_dir=run_dir,
             settings=settings,
-            store=RunStore(directory=run_dir),
+            store=RunStore(paths=RunPaths(directory=run_dir)),
             checkpoint=tiny_checkpoint,
         )
 

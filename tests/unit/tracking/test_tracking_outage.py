@@ -12,9 +12,9 @@ from mlflow import MlflowClient
 from tracking_support import ROUNDS, SITES, FakeRun
 
 from medfed.tracking import default_tracking_uri
-from medfed.tracking.buffer import PENDING_FILE
 from medfed.tracking.info import read_tracking_info
 from medfed.tracking.tracker import FederationTracker
+from medfed.workspace import RunPaths
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def silent_server() -> Iterator[str]:
 
 
 def _pending(run: FakeRun) -> list[dict[str, object]]:
-    lines = (run.run_dir / PENDING_FILE).read_text().splitlines()
+    lines = RunPaths(directory=run.run_dir).mlflow_pending.read_text().splitlines()
     return [json.loads(line) for line in lines[1:]]
 
 
@@ -53,9 +53,7 @@ def test_a_dead_server_costs_nothing_and_the_run_waits_on_disk(
 ) -> None:
     run = fake_run()
     down = f"http://127.0.0.1:{_closed_port()}"
-    tracker = FederationTracker(
-        tracking_uri=down, run_dir=run.run_dir, workspace_root=run.workspace, timeout_s=1.0
-    )
+    tracker = FederationTracker(tracking_uri=down, run_dir=run.run_dir, timeout_s=1.0)
     took = _feed(tracker, run)
     started = time.monotonic()
     tracker.close()
@@ -64,7 +62,7 @@ def test_a_dead_server_costs_nothing_and_the_run_waits_on_disk(
     assert max(took) < 2.5 and sum(took) < 5.0
 
     assert tracker.pending > 0
-    assert read_tracking_info(run_dir=run.run_dir) is None  # no run exists yet
+    assert read_tracking_info(paths=RunPaths(directory=run.run_dir)) is None  # no run exists yet
     ops = _pending(run)
     assert [op["op"] for op in ops if op["op"] in ("create", "model")] == ["create"] * 3 + ["model"]
     spent = [
@@ -80,10 +78,10 @@ def test_a_dead_server_costs_nothing_and_the_run_waits_on_disk(
 
     # Once a store answers, the next tracker of this run directory sends everything.
     uri = default_tracking_uri(workspace_root=run.workspace)
-    later = FederationTracker(tracking_uri=uri, run_dir=run.run_dir, workspace_root=run.workspace)
+    later = FederationTracker(tracking_uri=uri, run_dir=run.run_dir)
     later.close()
-    assert later.pending == 0 and not (run.run_dir / PENDING_FILE).exists()
-    info = read_tracking_info(run_dir=run.run_dir)
+    assert later.pending == 0 and not RunPaths(directory=run.run_dir).mlflow_pending.exists()
+    info = read_tracking_info(paths=RunPaths(directory=run.run_dir))
     assert info is not None and info.tracking_uri == uri
     client = MlflowClient(tracking_uri=uri)
     parent = client.get_run(info.parent_run_id)
@@ -105,7 +103,6 @@ def test_a_hung_server_costs_one_short_timeout_then_waits(
     tracker = FederationTracker(
         tracking_uri=silent_server,
         run_dir=run.run_dir,
-        workspace_root=run.workspace,
         timeout_s=1.0,
     )
     took = _feed(tracker, run)
@@ -117,5 +114,5 @@ def test_a_hung_server_costs_one_short_timeout_then_waits(
     assert sum(took) < 6.0, took
     assert sorted(took)[-4] < 0.5, took
     assert closing < 3.0
-    assert tracker.pending > 0 and (run.run_dir / PENDING_FILE).is_file()
+    assert tracker.pending > 0 and RunPaths(directory=run.run_dir).mlflow_pending.is_file()
     assert any(op["op"] == "terminate" for op in _pending(run))

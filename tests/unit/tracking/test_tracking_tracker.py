@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -11,9 +12,12 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from tracking_support import CAPS, ROUNDS, SITES, FakeRun
 
+from medfed.run_events import RoundDone
 from medfed.tracking import default_tracking_uri, prepare_store
 from medfed.tracking.info import read_tracking_info
-from medfed.tracking.tracker import MAX_PARAM_LENGTH, MAX_PARAMS_PER_BATCH, FederationTracker
+from medfed.tracking.operations import MAX_PARAM_LENGTH, MAX_PARAMS_PER_BATCH
+from medfed.tracking.tracker import FederationTracker
+from medfed.workspace import RunPaths
 
 pytestmark = pytest.mark.slow
 
@@ -21,9 +25,7 @@ pytestmark = pytest.mark.slow
 def _track(run: FakeRun, *, last: str = "run_finished", close: bool = True) -> FederationTracker:
     uri = default_tracking_uri(workspace_root=run.workspace)
     prepare_store(uri=uri)
-    tracker = FederationTracker(
-        tracking_uri=uri, run_dir=run.run_dir, workspace_root=run.workspace, timeout_s=2.0
-    )
+    tracker = FederationTracker(tracking_uri=uri, run_dir=run.run_dir, timeout_s=2.0)
     for event in run.events(last=last):
         tracker.on_event(event)
     if close:
@@ -49,7 +51,7 @@ def test_a_run_becomes_a_parent_run_with_one_child_per_site(
     run = fake_run()
     tracker = _track(run)
     assert tracker.pending == 0
-    info = read_tracking_info(run_dir=run.run_dir)
+    info = read_tracking_info(paths=RunPaths(directory=run.run_dir))
     assert info is not None and info.tracking_uri == tracker.tracking_uri
     assert info.tracking_uri == f"sqlite:///{run.workspace / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=info.tracking_uri)
@@ -151,13 +153,13 @@ def test_a_failed_run_ends_failed_and_a_stopped_one_killed(
     _track(failed, last="run_failed")
     _track(stopped, last="run_stopped")
     for run, status in ((failed, "FAILED"), (stopped, "KILLED")):
-        info = read_tracking_info(run_dir=run.run_dir)
+        info = read_tracking_info(paths=RunPaths(directory=run.run_dir))
         assert info is not None
         client = MlflowClient(tracking_uri=info.tracking_uri)
         parent = client.get_run(info.parent_run_id)
         assert parent.info.status == status
         assert {c.info.status for c in _children(client, parent).values()} == {status}
-    info = read_tracking_info(run_dir=failed.run_dir)
+    info = read_tracking_info(paths=RunPaths(directory=failed.run_dir))
     assert info is not None
     client = MlflowClient(tracking_uri=info.tracking_uri)
     assert client.get_run(info.parent_run_id).data.tags["medfed.reason"] == "something broke"
@@ -172,15 +174,15 @@ def test_closing_without_a_last_event_ends_every_run_failed(
 ) -> None:
     run = fake_run()
     uri = default_tracking_uri(workspace_root=run.workspace)
-    tracker = FederationTracker(tracking_uri=uri, run_dir=run.run_dir, workspace_root=run.workspace)
+    tracker = FederationTracker(tracking_uri=uri, run_dir=run.run_dir)
     for event in run.events():
-        if event["event"] == "evaluation":
+        if event.kind == "evaluation":
             break
         tracker.on_event(event)
     tracker.close()
     tracker.close()  # twice is harmless
-    tracker.on_event({"event": "round_done", "round": 9})  # after close: ignored
-    info = read_tracking_info(run_dir=run.run_dir)
+    tracker.on_event(RoundDone(run_name="trial", round=9))  # after close: ignored
+    info = read_tracking_info(paths=RunPaths(directory=run.run_dir))
     assert info is not None
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([info.experiment_id])
@@ -193,25 +195,25 @@ def test_a_resumed_run_reopens_its_runs_and_continues_their_metrics(
 ) -> None:
     run = fake_run()
     uri = default_tracking_uri(workspace_root=run.workspace)
-    first = FederationTracker(tracking_uri=uri, run_dir=run.run_dir, workspace_root=run.workspace)
+    first = FederationTracker(tracking_uri=uri, run_dir=run.run_dir)
     for event in run.events():
         first.on_event(event)
-        if event["event"] == "round_done":
+        if event.kind == "round_done":
             break  # the aggregator dies after round 1 ...
     first.close()
-    before = read_tracking_info(run_dir=run.run_dir)
+    before = read_tracking_info(paths=RunPaths(directory=run.run_dir))
     assert before is not None
 
-    second = FederationTracker(tracking_uri=uri, run_dir=run.run_dir, workspace_root=run.workspace)
+    second = FederationTracker(tracking_uri=uri, run_dir=run.run_dir)
     for event in run.events():
-        if event["event"] == "run_started":
-            event = {**event, "resume_from": 1}
-        elif event.get("round") == 1:
+        if event.kind == "run_started":
+            event = dataclasses.replace(event, resume_from=1)
+        elif getattr(event, "round", None) == 1:
             continue  # ... and the resumed run starts at round 2
         second.on_event(event)
     second.close()
 
-    after = read_tracking_info(run_dir=run.run_dir)
+    after = read_tracking_info(paths=RunPaths(directory=run.run_dir))
     assert after == before
     client = MlflowClient(tracking_uri=uri)
     parent = client.get_run(after.parent_run_id)
@@ -236,14 +238,14 @@ def test_a_privacy_alert_is_a_tag_on_the_run_and_the_sites_child(
     run = fake_run()
     uri = default_tracking_uri(workspace_root=run.workspace)
     prepare_store(uri=uri)
-    tracker = FederationTracker(tracking_uri=uri, run_dir=run.run_dir, workspace_root=run.workspace)
+    tracker = FederationTracker(tracking_uri=uri, run_dir=run.run_dir)
     alert = "site site-b raised its cap: terms changed at seq 6: cap 6 ... -> cap 9 ..."
     for event in run.events():
         tracker.on_event(event)
-        if event["event"] == "round_started":
+        if event.kind == "round_started":
             tracker.on_event(run.emit("privacy_alert", site="site-b", round=1, alert=alert))
     tracker.close()
-    info = read_tracking_info(run_dir=run.run_dir)
+    info = read_tracking_info(paths=RunPaths(directory=run.run_dir))
     assert info is not None
     client = MlflowClient(tracking_uri=uri)
     parent = client.get_run(info.parent_run_id)

@@ -1,4 +1,5 @@
-"""A synthetic federation run: the events `run_federation` emits, as it writes them."""
+"""A synthetic federation run: the events `run_federation` emits and the files its finish step
+leaves, as it writes them."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from event_support import write_event
+
+from medfed.aggregator.finish import write_report
 from medfed.aggregator.run_store import RunStore
 from medfed.config.run import RunSettings
+from medfed.run_events import RunEvent
+from medfed.workspace import WorkspaceLayout
 
 SITES = ("site-a", "site-b")
 CAPS = {"site-a": 8.0, "site-b": 6.0}
@@ -25,13 +31,24 @@ class FakeRun:
     store: RunStore
     checkpoint: Path
 
-    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
-        return self.store.event(kind, run_name=self.settings.run_name, **fields)
+    def emit(self, kind: str, **fields: Any) -> RunEvent:
+        return write_event(self.store.paths.events, kind, run_name=self.settings.run_name, **fields)
+
+    def finish(self, *, summary: dict[str, Any] | None) -> None:
+        """What the aggregator's finish step writes before the last event."""
+        if summary is not None:
+            self.store.write_summary(summary)
+        write_report(
+            layout=WorkspaceLayout(root=self.workspace),
+            run_name=self.settings.run_name,
+            sites=SITES,
+            budget_state=self.summary()["budgets"],
+        )
 
     def epsilon(self, site: str, round_index: int) -> float:
         return (0.9 if site == "site-a" else 1.3) * round_index
 
-    def events(self, *, last: str = "run_finished") -> Iterator[dict[str, Any]]:
+    def events(self, *, last: str = "run_finished") -> Iterator[RunEvent]:
         """run_started .. ``last``: two rounds of two sites, then the final evaluation."""
         yield self.emit(
             "run_started",
@@ -82,16 +99,13 @@ class FakeRun:
                 epsilon={s: self.epsilon(s, round_index) for s in SITES},
             )
         if last == "run_failed":
+            self.finish(summary=None)
             yield self.emit("run_failed", reason="something broke")
             return
         yield self.emit("site_timeout", site="site-b", round=ROUNDS + 1, message_type="evaluate")
         yield self.emit("evaluation", round=ROUNDS, dice=0.42, sites={"site-a": 0.42})
-        yield self.emit(
-            last,
-            status="finished" if last == "run_finished" else "stopped",
-            reason="all rounds done",
-            summary=self.summary(),
-        )
+        self.finish(summary=self.summary())
+        yield self.emit(last, reason="all rounds done", summary=self.summary())
 
     def summary(self) -> dict[str, Any]:
         budgets = {

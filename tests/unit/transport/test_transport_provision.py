@@ -25,13 +25,8 @@ from typer.testing import CliRunner
 from medfed.cli.provision_cmd import provision
 from medfed.errors import ConfigError
 from medfed.privacy import key_id, load_or_create_signing_key, load_public_key, public_key_path
-from medfed.transport import (
-    SUPERLINK_PORT,
-    Workspace,
-    check_certificate,
-    load_workspace,
-    provision_workspace,
-)
+from medfed.transport import SUPERLINK_PORT, check_certificate, provision_workspace
+from medfed.workspace import Workspace, load_workspace
 
 SITES = ["hospital-a", "hospital_b", "c.1"]
 

@@ -24,28 +24,16 @@ import io
 import tomllib
 import zipfile
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
-from medfed.errors import ConfigError, MedfedError
+from medfed.errors import AppBundleError, ConfigError, MedfedError
 
 # Flower refuses to build bundles over 10 MB; what they unpack to is bounded here, so that a
 # hostile bundle cannot exhaust memory while it is checked.
 MAX_UNPACKED_BYTES: Final = 64 * 1024 * 1024
 _CONTENT_DIGEST_TAG: Final = b"medfed-fab-content-v1\n"
 _CHUNK: Final = 1024 * 1024
-
-
-class AppBundleError(MedfedError):
-    """A Flower app bundle is unreadable, malformed, or not one this site runs."""
-
-    code = "app-refused"
-    exit_code = 8
-
-    def __str__(self) -> str:
-        # Flower puts str(exception) into the error reply: the aggregator reads the code there.
-        return self.one_line()
 
 
 @dataclass(frozen=True)
@@ -65,7 +53,8 @@ class FabInfo:
 
 def medfed_app_directory() -> Path:
     """The Flower app every medfed run ships (no code: it points at the installed medfed)."""
-    path = Path(str(resources.files("medfed.transport") / "flwr_app"))
+    # medfed.transport's package data, found without importing that package
+    path = Path(__file__).parent / "transport" / "flwr_app"
     if not (path / "pyproject.toml").is_file():
         raise ConfigError(f"{path}: the medfed Flower app is missing", hint="reinstall medfed")
     return path
@@ -152,7 +141,7 @@ def describe_app(path: Path) -> FabInfo:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m medfed.transport.app_bundle [APP_DIR_OR_FAB ...]``: print the digests."""
+    """``python -m medfed.app_bundle [APP_DIR_OR_FAB ...]``: print the digests."""
     import sys
 
     paths = (sys.argv[1:] if argv is None else argv) or [str(medfed_app_directory())]

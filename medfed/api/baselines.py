@@ -92,7 +92,8 @@ def train_centralised(
     import torch
 
     from medfed.models import resolve_device
-    from medfed.site.trainer import build_site_model, make_optimizer
+    from medfed.site.epochs import make_optimizer
+    from medfed.site.trainer import build_site_model
 
     started = time.monotonic()
     if epochs < 1:
@@ -155,7 +156,8 @@ def train_federated_nonprivate(
     from medfed.aggregator.strategies import FedAdamState, aggregate
     from medfed.models import build_model, resolve_device, spec_from_config
     from medfed.models.checkpoint import model_weights
-    from medfed.site.trainer import build_site_model, make_optimizer
+    from medfed.site.epochs import make_optimizer
+    from medfed.site.trainer import build_site_model
     from medfed.types import SiteUpdate
 
     started = time.monotonic()
@@ -210,7 +212,6 @@ def train_federated_nonprivate(
                     round=round_index,
                     weights=model_weights(model),
                     num_patients=len(train),
-                    metrics={"loss": loss},
                 )
             )
         result = aggregate(
@@ -289,7 +290,7 @@ def _train_batches(
     import warnings
 
     from medfed.site.dp import segmentation_loss
-    from medfed.site.trainer import collate_patients
+    from medfed.site.epochs import collate_patients
 
     loss_fn = segmentation_loss(onehot_targets=False)
     model.train()

@@ -1,7 +1,8 @@
-"""Durable file operations for the ledger: locking, appending one line, replacing the head.
+"""Durable file operations: locking, appending one line, replacing a file whole, private dirs.
 
-Every write is fsynced (and the directory too when a name changes) so that what a site
-reports after a crash is what is on disk.
+Every write is fsynced (and the directory too when a name changes), so that what a process
+reports after a crash is what is on disk. The ledgers, run stores, tracking outbox, keys and
+node status all write through here.
 """
 
 from __future__ import annotations
@@ -16,32 +17,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from medfed.errors import LedgerError
+from medfed.errors import StorageError
 
 
-def head_path(ledger_path: Path) -> Path:
-    """The signed head file kept next to a ledger: ``<ledger>.head``."""
-    return ledger_path.with_name(ledger_path.name + ".head")
-
-
-def lock_path(ledger_path: Path) -> Path:
-    """The lock file that serialises appends to a ledger: ``<ledger>.lock``."""
-    return ledger_path.with_name(ledger_path.name + ".lock")
+def lock_path(path: Path) -> Path:
+    """The lock file that serialises writers of ``path``: ``<path>.lock``."""
+    return path.with_name(path.name + ".lock")
 
 
 @contextlib.contextmanager
-def locked(ledger_path: Path, *, exclusive: bool) -> Iterator[None]:
-    """Hold ``flock`` on the ledger's lock file (exclusive to append, shared to read).
+def locked(path: Path, *, exclusive: bool) -> Iterator[None]:
+    """Hold ``flock`` on ``path``'s lock file (exclusive to write, shared to read).
 
     A reader that may not create the lock file (a read-only copy) reads without it.
     """
     try:
-        fd = os.open(lock_path(ledger_path), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError:
         if exclusive:
-            raise LedgerError(
-                f"{lock_path(ledger_path)}: cannot create the ledger lock file",
-                hint="run as the user that owns the site's work directory",
+            raise StorageError(
+                f"{lock_path(path)}: cannot create the lock file",
+                hint="run as the user that owns the work directory",
             ) from None
         yield
         return
@@ -59,7 +55,7 @@ def read_bytes(path: Path) -> bytes:
     except FileNotFoundError:
         return b""
     except OSError as exc:
-        raise LedgerError(f"{path}: cannot read ({exc.strerror})") from None
+        raise StorageError(f"{path}: cannot read ({exc.strerror})") from None
 
 
 def read_json_object(path: Path) -> dict[str, Any] | None:
@@ -72,37 +68,34 @@ def read_json_object(path: Path) -> dict[str, Any] | None:
     except (UnicodeDecodeError, json.JSONDecodeError):
         obj = None
     if not isinstance(obj, dict):
-        raise LedgerError(
-            f"{path}: not a valid JSON object",
-            hint="restore the ledger and its .head file from the site's backup",
-        )
+        raise StorageError(f"{path}: not a valid JSON object", hint="restore it from backup")
     return obj
 
 
 def append_line(path: Path, line: bytes) -> None:
     """Append ``line`` and a newline in one ``write`` on an O_APPEND descriptor, then fsync."""
     if b"\n" in line:
-        raise ValueError("a ledger line cannot contain a newline")
+        raise StorageError(f"{path}: a line to append holds a newline")
     created = not path.exists()
     record = line + b"\n"
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise LedgerError(f"{path}: cannot open for appending ({exc.strerror})") from None
+        raise StorageError(f"{path}: cannot open for appending ({exc.strerror})") from None
     try:
         written = os.write(fd, record)
         os.fsync(fd)
     except OSError as exc:
-        raise LedgerError(
+        raise StorageError(
             f"{path}: append failed ({exc.strerror}); the last line may be incomplete",
-            hint="free disk space, then restore the ledger from the site's backup",
+            hint="free disk space, then restore the file from backup",
         ) from None
     finally:
         os.close(fd)
     if written != len(record):
-        raise LedgerError(
+        raise StorageError(
             f"{path}: only {written} of {len(record)} bytes were appended",
-            hint="free disk space, then restore the ledger from the site's backup",
+            hint="free disk space, then restore the file from backup",
         )
     if created:
         fsync_dir(path.parent)

@@ -9,10 +9,8 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, RecordDict
 
 from medfed.config.run import RunSettings, parse_run_settings
-from medfed.errors import BudgetExceededError, ConfigError, PolicyError
-from medfed.transport.envelope import (
+from medfed.envelope import (
     DECLINE_CODES,
-    EnvelopeError,
     RoundReply,
     RoundRequest,
     decline_error,
@@ -22,6 +20,7 @@ from medfed.transport.envelope import (
     reply_content,
     request_content,
 )
+from medfed.errors import BudgetExceededError, ConfigError, EnvelopeError, PolicyError
 
 WEIGHTS = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.float32)}
 
@@ -125,9 +124,13 @@ def test_flower_errors_keep_the_last_line_of_their_traceback() -> None:
     assert decline.code == "flower-2" and decline.reason == "ValueError: boom"
 
 
-def test_an_error_raised_outside_the_handlers_keeps_its_medfed_code() -> None:
+@pytest.mark.parametrize(
+    "where",
+    ["medfed.errors", "medfed.site.app_guard"],  # the class's module now, and at older sites
+)
+def test_an_error_raised_outside_the_handlers_keeps_its_medfed_code(where: str) -> None:
     # flwr-clientapp's wording of an exception raised before the app ran (the app guard).
-    reason = "<class 'medfed.site.app_guard.AppRefusedError'>:<'error[app-refused]: no'>"
+    reason = f"<class '{where}.AppRefusedError'>:<'error[app-refused]: no'>"
     decline = read_decline(Error(code=2, reason=reason))
     assert decline.code == "app-refused" and decline.reason == "error[app-refused]: no"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from medfed.config.run import RunSettings
 from medfed.config.site import ModelSection
 from medfed.errors import ConfigError, TransportError
-from medfed.transport.provision import Workspace
+from medfed.run_events import EventCallback, RunEnded, RunEvent, RunFailed
+from medfed.workspace import Workspace
 
 if TYPE_CHECKING:
     from medfed.api.sites import SyntheticSites
@@ -142,9 +143,8 @@ def start_site_nodes(
     from medfed.config import load_site_config
     from medfed.transport.deploy import start_supernode
     from medfed.transport.flwr_cli import wait_for_nodes
-    from medfed.transport.runner import flwr_home, logs_dir
 
-    logs = logs_dir(setup.workspace)
+    logs = setup.workspace.layout.logs
     nodes = {
         site: group.add(
             start_supernode(
@@ -156,7 +156,7 @@ def start_site_nodes(
         for site, path in sorted(setup.site_configs.items())
     }
     wait_for_nodes(
-        flwr_home=flwr_home(setup.workspace),
+        flwr_home=setup.workspace.layout.flwr_home,
         count=len(nodes),
         timeout_s=120.0,
         watch=list(nodes.values()),
@@ -167,7 +167,7 @@ def start_site_nodes(
 def run_deployed(
     *,
     setup: DemoSetup,
-    on_event: Callable[[dict[str, Any]], None] | None = None,
+    on_event: EventCallback | None = None,
     timeout_s: float = 1800.0,
     tracking_uri: str | None = None,
 ) -> dict[str, Any]:
@@ -180,7 +180,7 @@ def run_deployed(
     """
     from medfed.transport.flwr_cli import wait_for_run
     from medfed.transport.processes import ProcessGroup
-    from medfed.transport.runner import flwr_home, follow, start_aggregator, submit
+    from medfed.transport.runner import follow, start_aggregator, submit
 
     workspace = setup.workspace
     with ProcessGroup(handle_signals=True) as group:
@@ -197,7 +197,7 @@ def run_deployed(
                         hint=f"see {process.log_file}: {process.log_tail(3)}",
                     )
 
-        last: dict[str, Any] = {}
+        last: RunEvent | None = None
         for event in follow(
             workspace=workspace,
             run_name=setup.settings.run_name,
@@ -212,12 +212,11 @@ def run_deployed(
             # After its last event the ServerApp still logs artifacts and the model to MLflow
             # and ends the MLflow runs: let it return before the processes are stopped.
             try:
-                wait_for_run(flwr_home=flwr_home(workspace), run_id=run_id, timeout_s=180.0)
+                wait_for_run(flwr_home=workspace.layout.flwr_home, run_id=run_id, timeout_s=180.0)
             except TransportError as exc:
                 log.warning("the ServerApp did not end in time (%s); MLflow may be incomplete", exc)
-    if last.get("event") == "run_failed":
-        raise TransportError(f"the federation failed: {last.get('reason')}")
-    summary = last.get("summary")
-    if not isinstance(summary, dict):
+    if isinstance(last, RunFailed):
+        raise TransportError(f"the federation failed: {last.reason}")
+    if not isinstance(last, RunEnded) or last.summary is None:
         raise TransportError("the federation ended without a summary")
-    return summary
+    return dict(last.summary)

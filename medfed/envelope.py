@@ -19,41 +19,21 @@ from typing import Any, Final
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, RecordDict
 
-from medfed.errors import MedfedError
+from medfed.errors import EnvelopeError, MedfedError, decline_codes
 from medfed.types import freeze_arrays
 
 TRAIN: Final = "train"
 EVALUATE: Final = "evaluate"
 INIT: Final = "query.init"
 
-# Flower error codes of a site's refusal; the reason text is the error's one-line form.
-DECLINE_CODES: Final[Mapping[str, int]] = {
-    "error": 4100,
-    "budget-exceeded": 4101,
-    "policy": 4102,
-    "data": 4103,
-    "config": 4104,
-    "ledger": 4105,
-    "model": 4106,
-    "training": 4107,
-    "privacy-unit": 4108,
-    "privacy": 4109,
-    "device": 4110,
-    "envelope": 4111,
-    "run-settings": 4112,
-}
+# Flower error codes of a site's refusal, one per error class (each class's decline_code); the
+# reason text is the error's one-line form.
+DECLINE_CODES: Final[Mapping[str, int]] = decline_codes()
 _CODE_NAMES = {value: key for key, value in DECLINE_CODES.items()}
 _ONE_LINE = re.compile(r"^error\[([a-z-]+)\]: ")
 # How flwr-clientapp words an exception raised outside the app's handlers (flwr 1.41), e.g. a
 # site's app allow-list refusing the bundle: "<class 'module.Name'>:<'message'>".
 _RAISED = re.compile(r"^<class '[\w.]+'>:<'(.*)'>$", re.DOTALL)
-
-
-class EnvelopeError(MedfedError):
-    """A message lacks a field medfed needs, or a field has the wrong type."""
-
-    code = "envelope"
-    exit_code = 8
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,7 +106,7 @@ class Decline:
 
 def _arrays(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(
-        {name: Array(np.ascontiguousarray(value)) for name, value in weights.items()}
+        {name: Array(np.require(value, requirements="C")) for name, value in weights.items()}
     )
 
 
@@ -296,13 +276,15 @@ def read_init(content: RecordDict) -> InitReply:
 
 def decline_error(error: MedfedError) -> Error:
     """The Flower error a site replies with when it refuses a round."""
-    return Error(
-        code=DECLINE_CODES.get(error.code, DECLINE_CODES["error"]), reason=error.one_line()
-    )
+    return Error(code=error.decline_code, reason=error.one_line())
 
 
 def read_decline(error: Error) -> Decline:
-    """What an error reply means: a medfed refusal, or a failure inside Flower or the app."""
+    """What an error reply means: a medfed refusal, or a failure inside Flower or the app.
+
+    A decline code this version does not know (a site of a newer medfed) is read from the
+    ``error[code]`` the reason starts with.
+    """
     reason = error.reason or ""
     raised = _RAISED.match(reason.strip())
     if raised:
