@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from datetime import UTC, datetime
 from typing import IO, Any, Final, Literal, get_args
@@ -91,6 +92,29 @@ def resolve_log_format(option: str | None) -> LogFormat:
     return check_log_format(option or os.environ.get(LOG_FORMAT_ENV) or "text")
 
 
+_URL_CREDENTIALS = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):[^/\s@]*@")
+_SECRET_QUERY = re.compile(
+    r"(?i)(?P<head>[?&](?:token|access_token|api_key|apikey|key|password|passwd|secret)=)[^&\s]*"
+)
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with the passwords of URLs (``user:***@host``) and secret query values hidden."""
+    text = _URL_CREDENTIALS.sub(lambda m: f"{m['head']}:***@", text)
+    return _SECRET_QUERY.sub(lambda m: f"{m['head']}***", text)
+
+
+class RedactingFilter(logging.Filter):
+    """Hides credentials in every record a handler prints (a tracking URI, say)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_secrets(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
 def configure_logging(
     *, log_format: str, level: int = logging.INFO, stream: IO[str] | None = None
 ) -> logging.Handler:
@@ -102,6 +126,7 @@ def configure_logging(
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter_for(log_format))
     handler.setLevel(level)  # Flower's logger passes DEBUG records on
+    handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)

@@ -22,15 +22,11 @@ def check(
 ) -> None:
     """Read every image and label of the site's manifest and list every problem found."""
     from medfed.config.loading import load_site_config
-    from medfed.data.validate import check_dataset
+    from medfed.data.validate import CheckSettings, check_dataset
 
     site = load_site_config(config)
-    report = check_dataset(
-        manifest=site.data.manifest,
-        classes=site.data.classes,
-        spatial_dims=site.spatial_dims,
-        allow_empty_labels=site.data.allow_empty_labels,
-    )
+    # the checks a site runs before it trains, with the same settings: every file read anew
+    report = check_dataset(manifest=site.data.manifest, settings=CheckSettings.of(site.data))
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -13,7 +13,7 @@ import typer
 
 from medfed.cli.service import LogFormatOption, reporter, rich_console, serve
 from medfed.errors import ConfigError
-from medfed.logs import LOG_FORMAT_ENV, resolve_log_format
+from medfed.logs import LOG_FORMAT_ENV, redact_secrets, resolve_log_format
 from medfed.run_events import RunEvent
 
 aggregator_app = typer.Typer(help="Run the aggregator (Flower SuperLink).", no_args_is_help=True)
@@ -57,7 +57,7 @@ def aggregator_start(
         state = "already registered" if item.already_registered else f"node {item.node_id}"
         say(f"  site {item.site_id}: {state}")
     if aggregator.tracking_uri is not None:
-        say(f"MLflow tracking: {aggregator.tracking_uri}")
+        say(f"MLflow tracking: {redact_secrets(aggregator.tracking_uri)}")
     else:
         say("MLflow tracking: off (MLflow is not installed)")
     say(f"log: {process.log_file}; Ctrl-C stops the aggregator")

@@ -67,6 +67,27 @@ def epsilon(
 
 
 @app.command()
+def witness(
+    config: Annotated[Path, typer.Option("--config", help="The site's site.yaml.")],
+) -> None:
+    """Record the verified ledger's head in the site's head witness (paths.head_witness)."""
+    from medfed.config import load_site_config
+    from medfed.privacy.site_ledger import SiteLedger
+
+    site = load_site_config(config)
+    ledger = SiteLedger(
+        path=site.ledger_path,
+        key_path=site.signing_key_path,
+        site_id=site.site_id,
+        witness=site.paths.head_witness,
+    )
+    # verified against its own head only: this is the step that (re)creates the witness
+    recorded = ledger.record_witness()
+    assert ledger.witness is not None
+    typer.echo(f"recorded the head of {len(recorded.entries)} entries in {ledger.witness.path}")
+
+
+@app.command()
 def ledger(
     config: Annotated[Path, typer.Option("--config", help="The site's site.yaml.")],
     as_json: JsonOption = False,
@@ -79,7 +100,10 @@ def ledger(
 
     site = load_site_config(config)
     report = SiteLedger(
-        path=site.ledger_path, key_path=site.signing_key_path, site_id=site.site_id
+        path=site.ledger_path,
+        key_path=site.signing_key_path,
+        site_id=site.site_id,
+        witness=site.paths.head_witness,
     ).verify()
     # The ledger's own terms once it has them: what the site's spend is kept under.
     terms = report.terms or site.terms

@@ -8,11 +8,11 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import typer
 
-from medfed.errors import ConfigError
+from medfed.errors import ConfigError, MedfedError
 from medfed.logs import LOG_FORMAT_ENV, configure_logging
 
 if TYPE_CHECKING:
@@ -72,16 +72,35 @@ def reporter(log_format: str, logger: str) -> Callable[..., None]:
     return say_text
 
 
-def serve(say: Callable[..., None], process: ManagedProcess, *, what: str, stopping: str) -> str:
+class Watch(Protocol):
+    """Reads a service's log as it runs: says what changed, and why it exited."""
+
+    def tick(self) -> None: ...
+
+    def exit_error(self, code: int | None) -> MedfedError: ...
+
+
+def serve(
+    say: Callable[..., None],
+    process: ManagedProcess,
+    *,
+    what: str,
+    stopping: str,
+    watch: Watch | None = None,
+) -> str:
     """Wait in the foreground until Ctrl-C or SIGTERM (a service manager), then stop it all.
 
     Returns the name of the signal that stopped it. The process ending by itself is an error:
-    a service must be restarted, not left down.
+    a service must be restarted, not left down; ``watch`` names its cause.
     """
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         while process.running():
+            if watch is not None:
+                watch.tick()
             time.sleep(1.0)
+        if watch is not None:
+            raise watch.exit_error(process.poll())
         raise ConfigError(
             f"{what} exited with code {process.poll()}",
             hint=f"see {process.log_file}: {process.log_tail(3)}",

@@ -105,7 +105,10 @@ def init(
     workdir: Annotated[
         Path | None,
         typer.Option(
-            help="Work directory (ledger, logs, cache). Default: medfed-work next to --out."
+            help=(
+                "Work directory (ledger, logs, cache). "
+                "Default: medfed-work-<site id> next to --out."
+            )
         ),
     ] = None,
     epsilon_cap: Annotated[
@@ -247,28 +250,36 @@ def site_start(
     """
     from medfed.config import load_site_config
     from medfed.site.node_status import record_node_start, record_node_stop
-    from medfed.transport.deploy import start_supernode
+    from medfed.site.node_watch import NodeWatch
+    from medfed.transport.deploy import site_transport, start_supernode
 
     chosen = resolve_log_format(log_format)
     say = reporter(chosen, "medfed.site")
     site = load_site_config(config)
     log_file = site.paths.workdir / "logs" / "supernode.log"
+    transport = site_transport(site, config_path=config)
+    watch = NodeWatch(
+        transport=transport,
+        log_file=log_file,
+        say=lambda line: say(f"site {site.site_id}: {line}", site_id=site.site_id),
+    )
     process = start_supernode(
         config_path=config.absolute(),
         site=site,
         log_file=log_file,
         env={LOG_FORMAT_ENV: chosen},
     )
-    assert site.transport is not None  # start_supernode refuses a config without one
     reason = "stopped"
     record_node_start(config=site, pid=os.getpid())
     try:
         say(
-            f"site {site.site_id}: node connecting to {site.transport.superlink_address}; "
+            f"site {site.site_id}: node connecting to {transport.superlink_address}; "
             f"log: {log_file}; Ctrl-C stops it",
             site_id=site.site_id,
         )
-        reason = serve(say, process, what="the SuperNode", stopping="stopping the site node")
+        reason = serve(
+            say, process, what="the SuperNode", stopping="stopping the site node", watch=watch
+        )
     except MedfedError as exc:
         reason = exc.one_line()
         raise

@@ -85,6 +85,7 @@ def resolve_paths(config: SiteConfig, *, base: Path) -> SiteConfig:
             "workdir": _resolve(base, config.paths.workdir),
             "ledger": _resolve(base, config.paths.ledger),
             "signing_key": _resolve(base, config.paths.signing_key),
+            "head_witness": _resolve(base, config.paths.head_witness),
         }
     )
     transport = config.transport

@@ -55,6 +55,19 @@ class DataSection(_Strict):
         default=False,
         description="Accept cases without foreground (negative cases); otherwise an error.",
     )
+    bad_cases: Literal["refuse", "exclude"] = Field(
+        default="refuse",
+        description="A case that fails its check: refuse to train (default), or leave it out.",
+    )
+    strict_geometry: bool = Field(
+        default=False,
+        description="Oblique or non-invertible affines are errors (otherwise warnings).",
+    )
+    max_voxels: int = Field(
+        default=1 << 30,
+        ge=1,
+        description="Largest volume a header may declare; a larger one is refused unread.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -198,6 +211,11 @@ class PathsSection(_Strict):
     ledger: Path | None = Field(default=None, description="Defaults to workdir/ledger.jsonl.")
     signing_key: Path | None = Field(
         default=None, description="Ed25519 key (PEM); defaults to workdir/keys/ledger_ed25519.pem."
+    )
+    head_witness: Path | None = Field(
+        default=None,
+        description="A directory on another volume keeping a copy of the ledger's signed head, "
+        "so that restoring an old ledger directory is detected.",
     )
 
 

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from medfed.config.site import DataSection, SiteConfig
 from medfed.data.manifest import Case, load_manifest, split_cases
+from medfed.data.screen import problems_file, screen_cases
 from medfed.data.transforms import (
     augment_transforms,
     declared_samples,
@@ -235,14 +236,26 @@ class SiteDatasets:
 
 
 def build_datasets(config: SiteConfig, *, disk_cache: bool = True) -> SiteDatasets:
-    """Load the manifest, split it and build both datasets with the site's settings.
+    """Load the manifest, screen its cases, split them and build both datasets.
+
+    A case that fails its check raises :class:`DataError` (or is left out, as the site's
+    ``data.bad_cases`` says; :mod:`medfed.data.screen`).
 
     ``config`` paths must be absolute (as :func:`medfed.config.load_site_config` returns them).
-    The random crops are seeded with ``config.training.seed``; the preprocessed volumes are kept
-    under ``config.cache_dir`` when ``disk_cache`` is true.
+    The random crops are seeded with ``config.training.seed``; the preprocessed volumes and
+    the screen's record are kept under ``config.cache_dir`` and the workdir when ``disk_cache``
+    is true; without it nothing is written at the site.
     """
     cases = load_manifest(config.data.manifest)
     _require_unique_patients(cases)
+    # every case is checked before any is used: a bad one stops here, before the ledger
+    screened = screen_cases(
+        cases,
+        data=config.data,
+        cache_dir=config.cache_dir if disk_cache else None,
+        problems_path=problems_file(config.paths.workdir) if disk_cache else None,
+    )
+    cases = list(screened.cases)
     train_cases, val_cases = split_cases(
         cases, val_fraction=config.data.val_fraction, seed=config.training.seed
     )

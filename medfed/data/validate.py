@@ -2,23 +2,34 @@
 
 Every case is read with nibabel (header and voxel data) one at a time, and every problem is
 recorded instead of stopping at the first: a hospital fixing its export wants the whole list.
+A header is judged before its voxels are read, so a damaged one that declares an absurd volume
+costs nothing. :mod:`medfed.data.screen` runs the same checks before a site trains.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import gzip
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import nibabel as nib
 import numpy as np
 
 from medfed.data.manifest import Case, load_manifest
 
+if TYPE_CHECKING:
+    from medfed.config.site import DataSection
+
 Severity = Literal["error", "warning"]
 
 AFFINE_TOLERANCE = 1e-3
+# Rotation of a voxel axis from the scanner's axes (radians) above which a scan is oblique.
+OBLIQUITY_TOLERANCE = 1e-3
+DEFAULT_MAX_VOXELS = 1 << 30
 _MAX_VALUES_SHOWN = 10
 
 
@@ -86,6 +97,37 @@ class _ContentCheck(Protocol):
 
 
 @dataclass(frozen=True)
+class CheckSettings:
+    """What a case is checked against; :meth:`of` takes it from a site's ``data`` section."""
+
+    classes: tuple[int, ...]
+    spatial_dims: int
+    allow_empty_labels: bool = False
+    strict_geometry: bool = False
+    max_voxels: int = DEFAULT_MAX_VOXELS
+
+    def __post_init__(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+
+    @classmethod
+    def of(cls, data: DataSection) -> CheckSettings:
+        return cls(
+            classes=tuple(data.classes),
+            spatial_dims=len(data.patch_size),
+            allow_empty_labels=data.allow_empty_labels,
+            strict_geometry=data.strict_geometry,
+            max_voxels=data.max_voxels,
+        )
+
+
+class CaseCheck(Protocol):
+    """How :func:`check_dataset` checks one case (:func:`check_case`, or a cache in front)."""
+
+    def __call__(self, case: Case, settings: CheckSettings) -> list[Problem]: ...
+
+
+@dataclass(frozen=True)
 class _Volume:
     spatial_shape: tuple[int, ...]
     affine: np.ndarray[Any, np.dtype[np.float64]]
@@ -95,22 +137,40 @@ def check_dataset(
     *,
     cases: Sequence[Case] | None = None,
     manifest: Path | str | None = None,
-    classes: Sequence[int],
-    spatial_dims: int,
+    classes: Sequence[int] = (),
+    spatial_dims: int = 3,
     allow_empty_labels: bool = False,
+    strict_geometry: bool = False,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    settings: CheckSettings | None = None,
+    check: CaseCheck | None = None,
 ) -> DataReport:
     """Check every case of a dataset (given as ``cases`` or as a ``manifest`` path).
 
-    Finds missing, unreadable and non-NIfTI files, image/label shape and affine mismatches,
-    wrong dimensionality, label values outside ``classes`` or not integer-valued, NaN/Inf image
-    voxels, empty labels (an error, or a warning with ``allow_empty_labels``) and duplicate
-    patient ids. Never raises for a bad case; an unreadable manifest raises
-    :class:`~medfed.errors.DataError` from :func:`load_manifest`.
+    Finds missing, unreadable and non-NIfTI files, headers declaring more than ``max_voxels``
+    voxels (before reading them) or zero, negative or non-finite voxel sizes, image/label shape
+    and affine mismatches, wrong dimensionality, label values outside ``classes`` or not
+    integer-valued, NaN/Inf image voxels, constant (e.g. all-zero) images, empty labels (an
+    error, or a warning with ``allow_empty_labels``), oblique or non-invertible affines (a
+    warning, or an error with ``strict_geometry``) and duplicate patient ids. ``settings``
+    (e.g. ``CheckSettings.of(config.data)``) replaces the keyword settings; ``check`` replaces
+    the per-case check (:mod:`medfed.data.screen` puts a cache in front of it). Never raises
+    for a bad case; an unreadable manifest raises :class:`~medfed.errors.DataError` from
+    :func:`load_manifest`.
     """
     if (cases is None) == (manifest is None):
         raise TypeError("give exactly one of cases= or manifest=")
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if settings is None:
+        if not classes:
+            raise TypeError("give classes= or settings=")
+        settings = CheckSettings(
+            classes=tuple(classes),
+            spatial_dims=spatial_dims,
+            allow_empty_labels=allow_empty_labels,
+            strict_geometry=strict_geometry,
+            max_voxels=max_voxels,
+        )
+    check = check or check_case
     case_list = list(cases) if cases is not None else load_manifest(Path(manifest or ""))
     per_case: list[list[Problem]] = [[] for _ in case_list]
 
@@ -141,22 +201,18 @@ def check_dataset(
                 )
             )
     for index, case in enumerate(case_list):
-        per_case[index] += _check_case(
-            case,
-            classes=list(classes),
-            spatial_dims=spatial_dims,
-            empty_label="warning" if allow_empty_labels else "error",
-        )
+        per_case[index] += check(case, settings)
 
     problems = tuple(problem for found in per_case for problem in found)
     n_bad = sum(1 for found in per_case if any(p.severity == "error" for p in found))
     return DataReport(n_cases=len(case_list), n_bad=n_bad, problems=problems)
 
 
-def _check_case(
-    case: Case, *, classes: list[int], spatial_dims: int, empty_label: Severity
-) -> list[Problem]:
+def check_case(case: Case, settings: CheckSettings) -> list[Problem]:
+    """Every problem of one case's image and label files (cross-case checks excluded)."""
     problems: list[Problem] = []
+    classes = list(settings.classes)
+    empty_label: Severity = "warning" if settings.allow_empty_labels else "error"
 
     def report(path: Path | None, message: str, severity: Severity = "error") -> None:
         problems.append(Problem(case.patient_id, path, message, severity))
@@ -164,8 +220,8 @@ def _check_case(
     def label_content(data: _Array, path: Path, report: _Report) -> None:
         _label_content(data, path, report, classes=classes, empty_label=empty_label)
 
-    image = _read(case.image, spatial_dims, report, _image_content)
-    label = _read(case.label, spatial_dims, report, label_content)
+    image = _read(case.image, settings, report, _image_content)
+    label = _read(case.label, settings, report, label_content)
     if image is not None and label is not None:
         if image.spatial_shape != label.spatial_shape:
             report(
@@ -190,9 +246,10 @@ def _fmt(volume: _Volume) -> str:
 
 
 def _read(
-    path: Path, spatial_dims: int, report: _Report, content_check: _ContentCheck
+    path: Path, settings: CheckSettings, report: _Report, content_check: _ContentCheck
 ) -> _Volume | None:
     """Load one file; on any problem report it and return None (or the volume if usable)."""
+    spatial_dims = settings.spatial_dims
     if not path.exists():
         report(path, "file not found")
         return None
@@ -200,7 +257,10 @@ def _read(
         report(path, "not a regular file")
         return None
     try:
-        img = nib.load(path)
+        # nibabel repairs some header defects on load and says so on the console: the
+        # repaired fields are judged below from the raw header instead
+        with _quiet_nibabel():
+            img = nib.load(path)
     except Exception as exc:  # nibabel raises many types for corrupt input; all mean the same
         report(path, f"cannot be read as NIfTI ({_describe(exc)})")
         return None
@@ -208,6 +268,8 @@ def _read(
         report(path, f"not a NIfTI image (nibabel reads it as {type(img).__name__})")
         return None
     shape = tuple(int(s) for s in img.shape)
+    if not _header_fits(img, shape, path, settings.max_voxels, report):
+        return None
     spatial = _spatial_shape(shape, spatial_dims)
     if spatial is None:
         report(
@@ -215,6 +277,8 @@ def _read(
             f"shape {shape} is not {spatial_dims}-D (patch_size has {spatial_dims} entries; "
             "a trailing singleton channel is allowed)",
         )
+    _check_geometry(img, spatial_dims, path, settings.strict_geometry, report)
+    _check_voxel_sizes(img, spatial_dims, path, report)
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:
@@ -225,6 +289,96 @@ def _read(
     if spatial is None:
         return None
     return _Volume(spatial_shape=spatial, affine=np.asarray(img.affine, dtype=np.float64))
+
+
+def _header_fits(
+    img: nib.Nifti1Image | nib.Nifti2Image,
+    shape: tuple[int, ...],
+    path: Path,
+    max_voxels: int,
+    report: _Report,
+) -> bool:
+    """False (reported) for a header whose volume is absurd or cannot be in the file."""
+    voxels = int(np.prod(shape, dtype=np.float64)) if shape else 0
+    shown = "x".join(str(s) for s in shape)
+    if voxels == 0:
+        report(path, f"the header declares an empty volume ({shown or 'no dimensions'})")
+        return False
+    if voxels > max_voxels:
+        report(
+            path,
+            f"the header declares {shown} = {voxels:.3g} voxels, more than data.max_voxels "
+            f"{max_voxels:.3g}: the header is damaged, or raise data.max_voxels for this site",
+        )
+        return False
+    if not str(path).endswith(".gz"):
+        # uncompressed: the file must hold the header's offset plus every voxel
+        header: Any = img.header
+        needed = int(header.get_data_offset()) + voxels * header.get_data_dtype().itemsize
+        size = path.stat().st_size
+        if size < needed:
+            report(path, f"truncated: the header needs {needed} bytes, the file has {size}")
+            return False
+    return True
+
+
+def _check_geometry(
+    img: nib.Nifti1Image | nib.Nifti2Image,
+    spatial_dims: int,
+    path: Path,
+    strict: bool,
+    report: _Report,
+) -> None:
+    severity: Severity = "error" if strict else "warning"
+    affine = np.asarray(img.affine, dtype=np.float64)
+    rotation = affine[:3, :3]
+    if not np.all(np.isfinite(rotation)) or abs(float(np.linalg.det(rotation))) < 1e-12:
+        report(
+            path,
+            "the affine is not invertible (voxels have no position in space); rewrite the "
+            "file's sform/qform",
+            severity,
+        )
+        return
+    affines: Any = nib.affines
+    angle = float(np.max(affines.obliquity(affine)))
+    if angle > OBLIQUITY_TOLERANCE:
+        report(
+            path,
+            f"oblique affine (voxel axes {np.degrees(angle):.2g} degrees from the scanner's); "
+            "resample it to an axis-aligned grid if other scans are not",
+            severity,
+        )
+
+
+@contextlib.contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    logger = nib.imageglobals.logger
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_voxel_sizes(
+    img: nib.Nifti1Image | nib.Nifti2Image, spatial_dims: int, path: Path, report: _Report
+) -> None:
+    """The header's voxel sizes as written: nibabel's loader replaces zero or negative ones."""
+    header_type: Any = type(img.header)
+    try:
+        with path.open("rb") as raw:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+        opener = gzip.open if gzipped else open
+        with opener(path, "rb") as stream:
+            header = header_type.from_fileobj(stream, check=False)
+        zooms = [float(z) for z in header["pixdim"][1 : 1 + spatial_dims]]
+    except (OSError, EOFError, ValueError):
+        return  # unreadable beyond what nib.load took: the voxel data check reports it
+    if any(not np.isfinite(z) or z <= 0 for z in zooms):
+        shown = ", ".join(f"{z:g}" for z in zooms)
+        report(path, f"voxel sizes ({shown}) must be positive: the header's pixdim is damaged")
 
 
 def _spatial_shape(shape: tuple[int, ...], spatial_dims: int) -> tuple[int, ...] | None:
@@ -243,6 +397,11 @@ def _image_content(data: _Array, path: Path, report: _Report) -> None:
         bad = int(data.size - np.count_nonzero(np.isfinite(data)))
         if bad:
             report(path, f"image has {bad} NaN/Inf voxel{'s' if bad != 1 else ''}")
+            return
+    if data.size and data.min() == data.max():
+        value = data.flat[0]
+        what = "all zeros" if value == 0 else f"constant (every voxel is {value:g})"
+        report(path, f"image is {what}: nothing to learn from")
 
 
 def _label_content(

@@ -39,8 +39,9 @@ from medfed.privacy.events import (
 )
 from medfed.privacy.keys import key_id, load_or_create_signing_key, load_public_key, public_key_path
 from medfed.privacy.ledger import LedgerReport, verify_ledger, verify_ledger_bytes
-from medfed.privacy.ledger_head import head_path, write_head
-from medfed.storage import append_line, locked, read_bytes
+from medfed.privacy.ledger_head import head_path, signed_head
+from medfed.privacy.witness import HeadWitness
+from medfed.storage import append_line, locked, read_bytes, replace_file
 
 _PACKAGES = ("medfed", "torch", "opacus", "dp-accounting")
 
@@ -151,18 +152,24 @@ def _now() -> str:
 class SiteLedger:
     """One site's ledger file, its head, its lock and its signing key."""
 
-    def __init__(self, *, path: Path, key_path: Path, site_id: str) -> None:
+    def __init__(
+        self, *, path: Path, key_path: Path, site_id: str, witness: Path | None = None
+    ) -> None:
         if not isinstance(site_id, str) or not 0 < len(site_id) <= 256:
             raise PrivacyError(f"site id must be 1 to 256 characters, got {site_id!r}")
         self.path = Path(path)
         self.key_path = Path(key_path)
         self.site_id = site_id
+        self.witness = None if witness is None else HeadWitness(directory=witness, site_id=site_id)
         self._key: Ed25519PrivateKey | None = None
 
     def verify(self) -> LedgerReport:
         """Verify the ledger (under a shared lock); an absent ledger is empty and valid."""
         if not self.path.exists() and not head_path(self.path).exists():
             known = self._existing_public_key()
+            if self.witness is not None and known is not None:
+                # a whole ledger directory gone (or restored empty) is a rollback too
+                self.witness.check(ledger_path=self.path, entries=0, public_key=known)
             return LedgerReport(
                 path=self.path,
                 site_id=self.site_id,
@@ -389,16 +396,36 @@ class SiteLedger:
                 hint="this is a bug in the caller; the ledger was not changed",
             ) from None
         append_line(self.path, line)
-        write_head(
-            self.path,
+        head = signed_head(
             site_id=self.site_id,
             count=len(report.entries) + 1,
             last_hash=line_hash(line),
             private_key=private_key,
         )
+        replace_file(head_path(self.path), head)
+        if self.witness is not None:
+            self.witness.record(head)
+
+    def record_witness(self) -> LedgerReport:
+        """Copy the verified ledger's head to the witness (a new or replaced witness location)."""
+        if self.witness is None:
+            raise LedgerError(
+                f"{self.path}: no head witness is configured",
+                hint="set paths.head_witness in the site config to a directory on another volume",
+            )
+        with locked(self.path, exclusive=True):
+            public_key = self._signing_key().public_key()
+            report = verify_ledger(self.path, public_key=public_key, site_id=self.site_id)
+            self.witness.record(read_bytes(head_path(self.path)))
+        return report
 
     def _verify_now(self, public_key: Ed25519PublicKey) -> LedgerReport:
-        return verify_ledger(self.path, public_key=public_key, site_id=self.site_id)
+        report = verify_ledger(self.path, public_key=public_key, site_id=self.site_id)
+        if self.witness is not None:
+            self.witness.check(
+                ledger_path=self.path, entries=len(report.entries), public_key=public_key
+            )
+        return report
 
     def _signing_key(self) -> Ed25519PrivateKey:
         if self._key is None:

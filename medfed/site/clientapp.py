@@ -66,12 +66,12 @@ def _handle(
     try:
         reply = Message(work(config, message), reply_to=message)
     except MedfedError as exc:
-        # The site's log keeps the whole reason, the aggregator gets what the release policy
-        # lets cross (medfed.site.release): patient paths and ids never do.
+        # The site's log keeps the reason, the aggregator gets what the release policy lets
+        # cross (medfed.site.release): patient paths and ids never do.
         shared = shareable(exc)
         error = shared.one_line()
         log.warning(
-            "site %s declines %s: %s", config.site_id, kind, _local_reason(exc), extra=extra
+            "site %s declines %s: %s", config.site_id, kind, _local_reason(config, exc), extra=extra
         )
         return Message(decline_error(shared), reply_to=message)
     except Exception as exc:
@@ -86,10 +86,17 @@ def _handle(
     return reply
 
 
-def _local_reason(exc: MedfedError) -> str:
-    """What the node's own log says: a dataset refusal by its kind (data check lists it)."""
+def _local_reason(config: SiteConfig, exc: MedfedError) -> str:
+    """What the node's log says; a dataset refusal points at the site's list of problems,
+    because node logs are often collected off the site and must not name patient files."""
     if isinstance(exc, DataError):
-        return "the dataset failed its check (run `medfed data check` at the site)"
+        from medfed.data.screen import problems_file
+
+        listed = problems_file(config.paths.workdir)
+        return (
+            f"the dataset failed its check: {listed} lists its problems "
+            "(`medfed data check --config SITE.yaml` too)"
+        )
     return exc.one_line()
 
 

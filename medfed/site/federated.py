@@ -289,11 +289,9 @@ def _per_patient_dice(
 
 
 def _ledger(config: SiteConfig) -> Any:
-    from medfed.privacy import SiteLedger
+    from medfed.site.ledger_of import ledger_of
 
-    return SiteLedger(
-        path=config.ledger_path, key_path=config.signing_key_path, site_id=config.site_id
-    )
+    return ledger_of(config)
 
 
 def ledger_lines_since(config: SiteConfig, known: int) -> tuple[int, tuple[str, ...]]:

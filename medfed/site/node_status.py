@@ -246,11 +246,9 @@ def _cmdline(pid: int) -> list[str] | None:
 
 def _budget(config: SiteConfig) -> tuple[float | None, float | None, str | None]:
     from medfed.errors import MedfedError
-    from medfed.privacy.site_ledger import SiteLedger
+    from medfed.site.ledger_of import ledger_of
 
-    ledger = SiteLedger(
-        path=config.ledger_path, key_path=config.signing_key_path, site_id=config.site_id
-    )
+    ledger = ledger_of(config)
     try:
         status = ledger.status(terms=config.terms)
     except MedfedError as exc:

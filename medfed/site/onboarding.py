@@ -121,7 +121,9 @@ def init_site(
 ) -> InitResult:
     """Write ``out`` from the kit and the manifest; refuse to replace a file unless ``force``.
 
-    ``workdir`` defaults to ``medfed-work`` next to ``out``; the privacy settings default to the
+    ``workdir`` defaults to ``medfed-work-<site id>`` next to ``out``, so that the configs of two
+    sites written into one directory never share a ledger; a work directory whose ledger belongs
+    to another site is refused. The privacy settings default to the
     models' defaults. The text is validated as a :class:`SiteConfig` before it is written, and
     written atomically (a failed run leaves no half file).
     """
@@ -149,7 +151,12 @@ def init_site(
             "in the manifest: one patient's data could be released outright",
             hint=f"pass a smaller --delta, e.g. {10 ** math.floor(math.log10(0.1 / n_cases)):g}",
         )
-    work = Path(workdir).expanduser().absolute() if workdir else out.parent / "medfed-work"
+    work = (
+        Path(workdir).expanduser().absolute()
+        if workdir
+        else out.parent / f"medfed-work-{site_kit.site_id}"
+    )
+    _check_workdir_owner(work, site_kit.site_id)
     text = render_site_config(
         kit=site_kit,
         manifest=manifest,
@@ -171,6 +178,24 @@ def init_site(
         n_cases=n_cases,
         workdir=work,
     )
+
+
+def _check_workdir_owner(work: Path, site_id: str) -> None:
+    """Refuse a work directory that already holds another site's ledger."""
+    from medfed.privacy.ledger_head import head_path
+    from medfed.storage import read_json_object
+
+    head = head_path(work / "ledger.jsonl")
+    try:
+        owner = (read_json_object(head) or {}).get("site_id") if head.is_file() else None
+    except (OSError, ValueError):
+        owner = None
+    if isinstance(owner, str) and owner != site_id:
+        raise ConfigError(
+            f"{work} holds the privacy ledger of site {owner!r}, not {site_id!r}: two sites "
+            "must never share a work directory",
+            hint="pass another --workdir (or leave it out for medfed-work-<site id>)",
+        )
 
 
 def render_site_config(

@@ -115,12 +115,10 @@ def released_counts(
 ) -> PatientCounts:
     """The released counts of the site's dataset as ``config`` describes it (see below)."""
     from medfed.data import build_datasets
-    from medfed.privacy import SiteLedger
+    from medfed.site.ledger_of import ledger_of
 
     datasets = datasets or build_datasets(config)
-    ledger = SiteLedger(
-        path=config.ledger_path, key_path=config.signing_key_path, site_id=config.site_id
-    )
+    ledger = ledger_of(config)
     return patient_counts(
         config=config,
         ledger=ledger,

@@ -32,7 +32,7 @@ from medfed.config.site import SiteConfig
 from medfed.errors import TrainingError
 from medfed.models.checkpoint import model_weights, unwrap
 from medfed.privacy.accounting import compute_epsilon
-from medfed.privacy.site_ledger import Reservation, SiteLedger
+from medfed.privacy.site_ledger import Reservation
 from medfed.site.dp import DPComponents, PoissonPatientSampler
 from medfed.site.epochs import (
     EpochReport,
@@ -42,6 +42,7 @@ from medfed.site.epochs import (
     train_epochs,
 )
 from medfed.site.evaluate import Volumes, evaluate_dice
+from medfed.site.ledger_of import ledger_of
 from medfed.site.round_plan import plan_round
 from medfed.storage import replace_file
 
@@ -204,9 +205,7 @@ def train_local(
     started = time.monotonic()
     run_id = run_id or f"local-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     epochs = epochs or config.training.epochs
-    ledger = SiteLedger(
-        path=config.ledger_path, key_path=config.signing_key_path, site_id=config.site_id
-    )
+    ledger = ledger_of(config)
     datasets = build_datasets(config)
     setup = plan_round(
         config=config,

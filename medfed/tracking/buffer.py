@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medfed.logs import redact_secrets
 from medfed.storage import make_private_dirs, replace_file
 from medfed.workspace import RunPaths
 
@@ -237,5 +238,5 @@ class Outbox:
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
+    text = redact_secrets(" ".join(str(exc).split()))
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medfed.logs import redact_secrets
 from medfed.run_events import EventCallback, RunEnded, RunEvent, RunFailed, RunStarted
 from medfed.tracking.buffer import Outbox, PermanentError, RetryPolicy
 from medfed.tracking.info import TrackingInfo, read_tracking_info, write_tracking_info
@@ -134,7 +135,7 @@ class FederationTracker:
         if event.resume_from is None:
             return None
         info = read_tracking_info(paths=self._paths)
-        if info is None or info.tracking_uri != self._uri or not info.parent_key:
+        if info is None or info.tracking_uri != redact_secrets(self._uri) or not info.parent_key:
             return None
         self._experiment_id = self._experiment_id or info.experiment_id
         self._run_ids.setdefault(info.parent_key, info.parent_run_id)
@@ -161,7 +162,8 @@ class FederationTracker:
 
     def _state(self) -> dict[str, Any]:
         return {
-            "tracking_uri": self._uri,
+            # the outbox and the run's files keep where, never the password
+            "tracking_uri": redact_secrets(self._uri),
             "experiment_id": self._experiment_id,
             "run_ids": dict(self._run_ids),
             **self._translator.state(),
@@ -170,7 +172,7 @@ class FederationTracker:
     def _restore(self, state: Mapping[str, Any]) -> None:
         if not state:
             return
-        if state.get("tracking_uri") == self._uri:
+        if state.get("tracking_uri") == redact_secrets(self._uri):
             self._run_ids = {str(k): str(v) for k, v in dict(state.get("run_ids") or {}).items()}
             self._experiment_id = state.get("experiment_id") or None
         self._translator = Translator.restored(state)
@@ -245,7 +247,7 @@ class FederationTracker:
         write_tracking_info(
             paths=self._paths,
             info=TrackingInfo(
-                tracking_uri=self._uri,
+                tracking_uri=redact_secrets(self._uri),
                 experiment_id=experiment_id,
                 parent_run_id=self._run_ids[parent],
                 site_runs={

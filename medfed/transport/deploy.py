@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from medfed.config.site import SiteConfig
+from medfed.config.site import SiteConfig, TransportSection
 from medfed.errors import ConfigError, TransportError
 from medfed.storage import make_private_dirs
 from medfed.transport.flwr_cli import (
@@ -194,6 +194,16 @@ def node_config_arg(config_path: Path) -> str:
     return f"{NODE_CONFIG_SITE_KEY}='{path}'"
 
 
+def site_transport(site: SiteConfig, *, config_path: Path) -> TransportSection:
+    """The site's transport section; :class:`TransportError` for a config without one."""
+    if site.transport is None:
+        raise TransportError(
+            f"{config_path}: no transport section; the node does not know its SuperLink",
+            hint="copy the transport section from site.template.yaml in the site's kit",
+        )
+    return site.transport
+
+
 def supernode_command(
     *,
     config_path: Path,
@@ -203,12 +213,7 @@ def supernode_command(
     max_wait_time_s: float | None = None,
 ) -> list[str]:
     """The ``flower-supernode`` command line for ``site`` (whose ``transport`` must be set)."""
-    transport = site.transport
-    if transport is None:
-        raise TransportError(
-            f"{config_path}: no transport section; the node does not know its SuperLink",
-            hint="copy the transport section from site.template.yaml in the site's kit",
-        )
+    transport = site_transport(site, config_path=config_path)
     base = Path(config_path).absolute().parent
     root = _kit_file(base, transport.root_certificates, "transport.root_certificates")
     key = _kit_file(base, transport.node_private_key, "transport.node_private_key")

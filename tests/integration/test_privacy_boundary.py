@@ -381,7 +381,17 @@ def test_a_larger_delta_in_the_config_is_refused(tmp_path: Path) -> None:
 # 7. Smaller releases --------------------------------------------------------------------------
 
 
-def test_a_patient_with_nan_voxels_changes_neither_steps_nor_messages(tmp_path: Path) -> None:
+def test_a_patient_with_nan_voxels_changes_neither_steps_nor_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The screen refuses such a case before training (tests/integration/test_bad_data.py);
+    past it, the DP step's own defence still keeps the steps and the messages unchanged."""
+    from medfed.data.screen import Screened
+
+    monkeypatch.setattr(
+        "medfed.data.dataset.screen_cases",
+        lambda cases, **_: Screened(cases=tuple(cases), excluded=(), warnings=()),
+    )
     config = _write_site(
         tmp_path / "s",
         train_lesions=[40, 40, 40],

@@ -53,6 +53,7 @@ from medfed.site.preflight.site_state import (
     check_data,
     check_disk,
     check_ledger,
+    check_witness,
 )
 
 __all__ = [
@@ -77,6 +78,7 @@ __all__ = [
     "check_registration",
     "check_tls",
     "check_versions",
+    "check_witness",
     "cuda_device_name",
     "installed_version",
     "medfed_requirements",
@@ -152,5 +154,6 @@ def _site_checks(config: SiteConfig, *, now: dt.datetime, timeout_s: float) -> l
             )
     results.append(check_ledger_key(config))
     results += check_ledger(config)
+    results.append(check_witness(config))
     results.append(check_data(config))
     return results

@@ -27,6 +27,15 @@ _FLWR_ACTIVATION_FAILED = 2004
 # Outside flwr's [10, 1800] s bounds: the SuperLink refuses it after the key lookup.
 _PROBE_HEARTBEAT_S = 0.0
 
+UNREACHABLE_FIX = (
+    "is the aggregator running? check transport.superlink_address, DNS and the firewall "
+    "(outgoing TCP to that port)"
+)
+UNREGISTERED_FIX = (
+    "send node_key.pub (and its fingerprint, `ssh-keygen -lf node_key.pub`) to the "
+    "aggregator's admin to register: `flwr supernode register node_key.pub ...`"
+)
+
 
 def split_address(address: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` as (host, port)."""
@@ -43,12 +52,7 @@ def check_reachable(address: str, *, timeout_s: float) -> CheckResult:
             pass
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
-        return _fail(
-            name,
-            f"cannot connect to {address} ({reason})",
-            "is the aggregator running? check transport.superlink_address, DNS and the "
-            "firewall (outgoing TCP to that port)",
-        )
+        return _fail(name, f"cannot connect to {address} ({reason})", UNREACHABLE_FIX)
     return _pass(name, f"TCP connection to {address}")
 
 
@@ -157,8 +161,7 @@ def check_registration(
             return _fail(
                 name,
                 f"the SuperLink at {address} does not know this node's key",
-                "send node_key.pub (and its fingerprint, `ssh-keygen -lf node_key.pub`) to the "
-                "aggregator's admin to register: `flwr supernode register node_key.pub ...`",
+                UNREGISTERED_FIX,
             )
         if code == 401:
             return _fail(

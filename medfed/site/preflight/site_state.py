@@ -9,6 +9,7 @@ from pathlib import Path
 from medfed.config.site import SiteConfig
 from medfed.errors import MedfedError
 from medfed.privacy.ledger import LedgerReport
+from medfed.site.ledger_of import ledger_of
 from medfed.site.preflight.result import CheckResult, _fail, _pass, _warn
 
 BUDGET_WARN_FRACTION = 0.10
@@ -17,16 +18,13 @@ DEFAULT_MIN_FREE_BYTES = 5 * 1024**3
 
 def check_data(config: SiteConfig) -> CheckResult:
     """The `medfed data check` report, summed up (no patient file paths in the line)."""
-    from medfed.data.validate import check_dataset
+    from medfed.data.validate import CheckSettings, check_dataset
 
     name = "dataset"
     fix = "run `medfed data check --config SITE.yaml` for the full list and fix the export"
     try:
         report = check_dataset(
-            manifest=config.data.manifest,
-            classes=config.data.classes,
-            spatial_dims=config.spatial_dims,
-            allow_empty_labels=config.data.allow_empty_labels,
+            manifest=config.data.manifest, settings=CheckSettings.of(config.data)
         )
     except MedfedError as exc:
         return _fail(name, exc.message.splitlines()[0], exc.hint or fix)
@@ -50,12 +48,8 @@ def check_data(config: SiteConfig) -> CheckResult:
 
 
 def check_ledger(config: SiteConfig) -> list[CheckResult]:
-    """The ledger's signature chain, then the budget left under the site's cap."""
-    from medfed.privacy.site_ledger import SiteLedger
-
-    ledger = SiteLedger(
-        path=config.ledger_path, key_path=config.signing_key_path, site_id=config.site_id
-    )
+    """The ledger's signature chain and witness, then the budget left under the site's cap."""
+    ledger = ledger_of(config)
     try:
         report = ledger.verify()
     except MedfedError as exc:
@@ -92,6 +86,25 @@ def check_ledger(config: SiteConfig) -> list[CheckResult]:
     else:
         budget = _pass("privacy budget", f"{spent}, {status.remaining:.3g} left")
     return [ledger_line, budget, _terms_line(config, report)]
+
+
+def check_witness(config: SiteConfig) -> CheckResult:
+    """Whether a restored old ledger would be caught (the ledger check verifies against it)."""
+    ledger = ledger_of(config)
+    if ledger.witness is None:
+        return _warn(
+            "head witness",
+            "none: a restored old copy of the ledger would verify",
+            "set paths.head_witness to a directory on another volume, then run "
+            "`medfed privacy witness --config SITE.yaml`",
+        )
+    if not ledger.witness.path.exists():
+        return _warn(
+            "head witness",
+            f"{ledger.witness.path}: not recorded yet",
+            "run `medfed privacy witness --config SITE.yaml` (the first round records it too)",
+        )
+    return _pass("head witness", f"{ledger.witness.path}: kept with every ledger entry")
 
 
 def _terms_line(config: SiteConfig, report: LedgerReport) -> CheckResult:

@@ -18,7 +18,7 @@ from medfed.config.site import DataSection, SiteConfig
 from medfed.data.manifest import Case
 from medfed.data.synth import synthesize_site
 from medfed.data.validate import check_dataset
-from medfed.errors import DataError
+from medfed.errors import ConfigError, DataError
 
 CaseMaker = Callable[..., tuple[Path, Path]]
 
@@ -62,7 +62,7 @@ def broken(tmp_path: Path, make_case: CaseMaker, write_nifti: Callable[..., Path
     write_nifti(label, np.full((16, 16, 16), 0.5, np.float32))
     add("fraction", image, label)
     image, label = make_case("flat")
-    write_nifti(image, np.zeros((16, 16), np.float32))
+    write_nifti(image, np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16))
     add("flat", image, label)
     good_image, good_label = (
         tmp_path / "images" / "good.nii.gz",
@@ -152,9 +152,9 @@ def test_singleton_channel_and_two_d_slices_are_accepted(
 ) -> None:
     label = np.zeros((8, 9, 1), np.uint8)
     label[2:4, 2:4] = 1
-    write_nifti(tmp_path / "i4.nii.gz", np.ones((8, 9, 6, 1), np.float32))
+    write_nifti(tmp_path / "i4.nii.gz", np.arange(432, dtype=np.float32).reshape(8, 9, 6, 1))
     write_nifti(tmp_path / "l4.nii.gz", np.repeat(label, 6, axis=2))
-    write_nifti(tmp_path / "i2.nii.gz", np.ones((8, 9, 1), np.float32))
+    write_nifti(tmp_path / "i2.nii.gz", np.arange(72, dtype=np.float32).reshape(8, 9, 1))
     write_nifti(tmp_path / "l2.nii.gz", label)
     volume = Case("v", tmp_path / "i4.nii.gz", tmp_path / "l4.nii.gz")
     assert check_dataset(cases=[volume], classes=[0, 1], spatial_dims=3).problems == ()
@@ -206,3 +206,16 @@ def test_synth_refuses_to_overwrite(tmp_path: Path) -> None:
         ["data", "synth", "--out", str(tmp_path / "s"), "--size", "8", "--cases", "3", "--force"],
     )
     assert forced.exit_code == 0, forced.output
+
+
+@pytest.mark.parametrize("command", [["data", "check"], ["privacy", "ledger"], ["site", "train"]])
+def test_every_command_reads_a_site_config_with_one_schema(
+    tmp_path: Path, command: list[str]
+) -> None:
+    config = SiteConfig(site_id="s", data=DataSection(manifest="manifest.csv"))
+    dump_site_config(config, tmp_path / "site.yaml")
+    text = (tmp_path / "site.yaml").read_text(encoding="utf-8")
+    (tmp_path / "site.yaml").write_text(text + "privacy:\n  epsilon_cap: .inf\n", encoding="utf-8")
+    result = CliRunner().invoke(app, [*command, "--config", str(tmp_path / "site.yaml")])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert "privacy.epsilon_cap: Input should be a finite number" in result.exception.message

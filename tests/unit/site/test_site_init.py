@@ -65,7 +65,7 @@ def test_written_config_loads_with_the_kit_and_manifest(
     assert config.transport.node_public_key == kit / "node_key.pub"
     assert config.signing_key_path == kit / "ledger_key.pem"
     assert config.data.manifest == manifest
-    assert config.paths.workdir == out.parent / "medfed-work"
+    assert config.paths.workdir == out.parent / f"medfed-work-{SITE}"
     assert config.privacy.noise_multiplier == 1.0
     assert config.privacy.epsilon_cap == PrivacySection.model_fields["epsilon_cap"].default
     # Safe defaults, written out explicitly: a quarter of the cap per round at most.
@@ -158,3 +158,40 @@ def test_cli_init_writes_and_refuses_overwrite(tmp_path: Path, kit: Path, manife
     second = CliRunner().invoke(app, args)
     assert isinstance(second.exception, ConfigError)
     assert load_site_config(out).site_id == SITE
+
+
+def test_two_sites_in_one_directory_get_their_own_work_directories(
+    tmp_path: Path, manifest: Path
+) -> None:
+    from medfed.privacy import SiteLedger
+    from medfed.privacy.site_ledger import Release
+
+    workspace = provision_workspace(
+        out=tmp_path / "two", sites=["site-a", "site-b"], host="127.0.0.1", port=18444
+    )
+    configs = {}
+    for site in ("site-a", "site-b"):
+        out = tmp_path / "etc" / f"{site}.yaml"
+        init_site(kit=workspace.path(workspace.site(site).kit), manifest=manifest, out=out)
+        configs[site] = load_site_config(out)
+    assert configs["site-a"].ledger_path != configs["site-b"].ledger_path
+
+    # site-a's ledger exists; site-b may not be pointed at its work directory
+    a = configs["site-a"]
+    ledger = SiteLedger(path=a.ledger_path, key_path=a.signing_key_path, site_id="site-a")
+    public = Release(
+        run_id="r",
+        round=0,
+        quantity="patients",
+        values={"train": 9.0, "validation": 2.0},
+        mechanism="public",
+        reason="test",
+    )
+    ledger.release(release=public, terms=a.terms)
+    with pytest.raises(ConfigError, match="holds the privacy ledger of site 'site-a'"):
+        init_site(
+            kit=workspace.path(workspace.site("site-b").kit),
+            manifest=manifest,
+            out=tmp_path / "etc" / "b2.yaml",
+            workdir=a.paths.workdir,
+        )
