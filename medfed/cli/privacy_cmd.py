@@ -72,15 +72,9 @@ def witness(
 ) -> None:
     """Record the verified ledger's head in the site's head witness (paths.head_witness)."""
     from medfed.config import load_site_config
-    from medfed.privacy.site_ledger import SiteLedger
+    from medfed.site.ledger_of import ledger_of
 
-    site = load_site_config(config)
-    ledger = SiteLedger(
-        path=site.ledger_path,
-        key_path=site.signing_key_path,
-        site_id=site.site_id,
-        witness=site.paths.head_witness,
-    )
+    ledger = ledger_of(load_site_config(config))
     # verified against its own head only: this is the step that (re)creates the witness
     recorded = ledger.record_witness()
     assert ledger.witness is not None
@@ -96,15 +90,10 @@ def ledger(
     from medfed.config import load_site_config
     from medfed.privacy.accounting import compute_epsilon, conversion_of
     from medfed.privacy.budget import BudgetStatus
-    from medfed.privacy.site_ledger import SiteLedger
+    from medfed.site.ledger_of import ledger_of
 
     site = load_site_config(config)
-    report = SiteLedger(
-        path=site.ledger_path,
-        key_path=site.signing_key_path,
-        site_id=site.site_id,
-        witness=site.paths.head_witness,
-    ).verify()
+    report = ledger_of(site).verify()
     # The ledger's own terms once it has them: what the site's spend is kept under.
     terms = report.terms or site.terms
     cap = terms.cap
