@@ -57,6 +57,9 @@ class RoundRequest:
     seed: int
     ledger_known: int
     weights: Mapping[str, np.ndarray] | None
+    # The aggregator's signed receipt of the ledger_known entries (medfed.privacy.receipt);
+    # None from a workspace that has no receipt key.
+    ledger_receipt: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,6 +173,7 @@ def request_content(request: RoundRequest) -> RecordDict:
             "proximal_mu": float(request.proximal_mu),
             "seed": request.seed,
             "ledger_known": request.ledger_known,
+            "ledger_receipt": request.ledger_receipt or "",
         }
     )
     records: dict[str, Any] = {"config": config}
@@ -194,6 +198,9 @@ def read_request(content: RecordDict) -> RoundRequest:
         seed=_field(config, "seed", int),
         ledger_known=_field(config, "ledger_known", int),
         weights=_read_arrays(content, "global") if "global" in content else None,
+        ledger_receipt=(
+            _field(config, "ledger_receipt", str) or None if "ledger_receipt" in config else None
+        ),
     )
 
 

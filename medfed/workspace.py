@@ -5,6 +5,7 @@ reads or writes in it asks this module where things are::
 
     workspace.yaml                  the manifest: sites, host, port, public keys (no secrets)
     ca/, superlink/, sites/<site>/  the CA, the SuperLink's TLS files, one kit per site
+    aggregator/receipt_key.pem      signs the receipts of ledger entries the aggregator holds
     ledgers/<site>.ledger.jsonl     the aggregator's verified copy of each site's ledger
     runs/<run>/                     one run: settings, events, global models, state, summary,
                                     its report, MLflow bookkeeping (:class:`RunPaths`)
@@ -28,14 +29,16 @@ import yaml
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medfed.errors import ConfigError
-from medfed.privacy.keys import key_id, load_public_key
+from medfed.privacy.keys import key_id, load_or_create_signing_key, load_public_key
 
 SITE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 WORKSPACE_FILE = "workspace.yaml"
+# The aggregator's receipt key as a site's kit holds it (beside the kit's ca.crt).
+RECEIPT_KEY_FILE = "aggregator_receipt.pub"
 
 
 class _Strict(BaseModel):
@@ -55,6 +58,14 @@ class SuperlinkPaths(_Strict):
     cert: str
     key: str
     ca_cert: str
+
+
+class ReceiptKeyPaths(_Strict):
+    """The aggregator's Ed25519 key for ledger receipts (:mod:`medfed.privacy.receipt`)."""
+
+    key: str
+    public_key_file: str
+    key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
 
 
 class SiteEntry(_Strict):
@@ -83,6 +94,8 @@ class WorkspaceManifest(_Strict):
     superlink: SuperlinkPaths
     certificate_not_after: dt.datetime
     sites: list[SiteEntry] = Field(min_length=1)
+    # None in a workspace provisioned before receipts: its sites get none.
+    receipts: ReceiptKeyPaths | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +136,26 @@ class Workspace:
                 f"{path}: ledger key {found} of site {site_id!r} is not the key "
                 f"{entry.ledger_key_id} registered in {self.root / WORKSPACE_FILE}",
                 hint="restore the site's ledger_key.pub from the provisioned kit",
+            )
+        return key
+
+    def receipt_signing_key(self) -> Ed25519PrivateKey | None:
+        """The key the aggregator signs ledger receipts with (None: the workspace has none)."""
+        receipts = self.manifest.receipts
+        if receipts is None:
+            return None
+        path = self.path(receipts.key)
+        if not path.exists():
+            raise ConfigError(
+                f"{path}: the aggregator's receipt key is missing",
+                hint="restore the workspace's aggregator/ directory from backup",
+            )
+        key = load_or_create_signing_key(path)
+        if key_id(key.public_key()) != receipts.key_id:
+            raise ConfigError(
+                f"{path}: receipt key {key_id(key.public_key())} is not the key "
+                f"{receipts.key_id} registered in {self.root / WORKSPACE_FILE}",
+                hint="restore the workspace's aggregator/ directory from backup",
             )
         return key
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.serverapp import Grid
 
 from medfed.aggregator.budget import BudgetTracker
@@ -28,6 +29,7 @@ class RunContext:
     store: RunStore
     tracker: BudgetTracker
     on_event: EventCallback | None
+    receipt_key: Ed25519PrivateKey | None = None  # signs the sites' ledger receipts
     sites: dict[str, SiteRecord] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0

@@ -54,6 +54,7 @@ def run_federation(
         store=store,
         tracker=tracker,
         on_event=on_event,
+        receipt_key=workspace.receipt_signing_key(),
     )
     wanted = settings.sites or [s.site_id for s in workspace.manifest.sites]
     unknown = sorted(set(wanted) - {s.site_id for s in workspace.manifest.sites})

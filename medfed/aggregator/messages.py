@@ -17,6 +17,7 @@ from flwr.app import Message
 from medfed.aggregator.context import RunContext
 from medfed.envelope import INIT, RoundRequest, read_decline, read_init, request_content
 from medfed.errors import MedfedError
+from medfed.privacy.receipt import make_receipt
 from medfed.run_events import ModelInitialised, SiteDeclined, SiteRejected, SiteTimeout
 
 
@@ -39,6 +40,20 @@ def request(
         seed=settings.seed,
         ledger_known=ctx.tracker.known_entries(site),
         weights=weights,
+        ledger_receipt=ledger_receipt(ctx, site),
+    )
+
+
+def ledger_receipt(ctx: RunContext, site: str) -> str | None:
+    """The signed receipt of the site's ledger entries the aggregator holds (None: no key)."""
+    if ctx.receipt_key is None:
+        return None
+    report = ctx.tracker.report(site)
+    return make_receipt(
+        site_id=site,
+        count=len(report.entries),
+        last_hash=report.last_hash,
+        private_key=ctx.receipt_key,
     )
 
 

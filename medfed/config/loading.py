@@ -93,7 +93,12 @@ def resolve_paths(config: SiteConfig, *, base: Path) -> SiteConfig:
         transport = transport.model_copy(
             update={
                 key: _resolve(base, getattr(transport, key))
-                for key in ("root_certificates", "node_private_key", "node_public_key")
+                for key in (
+                    "root_certificates",
+                    "node_private_key",
+                    "node_public_key",
+                    "receipt_public_key",
+                )
             }
         )
     return config.model_copy(update={"data": data, "paths": paths, "transport": transport})

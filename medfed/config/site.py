@@ -15,7 +15,7 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medfed.privacy.budget import PrivacyTerms
-from medfed.workspace import SITE_ID_PATTERN
+from medfed.workspace import RECEIPT_KEY_FILE, SITE_ID_PATTERN
 
 Accountant = Literal["rdp", "prv", "pld"]
 # "vmap" is torch.func over the whole network; "hooks" and "functorch" are Opacus' modes. Opacus'
@@ -229,6 +229,11 @@ class TransportSection(_Strict):
     root_certificates: Path = Field(description="CA certificate that signed the SuperLink's.")
     node_private_key: Path = Field(description="This node's EC P-384 key (OpenSSH, mode 0600).")
     node_public_key: Path = Field(description="Its public half, registered at the aggregator.")
+    receipt_public_key: Path | None = Field(
+        default=None,
+        description="The aggregator's receipt key (aggregator_receipt.pub of the kit); by "
+        "default that file beside root_certificates, when it is there.",
+    )
 
 
 class PolicySection(_Strict):
@@ -333,6 +338,17 @@ class SiteConfig(_Strict):
     @property
     def signing_key_path(self) -> Path:
         return self.paths.signing_key or self.paths.workdir / "keys" / "ledger_ed25519.pem"
+
+    @property
+    def receipt_key_path(self) -> Path | None:
+        """The aggregator's receipt key the site checks receipts with (None: not federated)."""
+        transport = self.transport
+        if transport is None:
+            return None
+        if transport.receipt_public_key is not None:
+            return transport.receipt_public_key
+        beside = transport.root_certificates.parent / RECEIPT_KEY_FILE
+        return beside if beside.exists() else None
 
     @property
     def cache_dir(self) -> Path:

@@ -40,6 +40,7 @@ from medfed.privacy.events import (
 from medfed.privacy.keys import key_id, load_or_create_signing_key, load_public_key, public_key_path
 from medfed.privacy.ledger import LedgerReport, verify_ledger, verify_ledger_bytes
 from medfed.privacy.ledger_head import head_path, signed_head
+from medfed.privacy.receipt import LedgerReceipt, ReceiptStore, check_receipt, read_receipt
 from medfed.privacy.witness import HeadWitness
 from medfed.storage import append_line, locked, read_bytes, replace_file
 
@@ -153,7 +154,13 @@ class SiteLedger:
     """One site's ledger file, its head, its lock and its signing key."""
 
     def __init__(
-        self, *, path: Path, key_path: Path, site_id: str, witness: Path | None = None
+        self,
+        *,
+        path: Path,
+        key_path: Path,
+        site_id: str,
+        witness: Path | None = None,
+        receipt_key: Ed25519PublicKey | None = None,
     ) -> None:
         if not isinstance(site_id, str) or not 0 < len(site_id) <= 256:
             raise PrivacyError(f"site id must be 1 to 256 characters, got {site_id!r}")
@@ -161,6 +168,11 @@ class SiteLedger:
         self.key_path = Path(key_path)
         self.site_id = site_id
         self.witness = None if witness is None else HeadWitness(directory=witness, site_id=site_id)
+        self.receipts = (
+            None
+            if receipt_key is None
+            else ReceiptStore(ledger_path=self.path, site_id=site_id, public_key=receipt_key)
+        )
         self._key: Ed25519PrivateKey | None = None
 
     def verify(self) -> LedgerReport:
@@ -170,7 +182,7 @@ class SiteLedger:
             if self.witness is not None and known is not None:
                 # a whole ledger directory gone (or restored empty) is a rollback too
                 self.witness.check(ledger_path=self.path, entries=0, public_key=known)
-            return LedgerReport(
+            empty = LedgerReport(
                 path=self.path,
                 site_id=self.site_id,
                 key_id=None if known is None else key_id(known),
@@ -180,6 +192,8 @@ class SiteLedger:
                 terms_changes=(),
                 last_hash=GENESIS_HASH,
             )
+            self._check_stored_receipt(empty)
+            return empty
         public_key = self._existing_public_key()
         if public_key is None:
             raise self._missing_key()
@@ -419,12 +433,45 @@ class SiteLedger:
             self.witness.record(read_bytes(head_path(self.path)))
         return report
 
+    def accept_receipt(self, text: str) -> LedgerReceipt:
+        """Check the aggregator's receipt ``text`` against the ledger, and keep it.
+
+        A ledger holding fewer entries than the aggregator accepted, or other ones, is
+        refused (LedgerError) before anything is reserved.
+        """
+        if self.receipts is None:
+            raise LedgerError(
+                f"site {self.site_id} has no receipt key to check the aggregator's receipt with",
+                hint="set transport.receipt_public_key to the aggregator_receipt.pub of the kit",
+            )
+        receipt = read_receipt(text, public_key=self.receipts.public_key, site_id=self.site_id)
+        check_receipt(self.verify(), receipt, where="the aggregator's receipt")
+        kept = self.receipts.keep(receipt)
+        if kept is not receipt:
+            log.warning(
+                "site %s: the aggregator's receipt covers %d entries, fewer than the %d of the "
+                "receipt kept at %s; the aggregator's copy of this ledger is behind",
+                self.site_id,
+                receipt.count,
+                kept.count,
+                self.receipts.path,
+            )
+        return receipt
+
+    def _check_stored_receipt(self, report: LedgerReport) -> None:
+        if self.receipts is None:
+            return
+        stored = self.receipts.load()
+        if stored is not None:
+            check_receipt(report, stored, where=f"receipt {self.receipts.path}")
+
     def _verify_now(self, public_key: Ed25519PublicKey) -> LedgerReport:
         report = verify_ledger(self.path, public_key=public_key, site_id=self.site_id)
         if self.witness is not None:
             self.witness.check(
                 ledger_path=self.path, entries=len(report.entries), public_key=public_key
             )
+        self._check_stored_receipt(report)
         return report
 
     def _signing_key(self) -> Ed25519PrivateKey:

@@ -27,7 +27,14 @@ from pydantic import ValidationError
 
 from medfed.config.site import ModelSection, SiteConfig
 from medfed.envelope import EvaluationReply, InitReply, RoundReply, RoundRequest
-from medfed.errors import ConfigError, LedgerError, ModelError, PolicyError, RunSettingsError
+from medfed.errors import (
+    ConfigError,
+    EnvelopeError,
+    LedgerError,
+    ModelError,
+    PolicyError,
+    RunSettingsError,
+)
 from medfed.site import policy
 from medfed.types import weights_digest
 
@@ -157,6 +164,7 @@ def train_round(*, config: SiteConfig, request: RoundRequest) -> RoundReply:
             f"numbered from 1, not {request.round}",
             hint="rounds 1 to planned_rounds train; round 0 is the initial model",
         )
+    check_against_aggregator(effective, request)
     digest = weights_digest(request.weights)
     from medfed.storage import locked, make_private_dirs
 
@@ -217,6 +225,7 @@ def evaluate_round(*, config: SiteConfig, request: RoundRequest) -> EvaluationRe
     effective = round_config(config, request)
     if request.weights is None:
         raise ConfigError(f"evaluation of {request.run_name!r} came without a model")
+    check_against_aggregator(effective, request)
     if not _ledger(effective).verify().runs(request.run_name):
         raise PolicyError(
             f"site {config.site_id} evaluates models of the runs it trained in only, and has "
@@ -294,10 +303,31 @@ def _ledger(config: SiteConfig) -> Any:
     return ledger_of(config)
 
 
-def ledger_lines_since(config: SiteConfig, known: int) -> tuple[int, tuple[str, ...]]:
-    """The verified ledger's entries from index ``known`` on (what the aggregator lacks)."""
-    report = _ledger(config).verify()
-    count = len(report.entries)
+def check_against_aggregator(config: SiteConfig, request: RoundRequest) -> None:
+    """Before anything is reserved: refuse a ledger that holds less than the aggregator has.
+
+    The aggregator's signed receipt, when the site can check it, is verified against the
+    ledger and kept (:meth:`SiteLedger.accept_receipt`); the plain count it sends is checked
+    either way.
+    """
+    ledger = _ledger(config)
+    if request.ledger_receipt is not None:
+        if ledger.receipts is None:
+            log.info(
+                "site %s has no receipt key: the aggregator's ledger receipt is not checked",
+                config.site_id,
+            )
+        else:
+            receipt = ledger.accept_receipt(request.ledger_receipt)
+            if receipt.count != request.ledger_known:
+                raise EnvelopeError(
+                    f"the aggregator's receipt covers {receipt.count} ledger entries but the "
+                    f"request says it holds {request.ledger_known}"
+                )
+    _check_known(config, request.ledger_known, len(ledger.verify().entries))
+
+
+def _check_known(config: SiteConfig, known: int, count: int) -> None:
     if known > count:
         raise LedgerError(
             f"the aggregator holds {known} entries of site {config.site_id}'s ledger but the "
@@ -305,6 +335,13 @@ def ledger_lines_since(config: SiteConfig, known: int) -> tuple[int, tuple[str, 
             hint="restore the newest backup of the ledger and its .head file; never start a "
             "site's ledger afresh",
         )
+
+
+def ledger_lines_since(config: SiteConfig, known: int) -> tuple[int, tuple[str, ...]]:
+    """The verified ledger's entries from index ``known`` on (what the aggregator lacks)."""
+    report = _ledger(config).verify()
+    count = len(report.entries)
+    _check_known(config, known, count)
     if count == 0:
         return known, ()
     lines = config.ledger_path.read_bytes().decode("utf-8").split("\n")[:count]

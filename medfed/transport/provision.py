@@ -5,9 +5,11 @@ Layout (all directories 0700, private keys 0600)::
     workspace.yaml            sites, host, port, paths, public keys, expiry (no private keys)
     ca/ca.key, ca/ca.crt      the federation CA; ca.key never leaves the aggregator's admin
     superlink/                server.key, server.crt, ca.crt for flower-superlink
+    aggregator/               receipt_key.pem, receipt_key.pub (signs ledger receipts)
     sites/<site>/             the kit for one hospital: node_key, node_key.pub (Flower node
                               identity), ledger_key.pem, ledger_key.pub (signs the site's
-                              privacy ledger), ca.crt, site.template.yaml
+                              privacy ledger), ca.crt, aggregator_receipt.pub,
+                              site.template.yaml
 
 The workspace is built in a private staging directory next to ``out`` and renamed into place,
 so an interrupted run leaves either the old workspace or the new one, never a mix.
@@ -28,14 +30,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from medfed.errors import ConfigError
-from medfed.privacy.keys import key_id
+from medfed.privacy.keys import key_id, load_or_create_signing_key
 from medfed.storage import fsync_dir, make_private_dirs, replace_file
 from medfed.transport import certs
 from medfed.workspace import (
     PROTECTED_DIRS,
+    RECEIPT_KEY_FILE,
     SITE_ID_PATTERN,
     WORKSPACE_FILE,
     CaPaths,
+    ReceiptKeyPaths,
     SiteEntry,
     SuperlinkPaths,
     Workspace,
@@ -171,6 +175,9 @@ def _build(
     _write(root / "superlink/server.crt", certs.cert_pem(server.cert))
     _write(root / "superlink/ca.crt", ca_pem)
 
+    receipt_key = load_or_create_signing_key(root / "aggregator/receipt_key.pem")
+    receipt_public = spki_pem(receipt_key.public_key())
+
     make_private_dirs(root / "sites")
     entries: list[SiteEntry] = []
     for site_id in site_ids:
@@ -180,6 +187,7 @@ def _build(
         _write(root / kit / "node_key", node.private_openssh, secret=True)
         _write(root / kit / "node_key.pub", (node.public_openssh + "\n").encode("ascii"))
         _write(root / kit / "ca.crt", ca_pem)
+        _write(root / kit / RECEIPT_KEY_FILE, receipt_public)
         # The same files medfed.privacy.keys.load_or_create_signing_key writes and loads.
         ledger_key = Ed25519PrivateKey.generate()
         ledger_pem = ledger_key.private_bytes(
@@ -215,6 +223,11 @@ def _build(
         ),
         certificate_not_after=server.cert.not_valid_after_utc,
         sites=entries,
+        receipts=ReceiptKeyPaths(
+            key="aggregator/receipt_key.pem",
+            public_key_file="aggregator/receipt_key.pub",
+            key_id=key_id(receipt_key.public_key()),
+        ),
     )
     header = "# medfed federation workspace (written by `medfed provision`; public data only)\n"
     body = yaml.safe_dump(manifest.model_dump(mode="json"), sort_keys=False)
@@ -242,6 +255,9 @@ transport:
   # Private: keep it mode 0600 on this machine only. The aggregator registers node_key.pub.
   node_private_key: node_key
   node_public_key: node_key.pub
+  # The aggregator signs a receipt of the ledger entries it holds with this key's private
+  # half; the site checks it before every round, so a restored old ledger is refused.
+  receipt_public_key: aggregator_receipt.pub
 
 data:
   # CSV or YAML manifest of this site's patients: patient_id, image, label[, split]

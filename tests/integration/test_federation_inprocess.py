@@ -21,6 +21,7 @@ from medfed.config.loading import dump_site_config
 from medfed.privacy import DPSteps, SiteLedger, compute_epsilon, plan_sampling
 from medfed.run_events import RoundDone, RunEvent
 from medfed.site.clientapp import app as medfed_client_app
+from medfed.site.ledger_of import ledger_of
 from medfed.transport.inprocess import run_in_process
 
 pytestmark = pytest.mark.slow
@@ -74,6 +75,10 @@ def test_federation_learns_and_keeps_every_ledger_in_step(tmp_path: Path) -> Non
         assert site["epsilon_spent"] == pytest.approx(spent, rel=1e-12)
         assert 0 < spent <= site["epsilon_cap"]
         assert site["rounds"] == 2 and site["status"] == "active"
+        # every request brought the aggregator's signed receipt; the site kept the newest
+        receipts = ledger_of(load_site_config(setup.site_configs[site["site_id"]])).receipts
+        kept = None if receipts is None else receipts.load()
+        assert kept is not None and 0 < kept.count <= len(ledger.verify().entries)
     kinds = [event["event"] for event in _events(setup)]
     assert kinds[0] == "run_started" and kinds[-1] == "run_finished"
     assert kinds.count("round_done") == 2

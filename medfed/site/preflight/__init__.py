@@ -53,6 +53,7 @@ from medfed.site.preflight.site_state import (
     check_data,
     check_disk,
     check_ledger,
+    check_receipt,
     check_witness,
 )
 
@@ -75,6 +76,7 @@ __all__ = [
     "check_ledger_key",
     "check_node_key",
     "check_reachable",
+    "check_receipt",
     "check_registration",
     "check_tls",
     "check_versions",
@@ -155,5 +157,6 @@ def _site_checks(config: SiteConfig, *, now: dt.datetime, timeout_s: float) -> l
     results.append(check_ledger_key(config))
     results += check_ledger(config)
     results.append(check_witness(config))
+    results.append(check_receipt(config))
     results.append(check_data(config))
     return results

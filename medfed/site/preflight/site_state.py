@@ -49,8 +49,8 @@ def check_data(config: SiteConfig) -> CheckResult:
 
 def check_ledger(config: SiteConfig) -> list[CheckResult]:
     """The ledger's signature chain and witness, then the budget left under the site's cap."""
-    ledger = ledger_of(config)
     try:
+        ledger = ledger_of(config)
         report = ledger.verify()
     except MedfedError as exc:
         failed = _fail("ledger", exc.message, exc.hint or "restore the ledger from backup")
@@ -90,7 +90,10 @@ def check_ledger(config: SiteConfig) -> list[CheckResult]:
 
 def check_witness(config: SiteConfig) -> CheckResult:
     """Whether a restored old ledger would be caught (the ledger check verifies against it)."""
-    ledger = ledger_of(config)
+    try:
+        ledger = ledger_of(config)
+    except MedfedError as exc:
+        return _fail("head witness", exc.message, exc.hint or "")
     if ledger.witness is None:
         return _warn(
             "head witness",
@@ -105,6 +108,29 @@ def check_witness(config: SiteConfig) -> CheckResult:
             "run `medfed privacy witness --config SITE.yaml` (the first round records it too)",
         )
     return _pass("head witness", f"{ledger.witness.path}: kept with every ledger entry")
+
+
+def check_receipt(config: SiteConfig) -> CheckResult:
+    """The aggregator's receipt the site keeps (the ledger check verifies against it)."""
+    name = "aggregator receipt"
+    try:
+        ledger = ledger_of(config)
+        receipts = ledger.receipts
+        stored = None if receipts is None else receipts.load()
+    except MedfedError as exc:
+        return _fail(name, exc.message, exc.hint or "")
+    if receipts is None:
+        return _warn(
+            name,
+            "no receipt key: the aggregator's receipts are not checked",
+            "set transport.receipt_public_key to the aggregator_receipt.pub of the site's kit",
+        )
+    if stored is None:
+        return _pass(name, "none kept yet: the next federated round's request brings one")
+    return _pass(
+        name,
+        f"{receipts.path}: the aggregator holds {stored.count} entries; checked before every round",
+    )
 
 
 def _terms_line(config: SiteConfig, report: LedgerReport) -> CheckResult:

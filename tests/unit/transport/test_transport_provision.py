@@ -26,7 +26,7 @@ from medfed.cli.provision_cmd import provision
 from medfed.errors import ConfigError
 from medfed.privacy import key_id, load_or_create_signing_key, load_public_key, public_key_path
 from medfed.transport import SUPERLINK_PORT, check_certificate, provision_workspace
-from medfed.workspace import Workspace, load_workspace
+from medfed.workspace import Workspace, load_workspace, spki_pem
 
 SITES = ["hospital-a", "hospital_b", "c.1"]
 
@@ -256,7 +256,13 @@ def test_site_template_is_plain_yaml_with_relative_paths(workspace: Workspace) -
         "root_certificates": "ca.crt",
         "node_private_key": "node_key",
         "node_public_key": "node_key.pub",
+        "receipt_public_key": "aggregator_receipt.pub",
     }
+    # the kit's receipt key is the public half of the key the aggregator signs receipts with
+    receipt_key = workspace.receipt_signing_key()
+    assert receipt_key is not None
+    kit_key = workspace.path("sites/c.1/aggregator_receipt.pub").read_bytes()
+    assert kit_key == spki_pem(receipt_key.public_key())
     assert "CHANGE-ME" in data["data"]["manifest"]
     assert "epsilon_cap" in data["privacy"]
     assert data["paths"]["signing_key"] == "ledger_key.pem"
