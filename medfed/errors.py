@@ -234,6 +234,18 @@ class AuditError(MedfedError):
     default_hint = "each FINDING line above names the site, the file and the entry"
 
 
+class PrivacyAuditViolation(AuditError):
+    """An empirical privacy audit proved more privacy loss than the audited run's ledger claims."""
+
+    code = "privacy-audit-violated"
+    exit_code = 21
+    decline_code = 4119
+    default_hint = (
+        "the DP-SGD path leaks more than its ledger records: check its noise, clipping and "
+        "sample rate before the site trains again"
+    )
+
+
 class AppBundleError(MedfedError):
     """A Flower app bundle (FAB) is unreadable or malformed; nothing of it was run."""
 

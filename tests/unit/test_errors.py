@@ -47,6 +47,7 @@ TABLE: dict[str, tuple[str, int, int]] = {
     "storage": ("StorageError", 12, 4115),
     "envelope": ("EnvelopeError", 14, 4111),
     "audit": ("AuditError", 10, 4116),
+    "privacy-audit-violated": ("PrivacyAuditViolation", 21, 4119),
     "app-bundle": ("AppBundleError", 19, 4117),
     "app-refused": ("AppRefusedError", 20, 4118),
 }
