@@ -1,22 +1,29 @@
 """The audit report's plots of one site's statement: epsilon over rounds, Dice against epsilon.
 
-Drawn with matplotlib (imported only here, when a plot is drawn) as figures for the PDF and as
-inline SVG for the HTML page.
+Drawn with matplotlib (imported only here, when a plot is drawn); the HTML page embeds them as
+inline SVG, the PDF as PNG. matplotlib comes with MLflow (``medfed[tracking]``); without it the
+report leaves the plots out and says so.
 """
 
 from __future__ import annotations
 
-import contextlib
+import importlib.util
 import io
 import math
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from medfed.audit.findings import fmt
 from medfed.audit.statement import SiteStatement
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+NO_PLOTS: Final = "Plots left out: matplotlib is not installed (pip install 'medfed[tracking]')."
+PNG_DPI: Final = 200
+
+
+def plots_available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def epsilon_figure(site: SiteStatement) -> Figure | None:
@@ -67,27 +74,18 @@ def dice_figure(site: SiteStatement) -> Figure | None:
     return figure
 
 
-def epsilon_svg(site: SiteStatement) -> str | None:
-    return _svg(epsilon_figure(site))
+def svg_of(figure: Figure) -> str:
+    """The figure as an ``<svg>`` element with its text as text (searchable, no font files)."""
+    import matplotlib
 
-
-def dice_svg(site: SiteStatement) -> str | None:
-    return _svg(dice_figure(site))
-
-
-def _svg(figure: Figure | None) -> str | None:
-    if figure is None:
-        return None
     buffer = io.StringIO()
-    with _plain_svg():
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "medfed-audit"}):
         figure.savefig(buffer, format="svg")
     text = buffer.getvalue()
     return text[text.find("<svg") :]
 
 
-@contextlib.contextmanager
-def _plain_svg() -> Iterator[None]:
-    import matplotlib
-
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "medfed-audit"}):
-        yield
+def png_of(figure: Figure, *, dpi: int = PNG_DPI) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()

@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from medfed.audit.accounting import ACCOUNTANT_DESCRIPTIONS, cumulative_opacus_rdp
+from medfed.audit.contents import build_document
+from medfed.audit.document import Document
+from medfed.audit.html import render_html
 from medfed.audit.mlflow_store import MlflowStore, resolve_target
-from medfed.audit.render import render_html, write_pdf
+from medfed.audit.pdf import write_pdf
 from medfed.audit.sources import RunRecord, read_runs
 from medfed.audit.statement import ReleaseRow, RoundRow, SiteStatement
 from medfed.audit.verify import AuditResult, SiteAudit, check_mlflow_run, verify_runs
@@ -58,24 +61,26 @@ class AuditReport:
     def to_json_text(self) -> str:
         return json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n"
 
-    def to_html(self) -> str:
-        """A self-contained HTML page (inline CSS and SVG plots; no external resources)."""
-        return render_html(
+    def document(self, *, plots: bool | None = None) -> Document:
+        """The report's contents, which the HTML and the PDF both draw.
+
+        ``plots`` None draws the plots where matplotlib is installed.
+        """
+        return build_document(
             workspace=self.workspace,
             generated_at=self.generated_at,
             verification=self.verification,
             sites=self.sites,
+            plots=plots,
         )
 
+    def to_html(self) -> str:
+        """A self-contained HTML page (inline CSS and SVG plots; no external resources)."""
+        return render_html(self.document())
+
     def write_pdf(self, path: Path) -> None:
-        """A PDF of text pages and plots (needs matplotlib; ConfigError without it)."""
-        write_pdf(
-            workspace=self.workspace,
-            generated_at=self.generated_at,
-            verification=self.verification,
-            sites=self.sites,
-            path=Path(path),
-        )
+        """The same contents as :meth:`to_html` as a PDF: tables, and the plots as images."""
+        write_pdf(self.document(), path=Path(path))
 
 
 def build_report(

@@ -1,7 +1,7 @@
 """A site's privacy statement and its rows: what an auditor signs off, as data.
 
 :func:`medfed.audit.report.build_report` fills these from the verified ledger copies;
-:mod:`medfed.audit.render` draws them as HTML and PDF.
+:mod:`medfed.audit.contents` turns them into the report's document.
 """
 
 from __future__ import annotations

@@ -2,18 +2,21 @@
 
 ``verify`` prints one line per finding (site, file, ledger line and seq, what is wrong), then
 PASS or FAIL, and exits 0 only on PASS; on FAIL the last line on stderr is the audit error and
-the exit code is :class:`~medfed.errors.AuditError`'s. The accounting libraries, MLflow and
-matplotlib are imported only when a command runs.
+the exit code is :class:`~medfed.errors.AuditError`'s. ``report`` writes HTML, JSON or PDF:
+``--format`` wins, otherwise the suffix of ``--out`` decides, and any other suffix is refused
+before anything is read. The accounting libraries, MLflow, matplotlib and fpdf2 are imported
+only when a command runs.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 import typer
 
+from medfed.cli import canary_cmd
 from medfed.errors import AuditError, ConfigError
 
 app = typer.Typer(
@@ -101,11 +104,15 @@ def verify(
 @app.command()
 def report(
     workspace: WorkspaceOption,
-    out: Annotated[Path, typer.Option("--out", help="Where to write the report.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Where to write the report (.html, .json or .pdf).")
+    ],
     run: RunOption = None,
     fmt: Annotated[
         Format | None,
-        typer.Option("--format", help="html, json or pdf (default: from --out's suffix)."),
+        typer.Option(
+            "--format", help="html, json or pdf; wins over --out's suffix (default: the suffix)."
+        ),
     ] = None,
     ledger: LedgerOption = None,
     tracking_uri: TrackingOption = None,
@@ -114,15 +121,14 @@ def report(
     """Write the per-site privacy statement, its plots and the verification results."""
     from medfed.audit import build_report
 
-    chosen: Format = fmt or _format_of(out)
+    chosen: Format = fmt or format_of(out)
     if chosen == "pdf":
-        from medfed.audit.render import plots_available
+        from medfed.audit.pdf import pdf_available
 
-        if not plots_available():
+        if not pdf_available():
             raise ConfigError(
-                "a PDF report needs matplotlib, which is not installed",
-                hint="pip install 'medfed[tracking]' (MLflow brings matplotlib), or use "
-                "--format html",
+                "a PDF report needs fpdf2, which is not installed",
+                hint="pip install 'fpdf2>=2.8,<3' (or reinstall medfed), or use --format html",
             )
     built = build_report(
         workspace=workspace,
@@ -145,10 +151,25 @@ def report(
     )
 
 
-def _format_of(out: Path) -> Format:
-    suffix = out.suffix.lower()
-    if suffix == ".json":
-        return "json"
-    if suffix == ".pdf":
-        return "pdf"
-    return "html"
+SUFFIXES: Final[dict[str, Format]] = {
+    ".html": "html",
+    ".htm": "html",
+    ".json": "json",
+    ".pdf": "pdf",
+}
+
+
+def format_of(out: Path) -> Format:
+    """The report format ``out``'s suffix names; ConfigError for any other suffix."""
+    found = SUFFIXES.get(out.suffix.lower())
+    if found is None:
+        what = f"suffix {out.suffix!r}" if out.suffix else "no suffix"
+        *others, last = SUFFIXES
+        raise ConfigError(
+            f"--out {out} has {what}: the report is written as {', '.join(others)} or {last} only",
+            hint="name the file with one of those suffixes, or give --format html|json|pdf",
+        )
+    return found
+
+
+app.command("canary")(canary_cmd.canary)

@@ -15,6 +15,7 @@ from subprocess import CompletedProcess
 import pytest
 
 from medfed.api.demo import DemoSetup, prepare_federation
+from medfed.audit.findings import fmt
 from medfed.config import load_site_config
 from medfed.transport.inprocess import run_in_process
 
@@ -111,6 +112,24 @@ def test_audit_of_a_real_federation(
     assert html.startswith("<!DOCTYPE html>")
     for site in ("site-a", "site-b"):
         assert f"Site {site}" in html
+
+    pypdf = pytest.importorskip("pypdf")
+    document = tmp_path / "report.pdf"
+    made = run_medfed("audit", "report", "--workspace", ws, "--out", str(document), cwd=tmp_path)
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert made.stdout.startswith(f"pdf report written to {document}: 2 site(s)")
+    text = " ".join(
+        " ".join(page.extract_text().split()) for page in pypdf.PdfReader(document).pages
+    )
+    assert "Summary: what this means for each site's patients" in text
+    for site, statement in report["sites"].items():
+        assert f"Site {site}" in text
+        assert f"{site}: For any one patient of {site}" in text
+        assert fmt(statement["epsilon_spent"]) in text
+        assert fmt(statement["epsilon"]["pld"]) in text
+        assert "Models trained on this site's data" in text
+    if tracked:
+        assert "medfed-demo" in text
 
 
 def test_tampering_with_the_aggregators_copy_is_named(

@@ -117,3 +117,76 @@ def test_bad_ledger_options_are_config_errors() -> None:
         parse_ledgers(["site-a"])
     with pytest.raises(ConfigError, match="twice"):
         parse_ledgers(["a=1", "a=2"])
+
+
+@pytest.mark.parametrize("name", ["audit.docx", "audit"])
+def test_report_refuses_an_unknown_suffix_in_one_line(
+    name: str,
+    federation: Federation,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    out_file = tmp_path / name
+    code, out, err = _medfed(
+        monkeypatch,
+        capsys,
+        "audit",
+        "report",
+        "--workspace",
+        str(federation.workspace_dir),
+        "--out",
+        str(out_file),
+    )
+    assert code == ConfigError.exit_code == 2
+    assert not out_file.exists() and out == ""
+    [line] = err.strip().splitlines()
+    what = "suffix '.docx'" if name.endswith(".docx") else "no suffix"
+    assert line.startswith(
+        f"error[config]: --out {out_file} has {what}: the report is written as "
+        ".html, .htm, .json or .pdf only (hint: "
+    )
+    assert "--format html|json|pdf" in line
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "written"),
+    [
+        ("audit.PDF", None, "pdf"),
+        ("audit.docx", "pdf", "pdf"),
+        ("audit.html", "json", "json"),
+        ("audit.htm", None, "html"),
+    ],
+)
+def test_report_format_wins_over_the_suffix(
+    name: str,
+    fmt: str | None,
+    written: str,
+    federation: Federation,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    out_file = tmp_path / name
+    args = ["--format", fmt] if fmt else []
+    code, out, err = _medfed(
+        monkeypatch,
+        capsys,
+        "audit",
+        "report",
+        "--workspace",
+        str(federation.workspace_dir),
+        "--out",
+        str(out_file),
+        *args,
+    )
+    assert code == 0, err
+    assert out.startswith(f"{written} report written to {out_file}: 2 site(s)")
+    assert err == ""
+    data = out_file.read_bytes()
+    if written == "pdf":
+        assert data.startswith(b"%PDF")
+    elif written == "json":
+        assert json.loads(data)["verdict"] == "PASS"
+    else:
+        assert data.startswith(b"<!DOCTYPE html>")
