@@ -23,7 +23,7 @@ from medfed.aggregator.outcome import FederationResult, SiteRecord, weighted_mea
 from medfed.aggregator.rounds import evaluate, train_round
 from medfed.aggregator.run_store import ResumePoint, RunStore
 from medfed.aggregator.selection import online, select, too_few, wait_for_sites
-from medfed.aggregator.strategies import FedAdamState, aggregate
+from medfed.aggregator.strategies import FedAdamState, RoundAggregation
 from medfed.config.run import RunSettings
 from medfed.errors import ConfigError, MedfedError
 from medfed.numbers import finite_or_none
@@ -109,35 +109,31 @@ def _run(ctx: RunContext, resume: ResumePoint | None) -> FederationResult:
         if len(selected) < settings.min_sites:
             reason = too_few(ctx, selected, "with budget left")
             return finish(ctx, "stopped", reason, completed, model_dir, dice_initial)
-        outcome = train_round(ctx, round_index, selected, weights)
+        aggregation = RoundAggregation(settings=settings.strategy, global_weights=weights)
+        outcome = train_round(ctx, round_index, selected, weights, aggregation)
         if round_index == first_round and outcome.dice_before:
             dice_initial = weighted_mean(outcome.dice_before)
-        if len(outcome.updates) < settings.min_sites:
+        if len(outcome.sites) < settings.min_sites:
             reason = (
-                f"round {round_index}: {len(outcome.updates)} usable updates, fewer than "
+                f"round {round_index}: {len(outcome.sites)} usable updates, fewer than "
                 f"min_sites {settings.min_sites}"
             )
             return finish(ctx, "stopped", reason, completed, model_dir, dice_initial)
-        result = aggregate(
-            settings=settings.strategy,
-            state=strategy_state,
-            global_weights=weights,
-            updates=outcome.updates,
-        )
+        result = aggregation.finish(state=strategy_state)
         weights, strategy_state = dict(result.weights), result.state
         model_dir = ctx.store.save_round(
             round=round_index,
             weights=weights,
             spec=spec,
             strategy_state=None if strategy_state is None else strategy_state.to_arrays(),
-            metadata={"round": round_index, "sites": [u.site_id for u in outcome.updates]},
+            metadata={"round": round_index, "sites": outcome.sites},
         )
         completed = round_index
         ctx.emit(
             RoundDone(
                 run_name=ctx.run_name,
                 round=round_index,
-                sites_answered=len(outcome.updates),
+                sites_answered=len(outcome.sites),
                 sites_asked=len(selected),
                 dice_before=finite_or_none(weighted_mean(outcome.dice_before)),
                 loss=finite_or_none(weighted_mean(outcome.losses)),

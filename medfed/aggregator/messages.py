@@ -8,8 +8,9 @@ cross); and the initial model comes from a site, since the aggregator builds no 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, Final
 
 import numpy as np
 from flwr.app import Message
@@ -18,7 +19,13 @@ from medfed.aggregator.context import RunContext
 from medfed.envelope import INIT, RoundRequest, read_decline, read_init, request_content
 from medfed.errors import MedfedError
 from medfed.privacy.receipt import make_receipt
-from medfed.run_events import ModelInitialised, SiteDeclined, SiteRejected, SiteTimeout
+from medfed.run_events import (
+    ModelInitialised,
+    SiteDeclined,
+    SiteRejected,
+    SiteReplied,
+    SiteTimeout,
+)
 
 
 def request(
@@ -57,6 +64,11 @@ def ledger_receipt(ctx: RunContext, site: str) -> str | None:
     )
 
 
+# Flower's Grid.send_and_receive looks for replies every 3 s; pulling every REPLY_POLL_S instead
+# ends a message stage within that of its last reply (each pull is one request to the SuperLink).
+REPLY_POLL_S: Final = 0.2
+
+
 def send(
     ctx: RunContext,
     kind: str,
@@ -64,9 +76,21 @@ def send(
     nodes: Mapping[str, int],
     weights: Mapping[str, np.ndarray] | None,
 ) -> dict[str, Message]:
-    """One message per site (each its own records); the replies by site.
+    """One message per site (each its own records); the replies by site."""
+    return dict(send_each(ctx, kind, round_index, nodes, weights))
 
-    A site silent within the round's timeout is marked offline and named in an event.
+
+def send_each(
+    ctx: RunContext,
+    kind: str,
+    round_index: int,
+    nodes: Mapping[str, int],
+    weights: Mapping[str, np.ndarray] | None,
+) -> Iterator[tuple[str, Message]]:
+    """Send one message per site and yield each site's reply as it arrives.
+
+    A site silent within the round's timeout is marked offline and named in an event once the
+    others have answered or the timeout passed.
     """
     settings = ctx.settings
     by_node = {node: site for site, node in nodes.items()}
@@ -81,20 +105,35 @@ def send(
         for site, node in nodes.items()
     ]
     ctx.bytes_sent += sum(array_bytes(message) for message in messages)
-    replies: dict[str, Message] = {}
-    for reply in ctx.grid.send_and_receive(messages, timeout=settings.round_timeout_s):
+    answered: set[str] = set()
+    for reply in _replies(ctx, messages, timeout_s=settings.round_timeout_s):
         site = by_node.get(int(reply.metadata.src_node_id))
-        if site is not None:
-            replies[site] = reply
+        if site is not None and site not in answered:
+            answered.add(site)
             ctx.bytes_received += array_bytes(reply)
-    for site in sorted(set(nodes) - set(replies)):
+            ctx.emit(
+                SiteReplied(run_name=ctx.run_name, site=site, round=round_index, message_type=kind)
+            )
+            yield site, reply
+    for site in sorted(set(nodes) - answered):
         record = ctx.sites[site]
         record.status = "offline"
         record.last_reason = f"no reply to {kind} within {settings.round_timeout_s:g} s"
         ctx.emit(
             SiteTimeout(run_name=ctx.run_name, site=site, round=round_index, message_type=kind)
         )
-    return replies
+
+
+def _replies(ctx: RunContext, messages: list[Message], *, timeout_s: float) -> Iterator[Message]:
+    waiting = set(ctx.grid.push_messages(messages))
+    deadline = time.monotonic() + timeout_s
+    while waiting:
+        for reply in ctx.grid.pull_messages(waiting):
+            waiting.discard(reply.metadata.reply_to_message_id)
+            yield reply
+        if not waiting or time.monotonic() >= deadline:
+            return
+        time.sleep(REPLY_POLL_S)
 
 
 def array_bytes(message: Message) -> int:

@@ -19,10 +19,11 @@ import numpy as np
 
 from medfed.aggregator.budget import SiteBudget
 from medfed.aggregator.context import RunContext
-from medfed.aggregator.messages import declined, send
+from medfed.aggregator.messages import declined, send, send_each
 from medfed.aggregator.outcome import weighted_mean
 from medfed.aggregator.releases import RoundRecord, finite_value, model_dice, round_record
 from medfed.aggregator.selection import online
+from medfed.aggregator.strategies import RoundAggregation
 from medfed.aggregator.validation import validate_update
 from medfed.envelope import EVALUATE, TRAIN, read_decline, read_evaluation, read_reply
 from medfed.errors import MedfedError
@@ -43,9 +44,12 @@ log = logging.getLogger("medfed.aggregator")
 
 @dataclass
 class RoundOutcome:
-    """The usable updates of a round, and the released numbers to average over the sites."""
+    """The sites whose updates were usable, and the released numbers to average over them.
 
-    updates: list[SiteUpdate] = field(default_factory=list)
+    The updates themselves are not kept: each went into the round's aggregation as it was read.
+    """
+
+    sites: list[str] = field(default_factory=list)
     dice_before: dict[str, tuple[float, int]] = field(default_factory=dict)
     losses: dict[str, tuple[float, int]] = field(default_factory=dict)
     seconds: float = 0.0
@@ -56,13 +60,18 @@ def train_round(
     round_index: int,
     selected: Mapping[str, int],
     weights: Mapping[str, np.ndarray],
+    aggregation: RoundAggregation,
 ) -> RoundOutcome:
-    """Ask ``selected`` to train from ``weights``; what came back usable."""
+    """Ask ``selected`` to train from ``weights``; what came back usable.
+
+    Replies are read as they arrive, and each usable update goes into ``aggregation`` at once
+    (the weighted means fold it into a running sum), so a round holds one reply at a time.
+    """
     ctx.emit(RoundStarted(run_name=ctx.run_name, round=round_index, sites=tuple(sorted(selected))))
     started = time.monotonic()
     digest = weights_digest(weights)
     outcome = RoundOutcome()
-    for site, reply in sorted(send(ctx, TRAIN, round_index, selected, weights).items()):
+    for site, reply in send_each(ctx, TRAIN, round_index, selected, weights):
         if declined(ctx, site, round_index, reply):
             continue
         record = ctx.sites[site]
@@ -103,7 +112,8 @@ def train_round(
         record.num_patients = update.num_patients
         record.last_loss = finite_value(ledger.loss)
         record.last_plan = ledger.plan
-        outcome.updates.append(update)
+        aggregation.add(update=update)
+        outcome.sites.append(site)
         outcome.dice_before[site] = (finite_value(ledger.dice), validation_weight(ctx, site))
         outcome.losses[site] = (record.last_loss, update.num_patients)
         ctx.emit(

@@ -1,10 +1,21 @@
-"""Aggregation strategies: pure functions from site updates to new global weights.
+"""Aggregation strategies: from site updates to new global weights.
 
-No torch, no Flower, no I/O: arrays in, arrays out. Arithmetic is done in float64 and the
-resulting weights are float32, the dtype models travel in. Every function refuses an empty update
-list and updates whose names or shapes disagree (see
-:func:`medfed.aggregator.validation.check_aggregatable`); judging content (NaNs, stale rounds) is
-:func:`medfed.aggregator.validation.partition_updates`' job and must happen first.
+No torch, no Flower, no I/O: arrays in, arrays out; the resulting weights are float32, the
+dtype models travel in. Every strategy refuses an empty round and updates whose names or shapes
+disagree (see :func:`medfed.aggregator.validation.check_aggregatable`); judging content (NaNs,
+stale rounds) is :func:`medfed.aggregator.validation.partition_updates`' job and must happen
+first.
+
+Two ways in, one implementation: :class:`RoundAggregation` takes a round's updates one at a
+time, as the aggregator receives them, and :func:`aggregate` (with :func:`fedavg`,
+:func:`coordinate_median`, ... for lists) feeds it a whole list. What a round holds depends on
+the strategy:
+
+* FedAvg, FedProx and FedAdam fold each update into a float32 running weighted sum
+  (:class:`medfed.aggregator.accumulate.WeightedSum`): one model's worth, whatever the number
+  of sites.
+* The coordinate median and the trimmed mean hold every update of the round (n models' worth):
+  an order statistic needs all values of a coordinate at once. Their arithmetic is in float64.
 
 FedProx needs nothing special here: its proximal term ``mu/2 * ||w - w_global||^2`` is added to
 the *site's* local loss, and the server then averages exactly as FedAvg does (Li et al. 2020).
@@ -17,10 +28,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Self
 
 import numpy as np
 
+from medfed.aggregator.accumulate import WeightedSum, layout_problems
 from medfed.aggregator.validation import check_aggregatable
 from medfed.config.strategy import StrategySettings
 from medfed.errors import AggregationError, ConfigError
@@ -30,6 +43,7 @@ __all__ = [
     "AggregationResult",
     "FedAdam",
     "FedAdamState",
+    "RoundAggregation",
     "aggregate",
     "coordinate_median",
     "fedavg",
@@ -46,24 +60,33 @@ def _stack(updates: Sequence[SiteUpdate], name: str) -> np.ndarray:
     return np.stack([update.weights[name].astype(np.float64) for update in updates])
 
 
+def _patient_weight(update: SiteUpdate) -> int:
+    """The weight of ``update`` in a weighted mean: its released number of training patients.
+
+    Raises:
+        AggregationError: The update reports fewer than one patient.
+    """
+    if update.num_patients < 1:
+        raise AggregationError(
+            f"site {update.site_id!r} reports {update.num_patients} patients; "
+            "FedAvg needs at least 1",
+            hint="validate updates with partition_updates before aggregating",
+        )
+    return update.num_patients
+
+
 def fedavg(*, updates: Sequence[SiteUpdate]) -> Weights:
-    """Average the updates' weights, each site weighted by its number of training patients."""
+    """Average the updates' weights, each site weighted by its number of training patients.
+
+    The updates are folded one by one into a float32 running sum
+    (:class:`~medfed.aggregator.accumulate.WeightedSum`), as a round does when they arrive.
+    """
     layout = check_aggregatable(updates=updates)
-    for update in updates:
-        if update.num_patients < 1:
-            raise AggregationError(
-                f"site {update.site_id!r} reports {update.num_patients} patients; "
-                "FedAvg needs at least 1",
-                hint="validate updates with partition_updates before aggregating",
-            )
-    total = float(sum(update.num_patients for update in updates))
-    result: Weights = {}
-    for name, shape in layout.items():
-        acc = np.zeros(shape, dtype=np.float64)
-        for update in updates:
-            acc += update.num_patients * update.weights[name].astype(np.float64)
-        result[name] = (acc / total).astype(np.float32)
-    return result
+    weights = [_patient_weight(update) for update in updates]
+    total = WeightedSum(layout=layout)
+    for update, weight in zip(updates, weights, strict=True):
+        total.add(update=update, weight=weight)
+    return total.result()
 
 
 def fedprox(*, updates: Sequence[SiteUpdate]) -> Weights:
@@ -75,7 +98,9 @@ def coordinate_median(*, updates: Sequence[SiteUpdate]) -> Weights:
     """Coordinate-wise median of the updates, unweighted (Yin et al. 2018).
 
     Unweighted on purpose: weighting by a self-reported patient count would let one site buy
-    the median by claiming many patients.
+    the median by claiming many patients. Holds every update: the median of a coordinate needs
+    all of its values, so memory grows with the number of sites (n models, plus a float64
+    stack of one array at a time).
     """
     layout = check_aggregatable(updates=updates)
     return {name: np.median(_stack(updates, name), axis=0).astype(np.float32) for name in layout}
@@ -107,7 +132,8 @@ def trimmed_mean(*, updates: Sequence[SiteUpdate], trim_fraction: float) -> Weig
     """Coordinate-wise trimmed mean: drop the k largest and k smallest values, average the rest.
 
     ``k = floor(trim_fraction * n)`` for ``n`` updates (Yin et al. 2018); unweighted, as for the
-    median.
+    median. Holds every update, as the median does: the values to drop are only known once all
+    of a coordinate's values are there.
     """
     layout = check_aggregatable(updates=updates)
     k = trimmed_count(trim_fraction=trim_fraction, num_updates=len(updates))
@@ -134,8 +160,24 @@ class FedAdamState:
     @classmethod
     def initial(cls, *, global_weights: Mapping[str, np.ndarray]) -> Self:
         """Zero moments shaped like ``global_weights``."""
-        zeros = {name: np.zeros(a.shape, dtype=np.float64) for name, a in global_weights.items()}
-        return cls(step=0, m=zeros, v=zeros)
+        return cls._of_new_arrays(
+            step=0,
+            m={name: np.zeros(a.shape, dtype=np.float64) for name, a in global_weights.items()},
+            v={name: np.zeros(a.shape, dtype=np.float64) for name, a in global_weights.items()},
+        )
+
+    @classmethod
+    def _of_new_arrays(cls, *, step: int, m: Weights, v: Weights) -> Self:
+        """A state of arrays just made for it, which nothing else holds: marked read-only in
+        place instead of copied (two models' worth of float64 per round saved)."""
+        state = object.__new__(cls)
+        for arrays in (m, v):
+            for array in arrays.values():
+                array.setflags(write=False)
+        object.__setattr__(state, "step", step)
+        object.__setattr__(state, "m", MappingProxyType(m))
+        object.__setattr__(state, "v", MappingProxyType(v))
+        return state
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Flat name -> array form for checkpoints (safetensors), never pickle."""
@@ -209,27 +251,56 @@ class FedAdam:
         """One server step; returns the new float32 weights and the new state (``state`` is
         left untouched). ``state=None`` starts from zero moments."""
         check_aggregatable(updates=updates, reference=global_weights)
+        return self.step_to(
+            state=state, global_weights=global_weights, average=fedavg(updates=updates)
+        )
+
+    def step_to(
+        self,
+        *,
+        state: FedAdamState | None,
+        global_weights: Mapping[str, np.ndarray],
+        average: Mapping[str, np.ndarray],
+    ) -> tuple[Weights, FedAdamState]:
+        """One server step from ``average``, the updates' weighted mean (their FedAvg).
+
+        The pseudo-gradient is ``global_weights - average``, the weighted mean of the sites'
+        pseudo-gradients; the optimiser's arithmetic is float64.
+        """
+        _check_moments(state, global_weights)
         if state is None:
             state = FedAdamState.initial(global_weights=global_weights)
-        moment_shapes = {name: a.shape for name, a in state.m.items()}
-        if moment_shapes != {name: a.shape for name, a in global_weights.items()}:
-            raise AggregationError(
-                "FedAdam state does not match the global model's arrays",
-                hint="restart the optimiser state when the model architecture changes",
-            )
-        average = fedavg(updates=updates)
         new_weights: Weights = {}
         m: Weights = {}
         v: Weights = {}
+        # The formulas of the class docstring, operation for operation in float64, with one
+        # scratch array per tensor instead of a temporary per operation.
         for name, current in global_weights.items():
-            x = current.astype(np.float64)
-            g = x - average[name].astype(np.float64)
-            m[name] = self.beta1 * state.m[name] + (1.0 - self.beta1) * g
-            v[name] = self.beta2 * state.v[name] + (1.0 - self.beta2) * g * g
-            new_weights[name] = (x - self.eta * m[name] / (np.sqrt(v[name]) + self.tau)).astype(
-                np.float32
-            )
-        return new_weights, FedAdamState(step=state.step + 1, m=m, v=v)
+            g = np.subtract(current, average[name], dtype=np.float64)
+            scratch = np.multiply(g, 1.0 - self.beta1)
+            m[name] = np.multiply(state.m[name], self.beta1)
+            m[name] += scratch
+            np.multiply(g, 1.0 - self.beta2, out=scratch)
+            scratch *= g
+            v[name] = np.multiply(state.v[name], self.beta2)
+            v[name] += scratch
+            np.sqrt(v[name], out=scratch)
+            scratch += self.tau
+            step = np.multiply(m[name], self.eta, out=g)
+            step /= scratch
+            new_weights[name] = np.subtract(current, step, out=step).astype(np.float32)
+        return new_weights, FedAdamState._of_new_arrays(step=state.step + 1, m=m, v=v)
+
+
+def _check_moments(state: FedAdamState | None, global_weights: Mapping[str, np.ndarray]) -> None:
+    if state is None:
+        return
+    moment_shapes = {name: a.shape for name, a in state.m.items()}
+    if moment_shapes != {name: a.shape for name, a in global_weights.items()}:
+        raise AggregationError(
+            "FedAdam state does not match the global model's arrays",
+            hint="restart the optimiser state when the model architecture changes",
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -238,6 +309,83 @@ class AggregationResult:
 
     weights: Mapping[str, np.ndarray]
     state: FedAdamState | None
+
+
+class RoundAggregation:
+    """One round's aggregation under ``settings``, fed one validated update at a time.
+
+    ``add`` takes each update as it arrives; ``finish`` gives the new global weights and
+    strategy state. FedAvg, FedProx and FedAdam fold each update into a float32 weighted sum
+    and keep no reference to it: one model's worth of memory for any number of sites. The
+    median and the trimmed mean hold every update until ``finish`` (n models' worth).
+    """
+
+    def __init__(
+        self, *, settings: StrategySettings, global_weights: Mapping[str, np.ndarray]
+    ) -> None:
+        self._settings = settings
+        self._global = global_weights
+        self._layout = {name: tuple(array.shape) for name, array in global_weights.items()}
+        streams = settings.name in ("fedavg", "fedprox", "fedadam")
+        self._sum = WeightedSum(layout=self._layout) if streams else None
+        self._held: list[SiteUpdate] = []
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """The sites whose updates were added, in the order they were added."""
+        if self._sum is not None:
+            return self._sum.sites
+        return tuple(update.site_id for update in self._held)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of update arrays this aggregation holds (sums, or the held updates)."""
+        if self._sum is not None:
+            return self._sum.nbytes
+        return sum(a.nbytes for update in self._held for a in update.weights.values())
+
+    def add(self, *, update: SiteUpdate) -> None:
+        """Take one site's update (validated, one per site: see ``partition_updates``).
+
+        Raises:
+            AggregationError: The update does not fit the global model, or (weighted means)
+                reports fewer than one patient or overflows the float32 sums.
+        """
+        differing = layout_problems(weights=update.weights, layout=self._layout)
+        if differing:
+            raise AggregationError(
+                f"site {update.site_id!r}: arrays {differing[:5]} differ in name or shape "
+                "from the global model",
+                hint="validate updates with partition_updates before aggregating",
+            )
+        if self._sum is not None:
+            self._sum.add(update=update, weight=_patient_weight(update))
+        else:
+            self._held.append(update)
+
+    def finish(self, *, state: FedAdamState | None) -> AggregationResult:
+        """The new global weights, and the strategy state for the next round.
+
+        ``state`` is FedAdam's state from the previous round (``None`` at the start, and for
+        the stateless strategies, which pass it through unchanged).
+
+        Raises:
+            AggregationError: No update was added.
+            ConfigError: ``trim_fraction`` leaves nothing to average for this many updates.
+        """
+        settings = self._settings
+        if self._sum is not None:
+            average = self._sum.result()
+            if settings.name != "fedadam":
+                return AggregationResult(weights=average, state=state)
+            weights, new_state = FedAdam.from_settings(settings).step_to(
+                state=state, global_weights=self._global, average=average
+            )
+            return AggregationResult(weights=weights, state=new_state)
+        if settings.name == "median":
+            return AggregationResult(weights=coordinate_median(updates=self._held), state=state)
+        weights = trimmed_mean(updates=self._held, trim_fraction=settings.trim_fraction)
+        return AggregationResult(weights=weights, state=state)
 
 
 def aggregate(
@@ -249,8 +397,9 @@ def aggregate(
 ) -> AggregationResult:
     """Run the strategy ``settings.name`` names on one round's (already validated) updates.
 
-    ``state`` is FedAdam's state from the previous round (``None`` at the start, and for the
-    stateless strategies, which pass it through unchanged).
+    The list form of :class:`RoundAggregation`: ``state`` is FedAdam's state from the previous
+    round (``None`` at the start, and for the stateless strategies, which pass it through
+    unchanged).
 
     Raises:
         AggregationError: ``updates`` is empty.
@@ -258,18 +407,7 @@ def aggregate(
         ConfigError: ``trim_fraction`` leaves nothing to average for this many updates.
     """
     check_aggregatable(updates=updates, reference=global_weights)
-    match settings.name:
-        case "fedavg":
-            return AggregationResult(weights=fedavg(updates=updates), state=state)
-        case "fedprox":
-            return AggregationResult(weights=fedprox(updates=updates), state=state)
-        case "median":
-            return AggregationResult(weights=coordinate_median(updates=updates), state=state)
-        case "trimmed_mean":
-            weights = trimmed_mean(updates=updates, trim_fraction=settings.trim_fraction)
-            return AggregationResult(weights=weights, state=state)
-        case "fedadam":
-            weights, new_state = FedAdam.from_settings(settings).step(
-                state=state, global_weights=global_weights, updates=updates
-            )
-            return AggregationResult(weights=weights, state=new_state)
+    aggregation = RoundAggregation(settings=settings, global_weights=global_weights)
+    for update in updates:
+        aggregation.add(update=update)
+    return aggregation.finish(state=state)

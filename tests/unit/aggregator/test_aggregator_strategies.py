@@ -51,8 +51,10 @@ def test_fedavg_averages_every_array() -> None:
     np.testing.assert_array_equal(result["w"], [2.0])
 
 
-def test_fedavg_accumulates_in_float64() -> None:
-    # 2**24 + 1 is not a float32; a float32 accumulator would give 8388608.0.
+def test_fedavg_of_values_far_apart() -> None:
+    # (1 + 2**24) / 2 = 8388608.5 lies halfway between two float32 values and rounds to
+    # 8388608 (ties to even) whatever dtype accumulates; test_aggregator_accumulate.py bounds
+    # the error of the float32 running sum itself.
     result = fedavg(updates=[update("a", w=[1.0]), update("b", w=[2.0**24])])
     assert result["w"][0] == np.float32(8388608.5)
 
