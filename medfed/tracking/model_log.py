@@ -13,7 +13,9 @@ Registered as ``medfed-<run_name>``; the version's tags are the guarantee: ``med
 and ``medfed.delta.<site>`` (each site's whole ledger spend, an upper bound for this model),
 ``medfed.accountant.<site>`` (the accountant the site's ledger names), ``medfed.accountant``
 (the sites' accountants), ``medfed.privacy_unit`` = ``patient``, ``medfed.sites``,
-``medfed.rounds``, ``medfed.run_name``.
+``medfed.rounds``, ``medfed.run_name``. The UI shows only a few tags without scrolling, so the
+version's description states the guarantee too, one line per site
+(:func:`medfed.tracking.descriptions.model_version_description`).
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medfed.privacy.events import PRIVACY_UNIT
+from medfed.tracking.descriptions import model_version_description
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from torch import nn
 
 log = logging.getLogger("medfed.tracking")
 
-PRIVACY_UNIT = "patient"
 MODEL_NAME = "model"
 DEFAULT_PATCH_EDGE = 32
 FORMAT_TAG = "medfed.model_format"
@@ -173,7 +177,7 @@ def _log_and_register(
         source=source,
         run_id=run_id,
         tags=tags,
-        description=f"Global model of federation run {run_name!r} (DP-SGD, per-patient).",
+        description=model_version_description(summary=summary, run_name=run_name),
         await_creation_for=0,
         model_id=model_id,
     )

@@ -17,8 +17,10 @@ RoundDone           parent metrics at ``step=round``: dice_global, train_loss, e
 Evaluation          ``dice_final`` on the parent and on each child
 SiteDeclined ...    child tag ``medfed.last_issue``
 PrivacyAlert        tag ``medfed.privacy_alert`` on the parent and the site's child run
-RunEnded            parent tags; the run's summary and report as artifacts; the final model;
-                    every run terminated: FINISHED, KILLED (stopped) or FAILED
+RunEnded            parent tags, its description (``mlflow.note.content``: sites, rounds,
+                    strategy, final Dice, each site's epsilon); the run's summary and report as
+                    artifacts; the final model; every run terminated: FINISHED, KILLED
+                    (stopped) or FAILED
 ==================  ==========================================================================
 """
 
@@ -47,6 +49,7 @@ from medfed.run_events import (
     SiteTimeout,
     SiteUpdated,
 )
+from medfed.tracking.descriptions import NOTE_TAG, run_description
 from medfed.tracking.info import TrackingInfo
 
 Operation = dict[str, Any]
@@ -79,6 +82,8 @@ class Translator:
     site_keys: dict[str, str] = field(default_factory=dict)
     run_name: str = ""
     sites: list[str] = field(default_factory=list)
+    strategy: str = ""
+    rounds: int = 0
     last_bytes: int = 0
     terminal: str | None = None
 
@@ -107,6 +112,8 @@ class Translator:
     def _run_started(self, event: RunStarted, reopen: TrackingInfo | None) -> list[Operation]:
         self.run_name = event.run_name
         self.sites = list(event.sites)
+        self.strategy = strategy_name(event.settings)
+        self.rounds = event.rounds
         self.terminal = None
         self.last_bytes = 0
         ms = _ms(event)
@@ -233,6 +240,15 @@ class Translator:
         tags = {
             "medfed.status": event.status,
             "medfed.reason": event.reason[:MAX_PARAM_LENGTH],
+            NOTE_TAG: run_description(
+                run_name=self.run_name,
+                sites=self.sites,
+                strategy=self.strategy,
+                rounds_planned=self.rounds,
+                status=event.status,
+                reason=event.reason,
+                summary=summary,
+            ),
         }
         if summary is not None:
             tags["medfed.rounds_completed"] = str(summary.get("rounds_completed", ""))
@@ -259,6 +275,8 @@ class Translator:
             "site_keys": dict(self.site_keys),
             "run_name": self.run_name,
             "sites": list(self.sites),
+            "strategy": self.strategy,
+            "rounds": self.rounds,
             "terminal": self.terminal,
         }
 
@@ -269,6 +287,8 @@ class Translator:
             site_keys={str(k): str(v) for k, v in dict(state.get("site_keys") or {}).items()},
             run_name=str(state.get("run_name") or ""),
             sites=[str(s) for s in state.get("sites") or []],
+            strategy=str(state.get("strategy") or ""),
+            rounds=int(state.get("rounds") or 0),
             terminal=state.get("terminal") or None,
         )
 
@@ -334,10 +354,15 @@ def app_hash() -> str:
     return hashlib.sha256(app.read_bytes() + __version__.encode("utf-8")).hexdigest()
 
 
+def strategy_name(settings: Mapping[str, Any]) -> str:
+    """The strategy's name in a run's settings (empty when they name none)."""
+    strategy = settings.get("strategy")
+    return str(strategy.get("name", "")) if isinstance(strategy, Mapping) else ""
+
+
 def parent_tags(*, run_name: str, sites: list[str], settings: Mapping[str, Any]) -> dict[str, str]:
     from medfed import __version__
 
-    strategy = settings.get("strategy")
     return {
         "medfed.run_name": run_name,
         "medfed.version": __version__,
@@ -346,6 +371,6 @@ def parent_tags(*, run_name: str, sites: list[str], settings: Mapping[str, Any])
         "medfed.opacus": version("opacus"),
         "medfed.mlflow": version("mlflow"),
         "medfed.sites": ",".join(sites),
-        "medfed.strategy": str(strategy.get("name", "")) if isinstance(strategy, Mapping) else "",
+        "medfed.strategy": strategy_name(settings),
         "medfed.app_hash": app_hash(),
     }

@@ -9,10 +9,14 @@ here with a hint instead of failing later inside the ServerApp.
 A fresh SQLite store must be created by one process before several write to it (concurrent
 first writers can leave it broken): :func:`prepare_store` does that under a file lock, once,
 before the SuperLink starts. MLflow is imported only inside that function.
+
+Opening a store also quiets MLflow's database set-up messages (:func:`quiet_store_logs`): a
+user of ``medfed demo`` or ``medfed run`` should not read alembic's migration steps.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -31,6 +35,9 @@ TRACKING_URI_ENV = "MEDFED_TRACKING_URI"
 MLFLOW_URI_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_EXPERIMENT = "medfed"
 _SQLITE = "sqlite:///"
+# They log at INFO while creating or migrating a database ("Creating initial MLflow database
+# tables...", "Context impl SQLiteImpl.").
+STORE_SETUP_LOGGERS = ("mlflow.store.db.utils", "alembic")
 
 
 def mlflow_available() -> bool:
@@ -125,31 +132,26 @@ def open_store(*, uri: str, experiment: str = DEFAULT_EXPERIMENT) -> tuple[Mlflo
     """
     from mlflow import MlflowClient
 
+    from medfed.tracking.experiment import ensure_experiment
+
+    quiet_store_logs()  # after the import: importing mlflow configures its loggers
+    location = artifact_location(uri)
     path = sqlite_path(uri)
     if path is None:
         client = MlflowClient(tracking_uri=uri)
-        return client, ensure_experiment(client, name=experiment, uri=uri)
+        return client, ensure_experiment(client, name=experiment, artifact_location=location)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(path.with_name(path.name + ".lock")):
         client = MlflowClient(tracking_uri=uri)
-        return client, ensure_experiment(client, name=experiment, uri=uri)
+        return client, ensure_experiment(client, name=experiment, artifact_location=location)
 
 
-def ensure_experiment(client: MlflowClient, *, name: str, uri: str) -> str:
-    """The id of experiment ``name``, created (or restored from deletion) when needed."""
-    from mlflow.exceptions import MlflowException
-
-    found = client.get_experiment_by_name(name)
-    if found is None:
-        try:
-            return str(client.create_experiment(name, artifact_location=artifact_location(uri)))
-        except MlflowException:  # another process created it in between
-            found = client.get_experiment_by_name(name)
-            if found is None:
-                raise
-    if found.lifecycle_stage == "deleted":
-        client.restore_experiment(found.experiment_id)
-    return str(found.experiment_id)
+def quiet_store_logs() -> None:
+    """Raise MLflow's and alembic's database set-up loggers to WARNING (their warnings stay)."""
+    for name in STORE_SETUP_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
 
 
 @contextmanager

@@ -58,11 +58,22 @@ def test_a_run_becomes_a_parent_run_with_one_child_per_site(
     parent = client.get_run(info.parent_run_id)
 
     assert parent.info.run_name == "trial" and parent.info.status == "FINISHED"
-    assert client.get_experiment(parent.info.experiment_id).name == "medfed"
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.name == "medfed"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "one child run per site" in experiment.tags["mlflow.note.content"]
     tags = parent.data.tags
     assert tags["medfed.run_name"] == "trial" and tags["medfed.sites"] == "site-a,site-b"
     assert tags["medfed.strategy"] == "fedavg" and tags["medfed.status"] == "finished"
     assert len(tags["medfed.app_hash"]) == 64
+    # The run's description: what ran and what each site spent, written at its end.
+    note = tags["mlflow.note.content"]
+    assert note.startswith("Federated training run **trial**: 2 sites (site-a, site-b), ")
+    assert "strategy fedavg, 2 of 2 rounds; finished." in note
+    assert "Final Dice **0.420** (before training 0.100); epsilon spent (privacy unit: " in note
+    assert "rounded up): site-a 1.800 of 8, site-b 2.600 of 6." in note
+    assert "- site-a: epsilon 1.800 at delta 1e-05 (rdp accountant, cap 8)" in note
+    assert "- site-b: epsilon 2.600 at delta 1e-05 (rdp accountant, cap 6)" in note
     for name in ("version", "flwr", "torch", "opacus", "mlflow"):
         assert tags[f"medfed.{name}"] not in ("", "not installed")
     params = parent.data.params
@@ -124,6 +135,11 @@ def test_a_run_becomes_a_parent_run_with_one_child_per_site(
     assert version.tags["medfed.sites"] == "site-a,site-b"
     assert version.tags["medfed.rounds"] == str(ROUNDS)
     assert version.tags["medfed.run_name"] == "trial"
+    lines = version.description.splitlines()
+    assert lines[2:4] == [
+        "- site-a: epsilon 1.800 at delta 1e-05 (rdp accountant, cap 8)",
+        "- site-b: epsilon 2.600 at delta 1e-05 (rdp accountant, cap 6)",
+    ]
     for site in SITES:
         assert float(version.tags[f"medfed.epsilon.{site}"]) == run.epsilon(site, ROUNDS)
         assert float(version.tags[f"medfed.delta.{site}"]) == 1e-5
@@ -162,7 +178,12 @@ def test_a_failed_run_ends_failed_and_a_stopped_one_killed(
     info = read_tracking_info(paths=RunPaths(directory=failed.run_dir))
     assert info is not None
     client = MlflowClient(tracking_uri=info.tracking_uri)
-    assert client.get_run(info.parent_run_id).data.tags["medfed.reason"] == "something broke"
+    tags = client.get_run(info.parent_run_id).data.tags
+    assert tags["medfed.reason"] == "something broke"
+    assert tags["mlflow.note.content"] == (
+        "Federated training run **failed**: 2 sites (site-a, site-b), strategy fedavg, "
+        "2 rounds planned; failed: something broke."
+    )
     # No summary: ledgers and plots still, no model.
     listed = {a.path for a in client.list_artifacts(info.parent_run_id)}
     assert "ledgers" in listed and "summary.json" not in listed
