@@ -133,6 +133,18 @@ class SiteUpdated(RunEvent):
 
 
 @dataclass(frozen=True, kw_only=True)
+class SiteReplied(RunEvent):
+    """A site's reply reached the aggregator, before it is read: the aggregator's own
+    observation (which site, when), nothing the site released."""
+
+    kind: ClassVar[str] = "site_replied"
+
+    site: str
+    round: int
+    message_type: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class SiteDeclined(RunEvent):
     kind: ClassVar[str] = "site_declined"
 
@@ -250,6 +262,7 @@ KINDS: Final[Mapping[str, type[RunEvent]]] = {
         ModelInitialised,
         RoundStarted,
         SiteUpdated,
+        SiteReplied,
         SiteDeclined,
         SiteRejected,
         SiteTimeout,

@@ -115,10 +115,10 @@ def _write_plots(events_file: Path, directory: Path, *, title: str) -> None:
 
 
 def _write_audit_report(workspace_root: Path, run_name: str, directory: Path) -> None:
-    """The auditor's report of this run, as it stands at the run's end (HTML and JSON)."""
-    from medfed.audit import build_report
-
+    """The auditor's report of this run, as it stands at the run's end (HTML, JSON, PDF)."""
     try:
+        from medfed.audit import build_report
+
         report = build_report(workspace=workspace_root, run_name=run_name)
     except Exception:
         log.exception("cannot build the audit report of run %s", run_name)
@@ -126,6 +126,10 @@ def _write_audit_report(workspace_root: Path, run_name: str, directory: Path) ->
     make_private_dirs(directory)
     replace_file(directory / "audit_report.html", report.to_html().encode("utf-8"))
     replace_file(directory / "audit_report.json", report.to_json_text().encode("utf-8"))
+    try:
+        report.write_pdf(directory / "audit_report.pdf")
+    except Exception:
+        log.exception("cannot write the PDF audit report of run %s", run_name)
 
 
 def _json(data: Any) -> bytes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from medfed.transport.processes import ManagedProcess, ProcessGroup
 
 DEMO_CAP = 8.0
+# Where the demo's SuperLink listens (the synthetic sites' workspace is provisioned for it).
+DEMO_HOST = "127.0.0.1"
 DEMO_DELTA = 1e-5
 BATCH_SIZE = 4
 # Share of the cap one planned run may spend: a re-run or a retried round still fits.
@@ -72,6 +74,11 @@ def planned_noise(
     return math.ceil(noise * 100) / 100
 
 
+def is_demo_directory(root: Path) -> bool:
+    """Whether ``root`` looks like what :func:`prepare_federation` made."""
+    return (root / "workspace" / "workspace.yaml").is_file() and (root / "sites").is_dir()
+
+
 def remove_demo(root: Path) -> None:
     """Delete an earlier demo directory, and nothing that does not look like one."""
     import shutil
@@ -79,12 +86,44 @@ def remove_demo(root: Path) -> None:
     root = Path(root)
     if not root.exists():
         return
-    if not (root / "workspace" / "workspace.yaml").is_file() or not (root / "sites").is_dir():
+    if not is_demo_directory(root):
         raise ConfigError(
             f"{root} is not a medfed demo directory; refusing to delete it",
-            hint="choose another --workspace",
+            hint="choose another --workspace (--force replaces only an earlier demo)",
         )
     shutil.rmtree(root)
+
+
+def claim_demo_directory(root: Path, *, force: bool) -> None:
+    """Make sure a demo can be written to ``root``: new, empty, or (``force``) an earlier demo,
+    which is deleted. Anything else is refused before anything is made."""
+    root = Path(root)
+    if not root.exists() or (root.is_dir() and not any(root.iterdir())):
+        return
+    if force:
+        remove_demo(root)
+    elif is_demo_directory(root):
+        raise ConfigError(
+            f"{root} holds an earlier demo",
+            hint="add --force to replace it, or choose another --workspace",
+        )
+    else:
+        raise ConfigError(
+            f"{root} is not empty and holds no medfed demo",
+            hint="choose another --workspace (--force replaces only an earlier demo)",
+        )
+
+
+def check_demo_port(port: int) -> None:
+    """Refuse a busy SuperLink port before the demo writes anything (its data takes a while)."""
+    from medfed.transport.processes import check_port_free
+
+    try:
+        check_port_free(DEMO_HOST, port, what="the demo's SuperLink")
+    except TransportError as exc:
+        raise TransportError(
+            exc.message, hint="choose another --port, or leave --port out for a free one"
+        ) from None
 
 
 def prepare_federation(
@@ -170,23 +209,29 @@ def run_deployed(
     on_event: EventCallback | None = None,
     timeout_s: float = 1800.0,
     tracking_uri: str | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``setup`` on the real deployment: SuperLink and one SuperNode per site, as processes.
 
     TLS and node authentication are on; every process is stopped on return, on an error, on
     Ctrl-C and on SIGTERM. The run is logged to MLflow (``tracking_uri``, default the
     workspace's SQLite store; see :func:`medfed.transport.runner.start_aggregator`). Returns
-    the run's summary.
+    the run's summary. ``on_phase`` is told what is being done when no event says it (the
+    processes starting, the aggregator's last MLflow uploads).
     """
     from medfed.transport.flwr_cli import wait_for_run
     from medfed.transport.processes import ProcessGroup
     from medfed.transport.runner import follow, start_aggregator, submit
 
     workspace = setup.workspace
+    say = on_phase or (lambda text: None)
     with ProcessGroup(handle_signals=True) as group:
+        say(f"starting the aggregator (Flower SuperLink) at {workspace.manifest.address}")
         aggregator = start_aggregator(workspace=workspace, tracking_uri=tracking_uri)
         group.add(aggregator.process)
+        say(f"starting {len(setup.site_configs)} site nodes (Flower SuperNodes)")
         start_site_nodes(group=group, setup=setup)
+        say("submitting the run")
         run_id = submit(workspace=workspace, settings=setup.settings)
 
         def alive() -> None:
@@ -211,6 +256,7 @@ def run_deployed(
         if aggregator.tracking_uri is not None:
             # After its last event the ServerApp still logs artifacts and the model to MLflow
             # and ends the MLflow runs: let it return before the processes are stopped.
+            say("the aggregator is logging the run's report and model to MLflow")
             try:
                 wait_for_run(flwr_home=workspace.layout.flwr_home, run_id=run_id, timeout_s=180.0)
             except TransportError as exc:

@@ -1,17 +1,24 @@
-"""Progress of a federation for people: a line per event in a terminal, a live table in Jupyter.
+"""Progress of a federation for people: a line per event, and a table of the sites.
 
-Both read the events of :mod:`medfed.run_events`; :func:`event_line` is also what ``medfed run``
-prints. In a notebook one output area is updated in place (IPython's display handles, no widget
-library), so a long run does not push hundreds of lines into the notebook.
+:func:`event_line` is what ``medfed run`` prints, and what a plain terminal, a log or a pipe
+gets. In a notebook one output area holds the sites' table (:class:`~medfed.api.site_board.
+RoundBoard`) and the latest events, updated in place on every event and about once a second
+while a round runs (IPython's display handles, no widget library), so a long run shows its
+clocks moving without pushing hundreds of lines into the notebook.
 """
 
 from __future__ import annotations
 
+import contextlib
 import html
+import logging
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
+from medfed.api.site_board import COLUMNS, RoundBoard, shown_columns
+from medfed.api.site_board import number_text as number_text
 from medfed.run_events import (
     Evaluation,
     EvaluationFailed,
@@ -28,10 +35,13 @@ from medfed.run_events import (
     SiteDeclined,
     SiteExhausted,
     SiteRejected,
+    SiteReplied,
     SitesOnline,
     SiteTimeout,
     SiteUpdated,
 )
+
+log = logging.getLogger("medfed.api")
 
 # How many of the latest event lines the notebook table shows under it.
 RECENT_LINES = 4
@@ -58,6 +68,8 @@ def event_line(event: RunEvent) -> str | None:
             return f"initial model from {event.site} ({event.parameters} parameters)"
         case RoundStarted():
             return f"round {event.round}: training at {', '.join(event.sites)}"
+        case SiteReplied():
+            return f"  {event.site}: replied to round {event.round}"
         case SiteUpdated():
             releases = event.releases
             return (
@@ -116,83 +128,83 @@ class TextProgress:
             print(line, file=self._stream or sys.stdout, flush=True)
 
 
-class _Snapshot:
-    """What the notebook shows: per-site latest numbers and the last few event lines."""
+def board_text(board: RoundBoard, recent: list[str], *, now: float | None = None) -> str:
+    """The board as plain text: a title, a line per site, the latest events."""
+    lines = [board.title(now=now)]
+    for row in board.rows(now=now):
+        parts = [row.state, row.time, row.dice and f"Dice {row.dice}"]
+        parts += [row.epsilon and f"epsilon {row.epsilon}", row.note]
+        lines.append(f"  {row.site}: " + ", ".join(part for part in parts if part))
+    return "\n".join(lines + recent)
 
-    def __init__(self) -> None:
-        self.title = "federation starting"
-        self.sites: dict[str, dict[str, Any]] = {}
-        self.lines: list[str] = []
 
-    def update(self, event: RunEvent) -> None:
-        if isinstance(event, RunStarted):
-            self.title = f"run {event.run_name}: {event.rounds} rounds"
-            for site in event.sites:
-                self.sites.setdefault(site, {"status": "waiting"})
-        elif isinstance(event, RoundStarted):
-            self.title = f"run {event.run_name}: round {event.round}"
-        elif isinstance(event, SiteUpdated):
-            self.sites[event.site] = {
-                "status": f"round {event.round} done",
-                "loss": event.loss,
-                "Dice": event.dice_before,
-                "epsilon": event.epsilon_spent,
-                "cap": event.epsilon_cap,
-            }
-        elif isinstance(event, SiteDeclined | SiteRejected | SiteTimeout | SiteExhausted):
-            self.sites.setdefault(event.site, {})["status"] = event.kind.replace("_", " ")
-        elif isinstance(event, RunEnded):
-            self.title = f"run {event.run_name}: {event.status}"
-        line = event_line(event)
-        if line is not None:
-            self.lines = [*self.lines, line.strip()][-RECENT_LINES:]
-
-    def text(self) -> str:
-        rows = [self.title]
-        for site, values in sorted(self.sites.items()):
-            rows.append(
-                f"  {site}: {values.get('status', '')}, loss {number_text(values.get('loss'))}, "
-                f"Dice {number_text(values.get('Dice'))}, "
-                f"epsilon {number_text(values.get('epsilon'), 2)} / "
-                f"{number_text(values.get('cap'), 2)}"
-            )
-        return "\n".join(rows + self.lines)
-
-    def html(self) -> str:
-        head = "".join(
-            f"<th>{name}</th>" for name in ("site", "status", "loss", "Dice", "epsilon / cap")
-        )
-        body = "".join(
-            "<tr>"
-            f"<td>{html.escape(site)}</td><td>{html.escape(str(v.get('status', '')))}</td>"
-            f"<td>{number_text(v.get('loss'))}</td><td>{number_text(v.get('Dice'))}</td>"
-            f"<td>{number_text(v.get('epsilon'), 2)} / {number_text(v.get('cap'), 2)}</td>"
-            "</tr>"
-            for site, v in sorted(self.sites.items())
-        )
-        recent = "<br>".join(html.escape(line) for line in self.lines)
-        return (
-            f"<b>{html.escape(self.title)}</b><table><tr>{head}</tr>{body}</table>"
-            f"<small>{recent}</small>"
-        )
+def board_html(board: RoundBoard, recent: list[str], *, now: float | None = None) -> str:
+    """The board as an HTML table, the latest events under it."""
+    rows = board.rows(now=now)
+    shown = shown_columns(rows)
+    head = "".join(f"<th>{html.escape(COLUMNS[i])}</th>" for i in shown)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(row.cells()[i])}</td>" for i in shown) + "</tr>"
+        for row in rows
+    )
+    lines = "<br>".join(html.escape(line) for line in recent)
+    return (
+        f"<b>{html.escape(board.title(now=now))}</b><table><tr>{head}</tr>{body}</table>"
+        f"<small>{lines}</small>"
+    )
 
 
 class NotebookProgress:
-    """A table of the sites' latest numbers, updated in place in a Jupyter output area."""
+    """The sites' table in one Jupyter output area, redrawn on every event and, while a round
+    runs, about once a second (its clocks move); :meth:`close` stops the redrawing."""
 
-    def __init__(self) -> None:
-        self._snapshot = _Snapshot()
+    def __init__(self, *, tick_s: float = 1.0) -> None:
+        self.board = RoundBoard()
+        self.recent: list[str] = []
+        self._tick_s = tick_s
         self._handle: Any = None
+        self._draw_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
 
     def __call__(self, event: RunEvent) -> None:
+        self.board.update(event)
+        line = event_line(event)
+        if line is not None:
+            self.recent = [*self.recent, line.strip()][-RECENT_LINES:]
+        self._draw()
+        if self.board.finished:
+            self.close()
+        elif self._ticker is None:
+            self._ticker = threading.Thread(target=self._tick, name="medfed-progress", daemon=True)
+            self._ticker.start()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _draw(self) -> None:
         from IPython.display import display
 
-        self._snapshot.update(event)
-        bundle = {"text/plain": self._snapshot.text(), "text/html": self._snapshot.html()}
-        if self._handle is None:
-            self._handle = display(bundle, raw=True, display_id=True)  # type: ignore[no-untyped-call]
-        else:
-            self._handle.update(bundle, raw=True)
+        recent = self.recent
+        bundle = {
+            "text/plain": board_text(self.board, recent),
+            "text/html": board_html(self.board, recent),
+        }
+        with self._draw_lock:
+            if self._handle is None:
+                self._handle = display(bundle, raw=True, display_id=True)  # type: ignore[no-untyped-call]
+            else:
+                self._handle.update(bundle, raw=True)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self._tick_s):
+            if not self.board.round_running:
+                continue
+            try:
+                self._draw()
+            except Exception:  # a display that went away must not end the run
+                log.debug("cannot redraw the progress table", exc_info=True)
+                return
 
 
 def progress_callback(progress: bool | EventCallback | None) -> EventCallback | None:
@@ -210,8 +222,12 @@ def progress_callback(progress: bool | EventCallback | None) -> EventCallback | 
     )
 
 
-def number_text(value: Any, digits: int = 3) -> str:
-    """A number for people; ``n/a`` for a missing one."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return "n/a"
-    return f"{float(value):.{digits}f}"
+@contextlib.contextmanager
+def showing_progress(progress: bool | EventCallback | None) -> Iterator[EventCallback | None]:
+    """:func:`progress_callback`, with the notebook table's redrawing stopped at the end."""
+    callback = progress_callback(progress)
+    try:
+        yield callback
+    finally:
+        if isinstance(callback, NotebookProgress):
+            callback.close()

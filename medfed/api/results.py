@@ -101,6 +101,7 @@ class FederationResults:
     site_dice: Mapping[str, float]
     model: Path | None
     mlflow_run_id: str | None
+    mlflow_experiment_id: str | None
     tracking_uri: str | None
     events: Sequence[RunEvent] = field(repr=False)
 
@@ -226,6 +227,7 @@ def results_from_events(
         site_dice=final,
         model=None if not model else Path(str(model)),
         mlflow_run_id=None if info is None else info.parent_run_id,
+        mlflow_experiment_id=None if info is None else info.experiment_id,
         tracking_uri=None if info is None else info.tracking_uri,
         events=records,
     )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medfed.api.progress import progress_callback
+from medfed.api.progress import showing_progress
 from medfed.api.results import FederationResults, load_results
 from medfed.api.sites import SyntheticSites
 from medfed.config.run import RunSettings
@@ -107,13 +107,14 @@ def run_federation(
     if not configs:
         raise ConfigError("no sites given", hint="pass at least one site configuration")
     uri = _tracking_uri(workspace=ws, track=track, tracking_uri=tracking_uri)
-    run_in_process(
-        workspace=ws,
-        site_configs=configs,
-        settings=settings,
-        on_event=progress_callback(progress),
-        tracking_uri=uri,
-    )
+    with showing_progress(progress) as callback:
+        run_in_process(
+            workspace=ws,
+            site_configs=configs,
+            settings=settings,
+            on_event=callback,
+            tracking_uri=uri,
+        )
     return load_results(workspace=ws.root, run_name=settings.run_name)
 
 
@@ -143,17 +144,17 @@ class SubmittedRun:
         from medfed.transport.runner import follow
 
         ws = _workspace(self.workspace)
-        callback = progress_callback(progress)
         last: RunEvent | None = None
-        for event in follow(
-            workspace=ws,
-            run_name=self.run_name,
-            run_id=self.flower_run_id,
-            timeout_s=timeout_s,
-        ):
-            last = event
-            if callback is not None:
-                callback(event)
+        with showing_progress(progress) as callback:
+            for event in follow(
+                workspace=ws,
+                run_name=self.run_name,
+                run_id=self.flower_run_id,
+                timeout_s=timeout_s,
+            ):
+                last = event
+                if callback is not None:
+                    callback(event)
         if isinstance(last, RunFailed):
             raise TransportError(f"run {self.run_name!r} failed: {last.reason}")
         try:
@@ -171,10 +172,12 @@ def submit_run(*, workspace: Path | str | Workspace, settings: RunSettings) -> S
     The sites train on their own machines; only the settings travel (the code is medfed's own
     Flower app). Call :meth:`SubmittedRun.follow` to watch it and get its results.
     """
+    from medfed.transport.deploy import require_aggregator
     from medfed.transport.runner import submit
 
     ws = _workspace(workspace)
     settings = _settings(settings)
+    require_aggregator(workspace=ws)
     run_id = submit(workspace=ws, settings=settings)
     return SubmittedRun(workspace=ws.root, run_name=settings.run_name, flower_run_id=run_id)
 

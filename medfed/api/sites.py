@@ -122,7 +122,8 @@ def make_synthetic_sites(
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise ConfigError(
             f"{root} is not an empty directory",
-            hint="choose a new directory (`medfed demo --workspace`), or delete this one",
+            hint="choose a new directory (`medfed demo --workspace`), or replace an earlier "
+            "demo with `medfed demo --force`",
         )
     workspace = provision_workspace(
         out=root / "workspace", sites=names, host="127.0.0.1", port=port or SUPERLINK_PORT

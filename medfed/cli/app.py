@@ -4,12 +4,19 @@ Heavy libraries (torch, MONAI, Opacus) are imported inside the commands that nee
 ``medfed --help`` stays instant. Every :class:`~medfed.errors.MedfedError` becomes one line on
 stderr and the error's exit code (the table is :mod:`medfed.errors`); a traceback means a bug
 in medfed, not a user mistake.
+
+Help must show every option name whole on an 80-column terminal (the rich layout cuts a name
+that does not fit its column): commands give their flags one name each (``--resume``, not
+``--resume/--no-resume``), and ``tests/unit/cli/test_cli_help.py`` renders every command's help
+at 80 columns.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
+import click
 import typer
 
 from medfed.cli import audit_cmd, data_cmd, federation_cmd, privacy_cmd, provision_cmd, site_cmd
@@ -21,6 +28,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # click 8.2 names the command meant for a mistyped one itself; typer's own suggestion
+    # would repeat it.
+    suggest_commands=not hasattr(click.exceptions, "NoSuchCommand"),
 )
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(privacy_cmd.app, name="privacy")
@@ -30,6 +40,29 @@ app.add_typer(federation_cmd.aggregator_app, name="aggregator")
 app.command("provision")(provision_cmd.provision)
 app.command("run")(federation_cmd.run)
 app.command("demo")(federation_cmd.demo)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from medfed import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print medfed's version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Privacy-preserving federated medical image segmentation."""
 
 
 @app.command()

@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 
+from medfed.cli.live import RunProgress, say
 from medfed.cli.service import LogFormatOption, reporter, rich_console, serve
-from medfed.errors import ConfigError
+from medfed.errors import ConfigError, TransportError
 from medfed.logs import LOG_FORMAT_ENV, redact_secrets, resolve_log_format
-from medfed.run_events import RunEvent
 
 aggregator_app = typer.Typer(help="Run the aggregator (Flower SuperLink).", no_args_is_help=True)
 
@@ -26,7 +26,7 @@ TrackingUriOption = Annotated[
     typer.Option(
         "--tracking-uri",
         help="MLflow tracking URI to log runs to (a server or a database). Default: "
-        "MLFLOW_TRACKING_URI, else sqlite:///<workspace>/mlflow.db.",
+        "MLFLOW_TRACKING_URI, else the workspace's mlflow.db (SQLite).",
     ),
 ]
 
@@ -88,18 +88,21 @@ def run(
         Path | None,
         typer.Option("--settings", help="JSON file of run settings (options above override)."),
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run of this name.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run of this name.")
+    ] = False,
     project: Annotated[
         str | None,
         typer.Option(help="The study the run belongs to; sites accept runs by project."),
     ] = None,
-    follow_run: Annotated[
-        bool, typer.Option("--follow/--no-follow", help="Stream progress until the end.")
-    ] = True,
+    no_follow: Annotated[
+        bool, typer.Option("--no-follow", help="Submit only; do not stream the progress.")
+    ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to follow the run.")] = 7200.0,
 ) -> None:
     """Submit a federation run to the running aggregator and stream its progress."""
     from medfed.config.run import parse_run_settings
+    from medfed.transport.deploy import require_aggregator
     from medfed.transport.provision import parse_sites
     from medfed.transport.runner import follow, submit
     from medfed.workspace import load_workspace
@@ -131,11 +134,25 @@ def run(
     settings = parse_run_settings(data, source="run settings")
     loaded = load_workspace(workspace)
     console = rich_console()
-    run_id = submit(workspace=loaded, settings=settings)
-    console.print(f"submitted run {settings.run_name!r} (Flower run {run_id})")
-    if follow_run:
-        _show(console, follow(workspace=loaded, run_name=name, run_id=run_id, timeout_s=timeout))
-        _show_tracking(console, loaded.root, settings.run_name)
+    require_aggregator(workspace=loaded)
+    try:
+        run_id = submit(workspace=loaded, settings=settings)
+    except TransportError:
+        require_aggregator(workspace=loaded)  # it went away since: say that, not flwr's words
+        raise
+    say(console, f"submitted run {settings.run_name!r} (Flower run {run_id})")
+    if no_follow:
+        return
+    with RunProgress(console) as progress:
+        for event in follow(workspace=loaded, run_name=name, run_id=run_id, timeout_s=timeout):
+            progress(event)
+    _show_end(console, progress)
+    _show_tracking(console, loaded.root, settings.run_name)
+    if progress.board.ended is not None and progress.board.ended.status == "failed":
+        raise TransportError(
+            f"run {name!r} failed at the aggregator",
+            hint=f"see {loaded.layout.logs / 'superlink.log'} for the ServerApp's output",
+        )
 
 
 def demo(
@@ -157,54 +174,68 @@ def demo(
     tracking_uri: TrackingUriOption = None,
 ) -> None:
     """A whole federation on this machine: aggregator and sites as processes, TLS on, DP on."""
-    from medfed.api.demo import prepare_federation, remove_demo, run_deployed
+    from medfed.api.demo import (
+        check_demo_port,
+        claim_demo_directory,
+        prepare_federation,
+        run_deployed,
+    )
     from medfed.transport.processes import free_port
 
+    if in_process and port is not None:
+        raise click.UsageError(
+            "--port and --in-process do not go together: an in-process demo opens no port "
+            "(leave out --port, or --in-process for the deployed demo)"
+        )
     console = rich_console()
     if tracking_uri is not None:  # a bad URI is refused before anything is made
         from medfed.tracking.uri import resolve_tracking_uri
 
         resolve_tracking_uri(workspace_root=workspace, explicit=tracking_uri)
-    if force:
-        remove_demo(workspace)
-    console.print(f"preparing {sites} synthetic sites in {workspace.absolute()}")
-    setup = prepare_federation(
-        root=workspace,
-        sites=sites,
-        cases=cases,
-        size=size,
-        rounds=rounds,
-        local_epochs=local_epochs,
-        port=port or free_port(),
-    )
+    if port is not None:  # a busy port is refused before minutes go into the data
+        check_demo_port(port)
+    claim_demo_directory(workspace, force=force)
     started = time.monotonic()
-
-    def show(event: RunEvent) -> None:
-        _show(console, [event], final=False)
-
-    if in_process:
-        from medfed.tracking.uri import mlflow_available, resolve_tracking_uri
-        from medfed.transport.inprocess import run_in_process
-
-        uri = None
-        if tracking_uri is not None or mlflow_available():
-            uri = resolve_tracking_uri(workspace_root=setup.workspace.root, explicit=tracking_uri)
-        result = run_in_process(
-            workspace=setup.workspace,
-            site_configs=setup.site_configs,
-            settings=setup.settings,
-            on_event=show,
-            tracking_uri=uri,
+    with RunProgress(console) as progress:
+        progress.phase(f"preparing {sites} synthetic sites in {workspace.absolute()}")
+        setup = prepare_federation(
+            root=workspace,
+            sites=sites,
+            cases=cases,
+            size=size,
+            rounds=rounds,
+            local_epochs=local_epochs,
+            port=port or free_port(),
         )
-        summary = json.loads(result.paths.summary.read_text(encoding="utf-8"))
-    else:
-        summary = run_deployed(setup=setup, on_event=show, tracking_uri=tracking_uri)
-    from medfed.cli.progress import print_summary
+        if in_process:
+            from medfed.tracking.uri import mlflow_available, resolve_tracking_uri
+            from medfed.transport.inprocess import run_in_process
 
-    print_summary(console, summary)
-    console.print(
+            uri = None
+            if tracking_uri is not None or mlflow_available():
+                uri = resolve_tracking_uri(
+                    workspace_root=setup.workspace.root, explicit=tracking_uri
+                )
+            progress.phase("running the aggregator and the sites in this process")
+            run_in_process(
+                workspace=setup.workspace,
+                site_configs=setup.site_configs,
+                settings=setup.settings,
+                on_event=progress,
+                tracking_uri=uri,
+            )
+        else:
+            run_deployed(
+                setup=setup,
+                on_event=progress,
+                tracking_uri=tracking_uri,
+                on_phase=progress.phase,
+            )
+    _show_end(console, progress)
+    say(
+        console,
         f"{time.monotonic() - started:.0f} s; workspace {setup.workspace.root}, logs in "
-        f"{setup.workspace.layout.logs}, site ledgers under {setup.root / 'sites'}"
+        f"{setup.workspace.layout.logs}, site ledgers under {setup.root / 'sites'}",
     )
     _show_tracking(console, setup.workspace.root, setup.settings.run_name)
 
@@ -212,26 +243,30 @@ def demo(
 def _show_tracking(console: Any, workspace_root: Path, run_name: str) -> None:
     """Where the run is in MLflow (from the run directory's mlflow.json), when it is there."""
     from medfed.tracking.info import describe, read_tracking_info
+    from medfed.tracking.ui_links import ui_links
     from medfed.workspace import run_paths
 
     paths = run_paths(workspace_root, run_name)
     info = read_tracking_info(paths=paths)
     if info is not None:
-        console.print(describe(info))
+        say(console, describe(info))
+        links = ui_links(info=info)
+        if links.command is not None:
+            say(console, f"MLflow UI: {links.command}")
+        if links.run is not None:
+            say(console, f"{'then open' if links.command else 'open'} {links.run}")
     if paths.mlflow_pending.is_file():
-        console.print(
+        say(
+            console,
             f"MLflow has not received all of the run yet: the rest waits in "
-            f"{paths.mlflow_pending} and is sent when the run is resumed"
+            f"{paths.mlflow_pending} and is sent when the run is resumed",
         )
 
 
-def _show(console: Any, events: Iterable[RunEvent], *, final: bool = True) -> None:
-    from medfed.cli.progress import event_line, print_summary
-    from medfed.run_events import RunEnded
+def _show_end(console: Any, progress: RunProgress) -> None:
+    """The sites' table of a run that ended with a summary, with what its events said."""
+    from medfed.cli.progress import print_summary
 
-    for event in events:
-        line = event_line(event)
-        if line is not None:
-            console.print(line)
-        if final and isinstance(event, RunEnded) and event.summary is not None:
-            print_summary(console, event.summary)
+    ended = progress.board.ended
+    if ended is not None and ended.summary is not None:
+        print_summary(console, ended.summary, notes=progress.board.notes())

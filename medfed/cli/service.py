@@ -51,7 +51,9 @@ def _interrupt(signum: int, frame: Any) -> None:
 def rich_console() -> Any:
     from rich.console import Console
 
-    return Console(highlight=False)
+    # What medfed prints holds brackets and colons of its own ("[dp]", "error[config]"):
+    # none of it is rich markup or emoji.
+    return Console(highlight=False, markup=False, emoji=False)
 
 
 def reporter(log_format: str, logger: str) -> Callable[..., None]:

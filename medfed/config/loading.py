@@ -1,21 +1,31 @@
-"""Reading configuration files: YAML in, validated pydantic models out, every problem at once."""
+"""Reading configuration files: YAML in, validated pydantic models out, every problem at once.
+
+Each problem is one line, ``FILE:LINE: dotted.key: what is wrong``, with the line of the key
+(or of its value) in the file, and for a key the file's section does not know, the known key
+closest to it.
+"""
 
 from __future__ import annotations
 
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from medfed.config.site import SiteConfig
 from medfed.errors import ConfigError
 
+Loc = tuple[int | str, ...]
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping, turning every way it can fail into a :class:`ConfigError`."""
+
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: file not found", hint="check the path given with --config"
@@ -24,6 +34,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"{path}: cannot read ({exc.strerror})", hint="check permissions"
         ) from None
+
+
+def _parse(path: Path, text: str) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -37,16 +50,110 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def format_validation_error(path: Path, error: ValidationError) -> str:
-    """Every problem pydantic found, one per line, each naming its dotted key."""
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, turning every way it can fail into a :class:`ConfigError`."""
+    return _parse(path, _read_text(path))
+
+
+def format_validation_error(
+    path: Path,
+    error: ValidationError,
+    *,
+    document: yaml.Node | None = None,
+    model: type[BaseModel] | None = None,
+) -> str:
+    """Every problem pydantic found, one per line, each naming its dotted key.
+
+    With the file's composed YAML ``document`` each line names the line of the key or value
+    (``FILE:LINE: key: ...``); with the ``model`` that was validated, an unknown key is
+    followed by the known key of its section that is closest to it.
+    """
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        loc: Loc = tuple(item["loc"])
+        key = ".".join(str(part) for part in loc) or "(top level)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown setting"
-        lines.append(f"{path}: {key}: {message}")
+            known = None if model is None else _known_keys(model, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), known or [], n=1) if loc else []
+            if close:
+                message += f"; did you mean {close[0]}?"
+        line = None if document is None else _line_of(document, loc, item["type"])
+        where = f"{path}:{line}" if line is not None else f"{path}"
+        lines.append(f"{where}: {key}: {message}")
     return "\n".join(lines)
+
+
+def _line_of(document: yaml.Node, loc: Loc, kind: str) -> int | None:
+    """The 1-based line of ``loc`` in the file: the key's for an unknown key or a section, the
+    value's for a bad value, the nearest section's for a missing key."""
+    node = document
+    line: int | None = None
+    for part in loc:
+        key_node, value_node = _child(node, part)
+        if value_node is None:
+            return line
+        line = (key_node or value_node).start_mark.line + 1
+        node = value_node
+    if kind != "extra_forbidden" and isinstance(node, yaml.ScalarNode):
+        return int(node.start_mark.line) + 1
+    return line
+
+
+def _child(node: yaml.Node, part: int | str) -> tuple[yaml.Node | None, yaml.Node | None]:
+    """The key and value nodes of item ``part`` of a mapping or sequence node."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value == str(part):
+                return key_node, value_node
+    if (
+        isinstance(node, yaml.SequenceNode)
+        and isinstance(part, int)
+        and 0 <= part < len(node.value)
+    ):
+        return None, node.value[part]
+    return None, None
+
+
+def _known_keys(model: type[BaseModel], loc: Loc) -> list[str] | None:
+    """The keys of the section at ``loc`` (None where it is not a section of ``model``)."""
+    annotation: Any = model
+    for part in loc:
+        annotation = _inside(annotation, part)
+        if annotation is None:
+            return None
+    section = _model_of(annotation)
+    return None if section is None else list(section.model_fields)
+
+
+def _inside(annotation: Any, part: int | str) -> Any:
+    """The type of item ``part`` of a value of type ``annotation``."""
+    for option in _options(annotation):
+        origin = typing.get_origin(option)
+        args = typing.get_args(option)
+        section = _model_of(option)
+        if isinstance(part, str) and section is not None and part in section.model_fields:
+            return section.model_fields[part].annotation
+        if isinstance(part, int) and origin in (list, tuple, Sequence) and args:
+            return args[0]
+        if isinstance(part, str) and origin in (dict, Mapping) and len(args) == 2:
+            return args[1]
+    return None
+
+
+def _options(annotation: Any) -> tuple[Any, ...]:
+    """The members of ``X | Y | None`` (without None); the annotation itself otherwise."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return tuple(a for a in typing.get_args(annotation) if a is not type(None))
+    return (annotation,)
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    for option in _options(annotation):
+        if isinstance(option, type) and issubclass(option, BaseModel):
+            return option
+    return None
 
 
 def _resolve(base: Path, value: Path | None) -> Path | None:
@@ -59,14 +166,16 @@ def _resolve(base: Path, value: Path | None) -> Path | None:
 def load_site_config(path: Path | str) -> SiteConfig:
     """Load ``site.yaml``; relative paths are taken from the file's own directory."""
     path = Path(path)
-    raw = read_yaml(path)
+    text = _read_text(path)
+    raw = _parse(path, text)
     try:
         config = SiteConfig.model_validate(raw)
     except ValidationError as exc:
         count = exc.error_count()
+        document = yaml.compose(text, Loader=yaml.SafeLoader)
         raise ConfigError(
             f"{count} problem{'s' if count != 1 else ''} in site config:\n"
-            + format_validation_error(path, exc),
+            + format_validation_error(path, exc, document=document, model=SiteConfig),
             hint="fix the settings listed above (see sites/site.example.yaml)",
         ) from None
     return resolve_paths(config, base=path.resolve().parent)

@@ -8,6 +8,7 @@ Every call runs ``flwr ... --format json`` in a subprocess against a named conne
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import subprocess
@@ -21,6 +22,8 @@ from typing import Any
 from medfed.errors import ConfigError, TransportError
 from medfed.storage import make_private_dirs, replace_file
 from medfed.transport.processes import ManagedProcess, find_command, flower_env
+
+log = logging.getLogger("medfed.transport")
 
 DEFAULT_CONNECTION = "medfed"
 _CONNECTION_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -60,8 +63,10 @@ def run_flwr(
 ) -> dict[str, Any]:
     """Run ``flwr ARGS --format json``; its JSON reply (TransportError on failure if check)."""
     command = [find_command("flwr"), *args, "--format", "json"]
-    # A run's settings are a long JSON value: error messages show the command, not the data.
-    shown = " ".join(arg if len(arg) <= 60 else arg[:57] + "..." for arg in args)
+    # Errors name the flwr command (`flwr run`), not its arguments: a run's settings are a long
+    # JSON value that means nothing to the user. The whole command goes to the debug log.
+    shown = " ".join(args[:1])
+    log.debug("flwr %s", " ".join(arg if len(arg) <= 60 else arg[:57] + "..." for arg in args))
     make_private_dirs(Path(flwr_home))
     try:
         done = subprocess.run(

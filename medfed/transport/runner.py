@@ -26,7 +26,12 @@ from medfed.tracking.uri import (
     prepare_store,
     resolve_tracking_uri,
 )
-from medfed.transport.deploy import SiteRegistration, register_sites, start_superlink
+from medfed.transport.deploy import (
+    SiteRegistration,
+    check_superlink_port,
+    register_sites,
+    start_superlink,
+)
 from medfed.transport.flwr_cli import DEFAULT_CONNECTION, run_status, submit_run
 from medfed.transport.processes import ManagedProcess
 from medfed.workspace import Workspace
@@ -51,6 +56,7 @@ def start_aggregator(
     SuperLink (and so any ServerApp) starts. Without MLflow installed runs are not tracked,
     unless ``tracking_uri`` asks for it: then that is an error.
     """
+    check_superlink_port(workspace=workspace)  # a busy port costs nothing
     uri: str | None = resolve_tracking_uri(workspace_root=workspace.root, explicit=tracking_uri)
     env = {WORKSPACE_ENV: str(workspace.root)}
     if mlflow_available():
