@@ -1,11 +1,12 @@
 """What a federated round costs beyond the sites' training: the real deployment vs. in-process.
 
     python benchmarks/round_overhead.py [--sites 3] [--cases 24] [--size 32] [--rounds 2]
-        [--local-epochs 2] [--threads N] [--skip-deployment]
+        [--local-epochs 2] [--threads N] [--warm | --cold] [--skip-deployment] [--json PATH]
 
 The same synthetic federation (`medfed.api.demo.prepare_federation`) runs twice, each in a fresh
 temporary directory: once on the real deployment (`medfed.api.demo.run_deployed`: SuperLink and one
-SuperNode per site as processes, TLS, node authentication, a new ClientApp process per message)
+SuperNode per site as processes, TLS, node authentication; with `--warm`, the default, each
+message's ClientApp forked from the site's warm worker, with `--cold` a new process per message)
 and once in this process (`medfed.transport.inprocess.run_in_process`: the same ServerApp round
 loop and ClientApp, called directly). Per round: the round's wall time (`round_done.seconds`),
 the slowest site's compute and the sum over the sites (each site's own record of its round in
@@ -107,11 +108,15 @@ def prepare(args: argparse.Namespace, root: Path) -> DemoSetup:
         seed=args.seed,
         port=free_port(),
     )
-    if args.threads is not None:
-        for path in setup.site_configs.values():
-            config = load_site_config(path)
-            training = config.training.model_copy(update={"threads": args.threads})
-            dump_site_config(config.model_copy(update={"training": training}), path)
+    for path in setup.site_configs.values():
+        config = load_site_config(path)
+        assert config.transport is not None
+        transport = config.transport.model_copy(update={"warm_worker": args.warm})
+        training = config.training.model_copy(
+            update={"threads": args.threads or config.training.threads}
+        )
+        config = config.model_copy(update={"training": training, "transport": transport})
+        dump_site_config(config, path)
     # every site in every round, so that both runners train the same rounds
     return dataclasses.replace(
         setup, settings=setup.settings.model_copy(update={"min_sites": args.sites})
@@ -247,7 +252,32 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="training threads per site")
     p.add_argument("--cold-starts", type=int, default=3, help="cold starts to time, 0: none")
     p.add_argument("--skip-deployment", action="store_true", help="only the in-process runner")
+    worker = p.add_mutually_exclusive_group()
+    worker.add_argument(
+        "--warm", dest="warm", action="store_true", default=True, help="site warm worker (default)"
+    )
+    worker.add_argument("--cold", dest="warm", action="store_false", help="a process per message")
+    p.add_argument("--json", type=Path, default=None, help="write the means per round here")
     return p.parse_args(argv)
+
+
+def as_json(results: dict[str, Measured], *, warm: bool) -> dict[str, object]:
+    """Means per round: the keys the round-overhead issue names, and the start-up and final
+    evaluation of the deployment."""
+    out: dict[str, object] = {"worker": "warm" if warm else "cold"}
+    dep = results.get("deployment")
+    inp = results["in-process"]
+    if dep is not None:
+        out["deployment"] = {
+            "round_s": dep.mean("seconds"),
+            "overhead_s": dep.mean("overhead"),
+            "overhead_fraction": dep.mean("overhead") / dep.mean("seconds"),
+            "start_to_round_1_s": dep.setup,
+            "final_evaluation_s": dep.evaluation,
+        }
+        out["deployed_over_in_process"] = dep.mean("seconds") / inp.mean("seconds")
+    out["in_process"] = {"round_s": inp.mean("seconds")}
+    return out
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
@@ -261,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{args.sites} sites x {args.cases} cases at {args.size}^3, {args.rounds} rounds x "
         f"{args.local_epochs} local epochs, {os.cpu_count()} CPUs, training threads per site: "
-        f"{args.threads or 'all cores'}",
+        f"{args.threads or 'the demo default'}, site worker: {'warm' if args.warm else 'cold'}",
         flush=True,
     )
     for at_once in sorted({1, args.sites}) if args.cold_starts > 0 else []:
@@ -278,6 +308,15 @@ def main(argv: list[str] | None = None) -> None:
     for m in results.values():
         print("\n" + table(m))
     print("\nMean per round:\n\n" + summary(results))
+    if "deployment" in results:
+        dep = results["deployment"]
+        print(
+            f"deployment orchestration / deployment round: "
+            f"{dep.mean('overhead') / dep.mean('seconds'):.2f}"
+        )
+    if args.json is not None:
+        args.json.write_text(json.dumps(as_json(results, warm=args.warm), indent=2) + "\n")
+        print(f"wrote {args.json}")
     print(
         f"\nNote: on one machine with {os.cpu_count()} cores the deployment trains its sites "
         "concurrently (one ClientApp process each, competing for the cores), the in-process "

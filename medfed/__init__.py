@@ -19,11 +19,17 @@ Names are imported on first use, so ``import medfed`` loads neither torch, Flowe
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 from medfed.errors import MedfedError
 
 __version__ = "0.1.0"
+
+# Importing mlflow starts a client that reports usage to an outside host; medfed sends nothing
+# off the machine that the user did not name (a tracking server they chose). A user who wants
+# it sets the variable themselves.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 # Public name -> the module that defines it (imported on first access).
 _LAZY = {

@@ -233,27 +233,35 @@ def main() -> int:
     return 0
 
 
-def guard_script(python: str) -> str:
+def guard_script(python: str, *, warm: bool = False) -> str:
     """The text of the ``flwr-clientapp`` script that runs the guard with ``python``.
 
     A shell script, so that an interpreter path with spaces works; ``-P`` keeps the working
     directory off ``sys.path``, and the script's own path stays ``argv[0]`` as Flower expects.
+    With ``warm``, the script runs :mod:`medfed.site.warm_client` (standard library only, so
+    it starts in tens of milliseconds), which hands the message to the warm worker or falls
+    back to this same guard.
     """
-    code = "import sys; sys.argv[0] = sys.argv.pop(1); from medfed.site.app_guard import main; "
-    code += "sys.exit(main())"
+    from medfed.site import warm_client
+
+    if warm:
+        command = f"{shlex.quote(python)} -I -S {shlex.quote(warm_client.__file__)}"
+    else:
+        command = f"{shlex.quote(python)} -P -c {shlex.quote(warm_client.GUARD_CODE)}"
     return (
         "#!/bin/sh\n"
         "# medfed's app guard: Flower's flwr-clientapp, run only for allowed app bundles.\n"
         "# Written by `medfed site start` at every start; edits are overwritten.\n"
-        f'exec {shlex.quote(python)} -P -c {shlex.quote(code)} "$0" "$@"\n'
+        f'exec {command} "$0" "$@"\n'
     )
 
 
-def write_guard(bin_dir: Path, *, python: str | None = None) -> Path:
+def write_guard(bin_dir: Path, *, python: str | None = None, warm: bool = False) -> Path:
     """Write the guard as ``bin_dir/flwr-clientapp`` (atomically, mode 0700); its path."""
     from medfed.storage import make_private_dirs, replace_file
 
     make_private_dirs(Path(bin_dir))
     path = Path(bin_dir) / GUARD_NAME
-    replace_file(path, guard_script(python or sys.executable).encode("utf-8"), mode=0o700)
+    script = guard_script(python or sys.executable, warm=warm)
+    replace_file(path, script.encode("utf-8"), mode=0o700)
     return path

@@ -13,14 +13,20 @@ is wrapped in :mod:`medfed.transport.flwr_cli`.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import socket
+import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from medfed.config.site import SiteConfig, TransportSection
 from medfed.errors import ConfigError, TransportError
+from medfed.site.warm_client import SOCKET_ENV as WARM_SOCKET_ENV
 from medfed.storage import make_private_dirs
 from medfed.transport.flwr_cli import (
     CONTROL_CHARS,
@@ -43,7 +49,13 @@ from medfed.workspace import Workspace
 NODE_CONFIG_SITE_KEY = "site-config"
 # Under the site's workdir: the app guard that the SuperNode runs as `flwr-clientapp`.
 GUARD_BIN_DIR = "bin"
+# The SuperExec looks for a message to run every second by default; a message waits for half
+# that on average. Flower reads this variable (0.01 s to 60 s) in flwr 1.41.
+SUPEREXEC_ENV: Final = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+# An AF_UNIX socket path holds at most 107 bytes on Linux, 103 on macOS.
+_MAX_SOCKET_PATH: Final = 100
 # flwr's ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE, as `flwr supernode register` reports it.
+log = logging.getLogger("medfed.transport.deploy")
 _KEY_IN_USE = re.compile(r"\[code: 23\]|public key already in use", re.IGNORECASE)
 
 
@@ -91,6 +103,13 @@ def superlink_command(*, workspace: Workspace, bind_host: str | None = None) -> 
     return argv
 
 
+def check_superlink_port(*, workspace: Workspace, bind_host: str | None = None) -> None:
+    """:class:`TransportError` if the SuperLink's port is taken (another SuperLink?); callers
+    check it before they prepare anything else, so that a busy port costs nothing."""
+    host = bind_host or workspace.manifest.host
+    check_port_free(host, workspace.manifest.port, what="the SuperLink")
+
+
 def start_superlink(
     *,
     workspace: Workspace,
@@ -111,7 +130,7 @@ def start_superlink(
     make_private_dirs(state)
     host = bind_host or workspace.manifest.host
     port = workspace.manifest.port
-    check_port_free(host, port, what="the SuperLink")
+    check_superlink_port(workspace=workspace, bind_host=bind_host)
     process = launch(
         name="superlink",
         argv=superlink_command(workspace=workspace, bind_host=bind_host),
@@ -132,6 +151,32 @@ def start_superlink(
         process.stop(grace_s=5.0)
         raise
     return process
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) as host and port; :class:`ConfigError` if it is neither."""
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{address!r} is not host:port", hint="re-provision the workspace")
+    return host, int(port)
+
+
+def require_aggregator(*, workspace: Workspace, timeout_s: float = 3.0) -> None:
+    """:class:`TransportError` unless something accepts connections at the workspace's
+    aggregator address: a run submitted there would otherwise fail deep inside ``flwr``."""
+    address = workspace.manifest.address
+    host, port = split_address(address)
+    probe = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    try:
+        with socket.create_connection((probe, port), timeout=timeout_s):
+            return
+    except OSError as exc:
+        why = exc.strerror or str(exc) or type(exc).__name__
+    raise TransportError(
+        f"no aggregator is running at {address} for the workspace {workspace.root} ({why})",
+        hint=f"start it: medfed aggregator start --workspace {workspace.root}",
+    )
 
 
 # --- connection and registration (the `flwr` CLI) ----------------------------------------------
@@ -276,24 +321,42 @@ def start_supernode(
     workdir = site.paths.workdir
     if not workdir.is_absolute():
         workdir = Path(config_path).absolute().parent / workdir
-    guard_env = app_guard_env(site=site, bin_dir=workdir / GUARD_BIN_DIR)
+    warm = site_transport(site, config_path=config_path).warm_worker
+    if warm:
+        from medfed.site.warm_worker import warm_available
+
+        why = warm_available()
+        if why is not None:
+            log.warning(
+                "site %s: no warm worker (%s); every ClientApp runs cold", site.site_id, why
+            )
+            warm = False
+    guard_env = app_guard_env(site=site, bin_dir=workdir / GUARD_BIN_DIR, warm=warm)
+    if warm:
+        socket_path = Path(guard_env[WARM_SOCKET_ENV])
+        argv = [
+            *(sys.executable, "-P", "-m", "medfed.site.warm_worker", "supervise"),
+            *("--socket", str(socket_path), "--", *argv),
+        ]
     return launch(
         name=f"supernode[{site.site_id}]",
         argv=argv,
         log_file=log_file,
         flwr_home=flwr_home or workdir / "flwr-home",
-        env={**(env or {}), **guard_env},
+        env={**(env or {}), **guard_env, **SUPEREXEC_ENV},
         cwd=workdir,
     )
 
 
-def app_guard_env(*, site: SiteConfig, bin_dir: Path) -> dict[str, str]:
+def app_guard_env(*, site: SiteConfig, bin_dir: Path, warm: bool = False) -> dict[str, str]:
     """Install the app guard for a SuperNode; the environment that makes it run.
 
     Flower's SuperNode starts ``flwr-clientapp`` by name from its ``PATH``: the guard written
     to ``bin_dir`` comes first there, and gets the site's allow-list (``'medfed'`` resolved to
     the installed medfed app's digests) in ``MEDFED_ALLOWED_APPS``. Flower internals the guard
-    depends on are checked here, so a node that could not check apps does not start.
+    depends on are checked here, so a node that could not check apps does not start. With
+    ``warm``, the guard is reached through the warm worker's socket (``MEDFED_WARM_SOCKET``,
+    in a private directory beside ``bin_dir``; :mod:`medfed.site.warm_worker`).
     """
     from medfed.app_bundle import medfed_app
     from medfed.config.site import MEDFED_APP
@@ -308,13 +371,26 @@ def app_guard_env(*, site: SiteConfig, bin_dir: Path) -> dict[str, str]:
     allowed: list[str] = []
     for entry in site.policy.app_allow_list:
         allowed += sorted(medfed_app().digests) if entry == MEDFED_APP else [entry]
-    write_guard(bin_dir)
+    write_guard(bin_dir, warm=warm)
     path = os.pathsep.join([str(bin_dir), str(venv_bin_dir()), os.environ.get("PATH", os.defpath)])
-    return {
+    env = {
         "PATH": path,
         ALLOWED_APPS_ENV: ",".join(dict.fromkeys(allowed)),
         SITE_ID_ENV: site.site_id,
     }
+    if warm:
+        env[WARM_SOCKET_ENV] = str(warm_socket_path(bin_dir.parent))
+    return env
+
+
+def warm_socket_path(workdir: Path) -> Path:
+    """The warm worker's socket, in a private directory under ``workdir`` when its path fits."""
+
+    path = Path(workdir) / "warm" / "worker.sock"
+    if len(os.fsencode(path)) >= _MAX_SOCKET_PATH:
+        path = Path(tempfile.mkdtemp(prefix="medfed-warm-")) / "worker.sock"
+    make_private_dirs(path.parent)
+    return path
 
 
 # --- helpers -----------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Final
 
 from medfed.errors import TransportError
 from medfed.storage import make_private_dirs
@@ -49,13 +49,19 @@ def venv_bin_dir() -> Path:
 _FORCED_COLOUR = ("FORCE_COLOR", "CLICOLOR_FORCE")
 
 
+# MLflow's client and server report usage to an outside host unless told not to; the
+# ServerApp, `mlflow ui` and medfed's own processes all import mlflow.
+NO_TELEMETRY: Final = {"MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
 def flower_env(*, flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for a Flower process or ``flwr`` command.
 
     The current environment, plus: this interpreter's ``bin`` first on ``PATH`` (SuperLink and
     SuperNode find ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` there),
     ``FLWR_HOME`` (config, installed apps) in a private directory instead of ``~/.flwr``, no
-    telemetry and no update check (nothing leaves the machine), then ``extra``. Forced colours
+    telemetry of Flower or MLflow and no update check (nothing leaves the machine), then
+    ``extra``. Forced colours
     (Jupyter kernels export ``FORCE_COLOR``) are dropped: they wrap ``flwr --format json`` output
     in ANSI codes that no parser reads.
     """
@@ -65,6 +71,7 @@ def flower_env(*, flwr_home: Path, extra: Mapping[str, str] | None = None) -> di
     env["FLWR_HOME"] = str(Path(flwr_home).absolute())
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env.update(NO_TELEMETRY)
     env.update(extra or {})
     return env
 

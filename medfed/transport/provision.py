@@ -258,6 +258,9 @@ transport:
   # The aggregator signs a receipt of the ledger entries it holds with this key's private
   # half; the site checks it before every round, so a restored old ledger is refused.
   receipt_public_key: aggregator_receipt.pub
+  # One worker keeps torch, MONAI and Opacus imported and forks the ClientApp of each message,
+  # checked by the app guard like a cold one; false starts a fresh process per message.
+  warm_worker: true
 
 data:
   # CSV or YAML manifest of this site's patients: patient_id, image, label[, split]

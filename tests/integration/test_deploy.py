@@ -76,7 +76,7 @@ def write_site(
     directory: Path,
     *,
     policy: dict[str, Any] | None = None,
-    **transport: Path,
+    **transport: Path | bool,
 ) -> Path:
     """A site.yaml for ``site_id`` in ``directory`` (kit files by absolute path)."""
     kit = ws.path(ws.site(site_id).kit)
@@ -85,7 +85,7 @@ def write_site(
         "root_certificates": str(kit / "ca.crt"),
         "node_private_key": str(kit / "node_key"),
         "node_public_key": str(kit / "node_key.pub"),
-    } | {key: str(value) for key, value in transport.items()}
+    } | {key: str(value) if isinstance(value, Path) else value for key, value in transport.items()}
     config = {
         "site_id": site_id,
         "data": {"manifest": "manifest.csv"},

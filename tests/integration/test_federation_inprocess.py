@@ -64,6 +64,9 @@ def test_federation_learns_and_keeps_every_ledger_in_step(tmp_path: Path) -> Non
     run_dir = setup.workspace.root / "runs" / "demo"
     for round_index in (0, 1, 2):
         assert (run_dir / "global" / f"round-{round_index:04d}" / "model.safetensors").is_file()
+    audit = run_dir / "report" / "audit"
+    assert (audit / "audit_report.pdf").read_bytes().startswith(b"%PDF")
+    assert "site-a" in (audit / "audit_report.html").read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [s["site_id"] for s in summary["sites"]] == ["site-a", "site-b", "site-c"]
     for site in summary["sites"]:

@@ -257,6 +257,7 @@ def test_site_template_is_plain_yaml_with_relative_paths(workspace: Workspace) -
         "node_private_key": "node_key",
         "node_public_key": "node_key.pub",
         "receipt_public_key": "aggregator_receipt.pub",
+        "warm_worker": True,
     }
     # the kit's receipt key is the public half of the key the aggregator signs receipts with
     receipt_key = workspace.receipt_signing_key()

@@ -23,7 +23,11 @@ def main(grid: Grid, context: Context) -> None:
     while len(nodes) < min_nodes and time.monotonic() < deadline:
         time.sleep(0.5)
         nodes = list(grid.get_nodes())
-    content = RecordDict({"ask": ConfigRecord({"greeting": str(context.run_config["greeting"])})})
+    ask = {
+        "greeting": str(context.run_config["greeting"]),
+        "sleep_s": float(context.run_config["sleep-s"]),
+    }
+    content = RecordDict({"ask": ConfigRecord(ask)})
     messages = [
         Message(content=content, dst_node_id=node.node_id, message_type="query") for node in nodes
     ]
