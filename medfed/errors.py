@@ -189,6 +189,17 @@ class AggregationError(MedfedError):
     default_hint = "check that enough sites answered and that all of them train the same model"
 
 
+class SecureAggregationError(AggregationError):
+    """A securely aggregated round cannot be summed, or a site refuses an unmasking request."""
+
+    code = "secure-aggregation"
+    exit_code = 22
+    decline_code = 4120
+    default_hint = (
+        "run the round again with fresh keys (a new key epoch) once enough sites are online"
+    )
+
+
 class TrainingError(MedfedError):
     """Training could not run or diverged."""
 

@@ -42,6 +42,7 @@ TABLE: dict[str, tuple[str, int, int]] = {
     "privacy-unit": ("PrivacyUnitError", 18, 4108),
     "policy": ("PolicyError", 9, 4102),
     "aggregation": ("AggregationError", 7, 4113),
+    "secure-aggregation": ("SecureAggregationError", 22, 4120),
     "training": ("TrainingError", 6, 4107),
     "transport": ("TransportError", 8, 4114),
     "storage": ("StorageError", 12, 4115),
