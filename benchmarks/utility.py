@@ -21,6 +21,15 @@ of every site (the manifests' split) with the same Dice, weighted by validation 
 
 The figure of merit is (3) / (1). The data are synthetic: the settings below were tuned on them,
 which on real patients' data would itself spend privacy.
+
+Recipes (the sites' settings, see README "Utility recipes"): ``--augmentation-multiplicity K``
+averages K augmented views of each sampled patient before clipping; ``--adaptive-clipping``
+clips at a DP estimate of the median gradient norm, starting from ``--clip``. ``--task brain``
+trains gray/white-matter segmentation of nilearn's MNI152 template instead of the synthetic
+shapes (``medfed data synth --task brain``). ``--runs K`` repeats everything with seeds
+``seed .. seed+K-1``; ``--json`` then also holds one row per setting, averaged over the runs:
+``{"rows": [{"task", "patients_per_site", "epsilon", "recipe", "dp_dice", "central_dice",
+"ratio", "runs"}]}``.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from medfed.api.demo import DemoSetup, prepare_federation
 from medfed.config import SiteConfig, load_site_config
 from medfed.config.loading import dump_site_config
 from medfed.config.run import RunSettings
+from medfed.config.site import AdaptiveClipping
 from medfed.config.strategy import StrategySettings
 from medfed.privacy import SiteLedger, noise_for_target_epsilon, plan_sampling
 from medfed.run_events import RoundDone, RunEvent
@@ -60,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--cases", type=int, default=24, help="synthetic cases per site")
     data.add_argument("--size", type=int, default=32, help="volume edge (voxels)")
     data.add_argument("--seed", type=int, default=0, help="data and initial-model seed")
+    data.add_argument(
+        "--task",
+        choices=("shapes", "brain"),
+        default="shapes",
+        help="synthetic lesions (shapes) or gray/white matter of the MNI152 template (brain)",
+    )
     privacy = parser.add_argument_group("privacy")
     privacy.add_argument("--cap", type=float, default=8.0, help="epsilon cap per site")
     privacy.add_argument("--delta", type=float, default=1e-5)
@@ -67,6 +83,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--share", type=float, default=1.0, help="share of the cap the planned run may spend"
     )
     privacy.add_argument("--clip", type=float, default=0.5, help="per-patient clipping norm")
+    privacy.add_argument(
+        "--adaptive-clipping",
+        action="store_true",
+        help="clip at a DP estimate of the median gradient norm, starting from --clip",
+    )
+    privacy.add_argument(
+        "--count-noise-multiplier",
+        type=float,
+        default=None,
+        help="adaptive clipping's count noise (default: the sites' own, 5x the noise)",
+    )
     train = parser.add_argument_group("training")
     train.add_argument("--rounds", type=int, default=80)
     train.add_argument("--local-epochs", type=int, default=1)
@@ -77,6 +104,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="expected patients per DP step (default: all of a site's, sample rate 1)",
     )
     train.add_argument("--lr", type=float, default=1.0, help="sites' learning rate under DP")
+    train.add_argument(
+        "--augmentation-multiplicity",
+        type=int,
+        default=1,
+        metavar="K",
+        help="augmented views per sampled patient, averaged before clipping",
+    )
     train.add_argument("--optimizer", choices=("adam", "sgd"), default="sgd")
     train.add_argument("--channels", default="8,16", help="UNet channels per level")
     train.add_argument("--res-units", type=int, default=1)
@@ -98,9 +132,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run only the DP federation or only the baselines (for screening)",
     )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for training")
+    parser.add_argument("--runs", type=int, default=1, help="repeat with seeds seed..seed+K-1")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--quiet", action="store_true", help="no per-round progress lines")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.augmentation_multiplicity < 1:
+        parser.error("--runs and --augmentation-multiplicity must be at least 1")
+    return args
+
+
+def recipe(args: argparse.Namespace) -> str:
+    """The DP recipe's name in the rows: dp-sgd, plus each option that changes it."""
+    parts = ["dp-sgd"]
+    if args.augmentation_multiplicity > 1:
+        parts.append(f"augmult-{args.augmentation_multiplicity}")
+    if args.adaptive_clipping:
+        parts.append("adaptive-clip")
+    return "+".join(parts)
 
 
 def channels(text: str) -> list[int]:
@@ -169,18 +217,59 @@ def prepare(args: argparse.Namespace, root: Path) -> tuple[DemoSetup, dict[str, 
         # sample rate 1 at every site: each DP step sees every training patient once
         args.batch = max(setup.train_patients.values())
     configs: dict[str, SiteConfig] = {}
-    for site, path in setup.site_configs.items():
+    for index, (site, path) in enumerate(setup.site_configs.items()):
         config = load_site_config(path)
+        if args.task == "brain":
+            config = brain_data(args, config, index=index)
         training = config.training.model_copy(
-            update={"batch_size": args.batch, "threads": args.threads, "optimizer": args.optimizer}
+            update={
+                "batch_size": args.batch,
+                "threads": args.threads,
+                "optimizer": args.optimizer,
+                "augmentation_multiplicity": args.augmentation_multiplicity,
+            }
+        )
+        adaptive = (
+            AdaptiveClipping(count_noise_multiplier=args.count_noise_multiplier)
+            if args.adaptive_clipping
+            else None
         )
         privacy = config.privacy.model_copy(
-            update={"epsilon_cap": args.cap, "delta": args.delta, "accountant": "rdp"}
+            update={
+                "epsilon_cap": args.cap,
+                "delta": args.delta,
+                "accountant": "rdp",
+                "adaptive_clipping": adaptive,
+            }
         )
         config = config.model_copy(update={"training": training, "privacy": privacy})
         dump_site_config(config, path)
         configs[site] = load_site_config(path)
     return setup, configs
+
+
+def brain_data(args: argparse.Namespace, config: SiteConfig, *, index: int) -> SiteConfig:
+    """Replace a demo site's cases with synthetic brains: same patients, seeds and split.
+
+    The site keeps its patient ids, its manifest's split and its released counts; only the
+    image and label files change, and the classes (background, gray and white matter).
+    """
+    from medfed.data.synth import synthesize_site
+
+    shift = -0.5 + index / (args.sites - 1) if args.sites > 1 else 0.0
+    result = synthesize_site(
+        out=config.data.manifest.parent,
+        cases=args.cases,
+        size=args.size,
+        seed=args.seed + 101 * index,  # as medfed.api.sites.make_synthetic_sites
+        site_shift=shift,
+        site_id=config.site_id,
+        overwrite=True,
+        task="brain",
+    )
+    brain = load_site_config(result.config).data
+    data = config.data.model_copy(update={"classes": brain.classes, "spacing": brain.spacing})
+    return config.model_copy(update={"data": data})
 
 
 def run_dp(
@@ -283,6 +372,8 @@ def report(
         f"channels {args.channels}, {args.strategy}"
         + (f" (server lr {args.server_lr})" if args.strategy == "fedadam" else "")
     )
+    if args.task != "shapes" or recipe(args) != "dp-sgd":
+        print(f"task {args.task}, recipe {recipe(args)}, seed {args.seed}")
     print(
         f"baselines: {args.nonprivate_optimizer} lr {args.nonprivate_lr}, batch "
         f"{args.nonprivate_batch}; centralised {args.central_epochs} epochs; federated fedavg "
@@ -335,19 +426,55 @@ def report(
     }
 
 
+def rows(args: argparse.Namespace, summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row for this setting: each Dice the mean over the runs that have it."""
+
+    def mean_dice(name: str) -> float | None:
+        values = [
+            outcome["dice"]
+            for summary in summaries
+            for outcome in summary["outcomes"]
+            if outcome["name"] == name
+        ]
+        return sum(values) / len(values) if values else None
+
+    dp, central = mean_dice("federated DP"), mean_dice("centralised non-private")
+    return [
+        {
+            "task": args.task,
+            "patients_per_site": args.cases,
+            "epsilon": args.cap,
+            "recipe": recipe(args),
+            "dp_dice": dp,
+            "central_dice": central,
+            "ratio": dp / central if dp is not None and central else None,
+            "runs": len(summaries),
+        }
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="medfed-utility-") as tmp:
-        setup, configs = prepare(args, Path(tmp) / "federation")
-        noise = planned_noise(args, setup.train_patients)
-        outcomes: list[Outcome] = []
-        epsilons: dict[str, float] = {}
-        if args.only in ("all", "baselines"):
-            outcomes += run_baselines(args, setup, configs, noise)
-        if args.only in ("all", "dp"):
-            dp, epsilons = run_dp(args, setup, configs, noise)
-            outcomes.append(dp)
-        summary = report(args, outcomes, epsilons, noise, setup.train_patients)
+    summaries: list[dict[str, Any]] = []
+    first_seed = args.seed
+    for run in range(args.runs):
+        args.seed = first_seed + run
+        with tempfile.TemporaryDirectory(prefix="medfed-utility-") as tmp:
+            setup, configs = prepare(args, Path(tmp) / "federation")
+            noise = planned_noise(args, setup.train_patients)
+            outcomes: list[Outcome] = []
+            epsilons: dict[str, float] = {}
+            if args.only in ("all", "baselines"):
+                outcomes += run_baselines(args, setup, configs, noise)
+            if args.only in ("all", "dp"):
+                dp, epsilons = run_dp(args, setup, configs, noise)
+                outcomes.append(dp)
+            summaries.append(report(args, outcomes, epsilons, noise, setup.train_patients))
+    args.seed = first_seed
+    summary = summaries[0] if len(summaries) == 1 else {"runs": summaries}
+    summary["rows"] = rows(args, summaries)
+    print()
+    print(json.dumps({"rows": summary["rows"]}))
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -62,6 +62,13 @@ def synth(
     force: Annotated[
         bool, typer.Option("--force", help="Regenerate into a non-empty directory.")
     ] = False,
+    task: Annotated[
+        Literal["shapes", "brain"],
+        typer.Option(
+            help="shapes: lesions in smooth bodies; brain: gray and white matter of nilearn's "
+            "MNI152 template, deformed per patient (needs the brain extra; 3-D only)."
+        ),
+    ] = "shapes",
 ) -> None:
     """Write a synthetic site: NIfTI images and labels, manifest.csv and site.yaml."""
     from medfed.data.synth import synthesize_site
@@ -75,6 +82,7 @@ def synth(
         spatial_dims=dims,
         site_id=site_id,
         overwrite=force,
+        task=task,
     )
     shape = "x".join([str(size)] * dims)
     typer.echo(

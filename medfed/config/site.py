@@ -111,6 +111,44 @@ class TrainingSection(_Strict):
     threads: int | None = Field(default=None, ge=1, description="CPU threads; null = all cores.")
     seed: int = 0
     grad_sample_mode: GradSampleMode = "vmap"
+    augmentation_multiplicity: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Augmented views per sampled patient per step, their gradients averaged "
+        "before clipping (De et al. 2022): same privacy, K times the compute; 1 = one view.",
+    )
+
+
+class AdaptiveClipping(_Strict):
+    """Clip to a DP estimate of a quantile of the patients' gradient norms (Andrew et al. 2021).
+
+    Each step also releases the noisy count of sampled patients whose gradient norm is within
+    the clip, and the clip moves geometrically towards ``target_quantile``. The pair (clipped
+    sum, count) spends exactly what plain DP-SGD at the round's noise multiplier spends: the
+    sum gets a little more noise (:func:`medfed.privacy.accounting.adaptive_clipping_noise`).
+    ``privacy.max_grad_norm`` is the clip a run starts from.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    target_quantile: float = Field(
+        default=0.5, gt=0, lt=1, description="Share of patients whose gradient is not clipped."
+    )
+    learning_rate: float = Field(
+        default=0.2,
+        gt=0,
+        le=1,
+        description="The clip changes by a factor of at most exp(this x |unclipped share - "
+        "target|) per step.",
+    )
+    count_noise_multiplier: float | None = Field(
+        default=None,
+        gt=0,
+        description="Noise on the count of unclipped patients over that count's sensitivity "
+        "1/2 (its standard deviation is half of this, in patients); must exceed the round's "
+        "noise multiplier. Null: 5 x the round's noise multiplier (the sum's noise grows 2%).",
+    )
 
 
 class PrivacySection(_Strict):
@@ -132,6 +170,9 @@ class PrivacySection(_Strict):
     secure_mode: bool = Field(
         default=False,
         description="Noise as the sum of four CSPRNG Gaussians, against floating-point attacks.",
+    )
+    adaptive_clipping: AdaptiveClipping | None = Field(
+        default=None, description="Null: clip every patient's gradient to max_grad_norm."
     )
 
     @model_validator(mode="after")
@@ -233,6 +274,11 @@ class TransportSection(_Strict):
         default=None,
         description="The aggregator's receipt key (aggregator_receipt.pub of the kit); by "
         "default that file beside root_certificates, when it is there.",
+    )
+    warm_worker: bool = Field(
+        default=True,
+        description="Keep one worker with torch, MONAI and Opacus imported that forks the "
+        "ClientApp of every message (seconds less per message); false starts each cold.",
     )
 
 

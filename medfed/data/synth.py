@@ -1,11 +1,14 @@
 """Synthetic sites: NIfTI image/label pairs that look enough like scans to train and test on.
 
-Each case has a smooth "body" with low-frequency texture and an inner organ, one or more bright
-ellipsoid lesions (label 1), a multiplicative bias field and Gaussian noise. ``site_shift`` and
-``seed`` change the intensity scale and offset, the noise level and the lesion size and count,
-so several synthetic sites form a non-IID federation. Shapes and voxel spacings vary a little
-per case so that resampling and padding are exercised. Output is byte-for-byte reproducible:
-the generator is seeded per case and nibabel writes gzip headers with a zero timestamp.
+Two tasks. ``shapes`` (the default, no extra packages): each case has a smooth "body" with
+low-frequency texture and an inner organ, one or more bright ellipsoid lesions (label 1), a
+multiplicative bias field and Gaussian noise. ``site_shift`` and ``seed`` change the intensity
+scale and offset, the noise level and the lesion size and count, so several synthetic sites
+form a non-IID federation. Shapes and voxel spacings vary a little per case so that resampling
+and padding are exercised. Output is byte-for-byte reproducible: the generator is seeded per
+case and nibabel writes gzip headers with a zero timestamp. ``brain``: tissue segmentation
+(gray and white matter) of the MNI152 template that nilearn ships, deformed per patient, with
+scanner-like intensity differences per site (:mod:`medfed.data.brain`; the ``brain`` extra).
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from __future__ import annotations
 import csv
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
@@ -34,6 +38,7 @@ from medfed.config.site import (
 from medfed.errors import ConfigError, DataError
 
 _Array = np.ndarray[Any, np.dtype[np.float64]]
+SynthTask = Literal["shapes", "brain"]
 
 MIN_CASES = 3
 MIN_SIZE = 8
@@ -86,14 +91,29 @@ def synthesize_site(
     spatial_dims: int = 3,
     site_id: str | None = None,
     overwrite: bool = False,
+    task: SynthTask = "shapes",
 ) -> SynthResult:
     """Write a synthetic site dataset and a ready-to-use ``site.yaml`` under ``out``.
 
     Layout: ``images/case_XXX.nii.gz`` (float32), ``labels/case_XXX.nii.gz`` (uint8, classes
-    0 and 1), ``manifest.csv`` with an explicit split (about 20% validation, at least one
-    validation and two training cases) and ``site.yaml`` whose paths are relative to ``out``.
-    Refuses a non-empty ``out`` unless ``overwrite`` (then only earlier case files are removed).
+    0 and 1; the brain task's 0, 1 gray and 2 white matter), ``manifest.csv`` with an explicit
+    split (about 20% validation, at least one validation and two training cases) and
+    ``site.yaml`` whose paths are relative to ``out``. Refuses a non-empty ``out`` unless
+    ``overwrite`` (then only earlier case files are removed). The brain task is 3-D, at least
+    16 voxels a side, and needs nilearn.
     """
+    if task not in ("shapes", "brain"):
+        raise DataError(f"unknown task {task!r}", hint="use --task shapes or --task brain")
+    if task == "brain":
+        from medfed.data.brain import MIN_BRAIN_SIZE, check_nilearn
+
+        if spatial_dims != 3 or size < MIN_BRAIN_SIZE:
+            raise DataError(
+                f"the brain task makes 3-D volumes of at least {MIN_BRAIN_SIZE} voxels a side, "
+                f"not {spatial_dims}-D of {size}",
+                hint=f"use --dims 3 and --size {MIN_BRAIN_SIZE} or more with --task brain",
+            )
+        check_nilearn()
     if spatial_dims not in (2, 3):
         raise DataError(
             f"spatial_dims must be 2 or 3, got {spatial_dims}", hint="use --dims 2 or 3"
@@ -110,15 +130,15 @@ def synthesize_site(
     out = Path(out).expanduser()
     site = site_id or _default_site_id(out, seed)
     n_val = max(1, min(cases - 2, round(VAL_SHARE * cases)))
-    config = _site_config(site, size=size, spatial_dims=spatial_dims, seed=seed)
+    config = _site_config(site, size=size, spatial_dims=spatial_dims, seed=seed, task=task)
     _prepare_out(out, overwrite=overwrite)
 
-    style = _site_style(seed, site_shift)
+    make_case = _case_maker(task, size=size, spatial_dims=spatial_dims, seed=seed, shift=site_shift)
     val_indices = set(np.random.default_rng([seed, 7919]).permutation(cases)[:n_val].tolist())
     rows: list[tuple[str, str, str, str]] = []
     for index in range(cases):
         rng = np.random.default_rng([seed, index])
-        image, label, affine = _make_case(rng, size=size, spatial_dims=spatial_dims, style=style)
+        image, label, affine = make_case(rng)
         name = f"case_{index:03d}.nii.gz"
         _save(image.astype(np.float32), affine, out / "images" / name)
         _save(label, affine, out / "labels" / name)
@@ -145,22 +165,41 @@ def synthesize_site(
     )
 
 
+_Case = tuple[_Array, np.ndarray[Any, np.dtype[np.uint8]], _Array]
+
+
+def _case_maker(
+    task: SynthTask, *, size: int, spatial_dims: int, seed: int, shift: float
+) -> Callable[[np.random.Generator], _Case]:
+    if task == "brain":
+        from medfed.data.brain import brain_case, brain_style
+
+        brain = brain_style(seed, shift)
+        return lambda rng: brain_case(rng, size=size, style=brain)
+    style = _site_style(seed, shift)
+    return lambda rng: _make_case(rng, size=size, spatial_dims=spatial_dims, style=style)
+
+
 def _default_site_id(out: Path, seed: int) -> str:
     name = re.sub(r"[^A-Za-z0-9_.-]", "-", out.name).strip("-._")[:63]
     return name if name else f"synth-{seed}"
 
 
-def _site_config(site: str, *, size: int, spatial_dims: int, seed: int) -> SiteConfig:
+def _site_config(
+    site: str, *, size: int, spatial_dims: int, seed: int, task: SynthTask
+) -> SiteConfig:
     # multiples of 8 let the default UNet (and one more down-sampling level) divide the patch
     patch = max(MIN_SIZE, min(size, 32) // 8 * 8)
+    # A synthetic brain keeps its own voxels (a whole head on the grid); shapes are resampled.
+    classes, spacing = ([0, 1, 2], None) if task == "brain" else ([0, 1], [1.25] * spatial_dims)
     try:
         return SiteConfig(
             site_id=site,
             data=DataSection(
                 manifest=Path("manifest.csv"),
-                classes=[0, 1],
+                classes=classes,
                 patch_size=[patch] * spatial_dims,
-                spacing=[1.25] * spatial_dims,
+                spacing=spacing,
             ),
             training=TrainingSection(epochs=DEFAULT_EPOCHS, batch_size=DEFAULT_BATCH, seed=seed),
             privacy=PrivacySection(

@@ -10,7 +10,10 @@ meet on one range), pad to at least ``patch_size`` and map label values to class
 Random (every time a patient is drawn): exactly ONE crop of ``patch_size`` per patient, chosen
 half the time around foreground, then light augmentation. A crop transform with
 ``num_samples > 1`` would turn one sampled patient into several DP-SGD examples and multiply
-the privacy cost; :class:`medfed.data.dataset.PatientDataset` refuses such pipelines.
+the privacy cost; :class:`medfed.data.dataset.PatientDataset` refuses such pipelines. With
+``training.augmentation_multiplicity`` K, a DP step draws a sampled patient K times through this
+pipeline (K independent views, each one crop) and averages the views' gradients before clipping,
+so the patient is still one clipped example (:mod:`medfed.site.dp`).
 """
 
 from __future__ import annotations

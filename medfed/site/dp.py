@@ -8,15 +8,20 @@ inside a collate function.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from medfed.config.site import GradSampleMode
 from medfed.errors import PrivacyUnitError
+
+if TYPE_CHECKING:
+    from medfed.site.adaptive_clip import AdaptiveClip
 
 
 class PoissonPatientSampler:
@@ -45,18 +50,30 @@ class PoissonPatientSampler:
             yield self.draw()
 
 
-def check_one_example_per_patient(patients: Sequence[int], batch_size: int) -> None:
+def check_one_example_per_patient(
+    patients: Sequence[int], batch_size: int, *, views: int = 1
+) -> None:
     """Refuse a batch in which a patient appears twice or the batch is not one row per patient.
 
     A pipeline that returns several crops per patient would clip each crop separately, so the
     real sensitivity would be a multiple of the clipping norm while the ledger records one.
+    With augmentation multiplicity, ``patients`` names each row's patient: ``views``
+    consecutive rows per patient, whose gradients :meth:`DPComponents.step` averages into
+    that patient's one clipped vector.
     """
-    if len(set(patients)) != len(patients) or batch_size != len(patients):
+    groups = [patients[start : start + views] for start in range(0, len(patients), views)]
+    owners = [group[0] for group in groups]
+    if (
+        len(patients) % views
+        or any(len(set(group)) != 1 for group in groups)
+        or len(set(owners)) != len(owners)
+        or batch_size != len(patients)
+    ):
         raise PrivacyUnitError(
             f"a DP batch holds {batch_size} examples for {len(set(patients))} distinct patients "
-            f"({len(patients)} sampled)",
-            hint="each sampled patient must give exactly one crop per step "
-            "(RandCropByPosNegLabeld num_samples=1)",
+            f"({len(owners)} sampled, {views} view(s) each)",
+            hint="each sampled patient must give exactly one crop per view per step "
+            "(RandCropByPosNegLabeld num_samples=1), its views in consecutive rows",
         )
 
 
@@ -95,6 +112,12 @@ class DPComponents:
     ``per_sample_gradients(images, labels)`` leaves one gradient row per example in every
     parameter's ``grad_sample`` and returns the examples' losses; :meth:`step` then clips
     each row, sums, adds the noise and updates, and returns the step's noisy loss estimate.
+
+    With ``views`` > 1 (augmentation multiplicity, De et al. 2022, arXiv:2204.13650) a batch
+    holds ``views`` augmented views of each sampled patient in consecutive rows; their
+    gradients and losses are averaged into one row per patient *before* clipping, so a
+    patient still moves the step by at most the clipping norm. With ``adaptive`` the clip
+    moves after every step (:mod:`medfed.site.adaptive_clip`).
     """
 
     module: nn.Module
@@ -102,6 +125,13 @@ class DPComponents:
     per_sample_gradients: Gradients
     loss: LossCoordinate
     probe: nn.Parameter
+    views: int = 1
+    adaptive: AdaptiveClip | None = None
+
+    @property
+    def noise_multiplier(self) -> float:
+        """The noise multiplier of the clipped sum (above the ledger's with adaptive clipping)."""
+        return float(self.optimizer.noise_multiplier)  # type: ignore[attr-defined]
 
     def step(self, images: torch.Tensor | None, labels: torch.Tensor | None) -> float:
         """One DP-SGD step (an empty draw when ``images`` is None); the noisy mean loss.
@@ -117,24 +147,54 @@ class DPComponents:
         else:
             losses = self.per_sample_gradients(images, labels).detach()
             rows_made = per_sample_gradient_rows(self.module)
-            if rows_made != images.shape[0]:
+            if rows_made != images.shape[0] or rows_made % self.views:
                 raise PrivacyUnitError(
-                    f"{rows_made} per-sample gradients for {images.shape[0]} sampled patients",
+                    f"{rows_made} per-sample gradients for {images.shape[0]} rows of sampled "
+                    f"patients ({self.views} view(s) each)",
                     hint="the network or loss mixes examples across the batch (e.g. BatchNorm)",
                 )
+            if self.views > 1:
+                losses = _average_views(self.module, losses, views=self.views)
             finite = _finite_rows(self.module) & torch.isfinite(losses)
             _zero_rows(self.module, keep=finite)
             bounded = torch.where(finite, losses, torch.full_like(losses, self.loss.clip))
             bounded = bounded.clamp(0.0, self.loss.clip) * self.loss.scale
             rows = bounded.to(self.probe.dtype).reshape(-1, 1)
         self.probe.grad_sample = rows  # type: ignore[attr-defined]
+        norms = _per_sample_norms(self.optimizer) if self.adaptive is not None else None
         self.optimizer.step()
         assert self.probe.grad is not None
         # p.grad is (noisy sum) / expected batch size; back in loss units, a mean estimate.
         estimate = float(self.probe.grad.detach().reshape(-1)[0]) / self.loss.scale
         with torch.no_grad():
             self.probe.zero_()
+        if self.adaptive is not None and norms is not None:
+            clip = self.adaptive.update(norms)
+            # The loss coordinate keeps its share of the new clip; its noise in loss units,
+            # noise x clip / scale, does not change.
+            self.optimizer.max_grad_norm = clip  # type: ignore[attr-defined]
+            self.loss = dataclasses.replace(self.loss, max_grad_norm=clip)
         return estimate
+
+
+def _average_views(module: nn.Module, losses: torch.Tensor, *, views: int) -> torch.Tensor:
+    """Average each patient's ``views`` consecutive gradient rows and losses into one."""
+    for parameter in module.parameters():
+        grad_sample = getattr(parameter, "grad_sample", None)
+        if isinstance(grad_sample, torch.Tensor):
+            grouped = grad_sample.reshape(-1, views, *grad_sample.shape[1:])
+            parameter.grad_sample = grouped.mean(dim=1)  # type: ignore[attr-defined]
+    return losses.reshape(-1, views).mean(dim=1)
+
+
+def _per_sample_norms(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """Each row's norm over every parameter, as Opacus' clipping computes it."""
+    grad_samples: list[torch.Tensor] = optimizer.grad_samples  # type: ignore[attr-defined]
+    if len(grad_samples[0]) == 0:
+        return torch.zeros(0)
+    per_param = [g.reshape(len(g), -1).norm(2, dim=-1).cpu() for g in grad_samples]
+    norms: torch.Tensor = torch.stack(per_param, dim=1).norm(2, dim=1)
+    return norms
 
 
 def _finite_rows(module: nn.Module) -> torch.Tensor:
@@ -186,6 +246,8 @@ def make_private(
     secure_mode: bool,
     loss_clip: float = 2.0,
     loss_share: float = 0.3,
+    augmentation_multiplicity: int = 1,
+    adaptive: AdaptiveClip | None = None,
 ) -> DPComponents:
     """Set ``model`` up for per-sample gradients and wrap ``optimizer`` for clipping and noise.
 
@@ -196,7 +258,15 @@ def make_private(
     defence against floating-point attacks. The training loss rides along as one more
     coordinate (:class:`LossCoordinate`), in a parameter group the optimiser does not move.
     Accounting is not attached: the site's ledger is the only accountant.
+    ``augmentation_multiplicity`` is the number of views per patient in a batch (see
+    :class:`DPComponents`); ``adaptive`` the clip state when the clip adapts, whose clip is
+    then the one the first step uses.
     """
+    if augmentation_multiplicity < 1:
+        raise PrivacyUnitError(
+            f"augmentation multiplicity must be at least 1, got {augmentation_multiplicity}",
+            hint="set training.augmentation_multiplicity to 1 or more",
+        )
     from opacus.grad_sample.utils import prepare_module
 
     from medfed.site.noise import CsprngDPOptimizer
@@ -212,10 +282,11 @@ def make_private(
     reference = next(p for p in model.parameters() if p.requires_grad)
     probe = nn.Parameter(torch.zeros(1, dtype=reference.dtype, device=reference.device))
     optimizer.add_param_group({"params": [probe], "lr": 0.0, "weight_decay": 0.0})
+    clip = max_grad_norm if adaptive is None else adaptive.clip
     dp_optimizer = CsprngDPOptimizer(
         optimizer,
         noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
+        max_grad_norm=clip,
         expected_batch_size=expected_batch_size,
         loss_reduction="mean",
         secure_mode=secure_mode,
@@ -224,8 +295,10 @@ def make_private(
         module=module,
         optimizer=dp_optimizer,
         per_sample_gradients=per_sample,
-        loss=LossCoordinate(clip=loss_clip, share=loss_share, max_grad_norm=max_grad_norm),
+        loss=LossCoordinate(clip=loss_clip, share=loss_share, max_grad_norm=clip),
         probe=probe,
+        views=augmentation_multiplicity,
+        adaptive=adaptive,
     )
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from medfed.config.site import SiteConfig
 from medfed.privacy.sampling import SamplingPlan
+from medfed.site.adaptive_clip import adaptive_clip
 from medfed.site.dp import (
     DPComponents,
     PoissonPatientSampler,
@@ -71,20 +72,40 @@ def collate_patients(*, items: Sequence[Any], device: torch.device) -> dict[str,
 
 
 def private_training(
-    *, config: SiteConfig, model: nn.Module, setup: RoundSetup, proximal_mu: float
+    *,
+    config: SiteConfig,
+    model: nn.Module,
+    setup: RoundSetup,
+    proximal_mu: float,
+    augmentation_multiplicity: int = 1,
 ) -> DPComponents:
-    """The network, its optimiser and the loss coordinate wrapped for DP-SGD as planned."""
+    """The network, its optimiser and the loss coordinate wrapped for DP-SGD as planned.
+
+    The plan decides the clip: ``max_grad_norm``, and adaptive clipping exactly when it
+    records a count noise (so the ledger always describes the steps taken); then the sum's
+    noise is the plan's, split with the count (:mod:`medfed.site.adaptive_clip`).
+    ``augmentation_multiplicity`` views of each sampled patient are averaged before clipping.
+    """
+    plan = setup.plan
+    adaptive = None
+    noise = plan.noise_multiplier
+    if plan.count_noise_multiplier is not None:
+        split = plan.adaptive_noise
+        noise = split.sum_noise_multiplier
+        adaptive = adaptive_clip(config=config, setup=setup, count_std=split.count_std)
     dp = make_private(
         model=model,
         num_classes=len(config.data.classes),
         optimizer=make_optimizer(config=config, model=model),
-        noise_multiplier=setup.plan.noise_multiplier,
-        max_grad_norm=config.privacy.max_grad_norm,
+        noise_multiplier=noise,
+        max_grad_norm=plan.max_grad_norm,
         expected_batch_size=setup.sampling.expected_batch_size,
         grad_sample_mode=config.training.grad_sample_mode,
         secure_mode=config.privacy.secure_mode,
         loss_clip=config.release.loss_clip,
         loss_share=config.release.loss_share,
+        augmentation_multiplicity=augmentation_multiplicity,
+        adaptive=adaptive,
     )
     if proximal_mu > 0:
         _add_proximal_term(dp, mu=proximal_mu)
@@ -173,9 +194,16 @@ def train_epochs(
 
 
 def _dp_step(dp: DPComponents, dataset: Any, patients: list[int], device: torch.device) -> float:
-    """One DP-SGD step over the sampled patients (possibly none); its noisy mean loss."""
+    """One DP-SGD step over the sampled patients (possibly none); its noisy mean loss.
+
+    Each item is a fresh draw of the random crop and augmentation, so ``dp.views`` items of
+    one patient are independent views of it, in consecutive rows.
+    """
     if not patients:
         return dp.step(None, None)
-    batch = collate_patients(items=[dataset[index] for index in patients], device=device)
-    check_one_example_per_patient(batch["patient"].tolist(), int(batch["image"].shape[0]))
+    items = [dataset[index] for index in patients for _view in range(dp.views)]
+    batch = collate_patients(items=items, device=device)
+    check_one_example_per_patient(
+        batch["patient"].tolist(), int(batch["image"].shape[0]), views=dp.views
+    )
     return dp.step(batch["image"], batch["label"])
