@@ -21,13 +21,14 @@ from medfed.aggregator.finish import fail, finish
 from medfed.aggregator.messages import initial_model
 from medfed.aggregator.outcome import FederationResult, SiteRecord, weighted_mean
 from medfed.aggregator.rounds import evaluate, train_round
-from medfed.aggregator.run_store import ResumePoint, RunStore
+from medfed.aggregator.run_store import ResumePoint, RunStore, round_record
 from medfed.aggregator.selection import online, select, too_few, wait_for_sites
 from medfed.aggregator.strategies import FedAdamState, RoundAggregation
 from medfed.config.run import RunSettings
 from medfed.errors import ConfigError, MedfedError
 from medfed.numbers import finite_or_none
 from medfed.run_events import EventCallback, RoundDone, RunStarted
+from medfed.types import weights_digest
 from medfed.workspace import Workspace
 
 
@@ -91,12 +92,21 @@ def _run(ctx: RunContext, resume: ResumePoint | None) -> FederationResult:
         if start is None:
             return finish(ctx, "stopped", "no site could initialise the model", completed=0)
         weights, spec = start
+        record = round_record(
+            run_name=ctx.run_name,
+            round=0,
+            previous=None,
+            start_sha256=None,
+            global_sha256=weights_digest(weights),
+            updates={},
+        )
         ctx.store.save_round(
-            round=0, weights=weights, spec=spec, strategy_state=None, metadata={"round": 0}
+            round=0, weights=weights, spec=spec, strategy_state=None, metadata=record
         )
         first_round, strategy_state = 1, None
     else:
         weights, spec = dict(resume.weights), dict(resume.spec)
+        record = dict(resume.record)
         first_round = resume.round + 1
         strategy_state = (
             FedAdamState.from_arrays(resume.strategy_state) if resume.strategy_state else None
@@ -121,12 +131,20 @@ def _run(ctx: RunContext, resume: ResumePoint | None) -> FederationResult:
             return finish(ctx, "stopped", reason, completed, model_dir, dice_initial)
         result = aggregation.finish(state=strategy_state)
         weights, strategy_state = dict(result.weights), result.state
+        record = round_record(
+            run_name=ctx.run_name,
+            round=round_index,
+            previous=record,
+            start_sha256=outcome.start_sha256,
+            global_sha256=weights_digest(weights),
+            updates=outcome.updates,
+        )
         model_dir = ctx.store.save_round(
             round=round_index,
             weights=weights,
             spec=spec,
             strategy_state=None if strategy_state is None else strategy_state.to_arrays(),
-            metadata={"round": round_index, "sites": outcome.sites},
+            metadata=record,
         )
         completed = round_index
         ctx.emit(

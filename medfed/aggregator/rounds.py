@@ -4,7 +4,9 @@ Every reply is read through the site's verified ledger: its new lines are checke
 site's registered key and chained onto the aggregator's copy first (a raised cap or delta is a
 privacy alert), then the update must be covered by a committed reservation of this round, be
 weighted by a released patient count, and fit the global model (names, shapes, dtypes, finite
-values, round id). Anything else drops the update with its reasons.
+values, round id); a commit entry that names other weights than those sent and received
+binds the spend to another model. Anything else drops the update with its reasons. What was
+accepted (update digest, ledger seqs, commit seq) goes into the round's record.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from medfed.aggregator.context import RunContext
 from medfed.aggregator.messages import declined, send, send_each
 from medfed.aggregator.outcome import weighted_mean
 from medfed.aggregator.releases import RoundRecord, finite_value, model_dice, round_record
+from medfed.aggregator.run_store import ReceivedUpdate
 from medfed.aggregator.selection import online
 from medfed.aggregator.strategies import RoundAggregation
 from medfed.aggregator.validation import validate_update
 from medfed.envelope import EVALUATE, TRAIN, read_decline, read_evaluation, read_reply
 from medfed.errors import MedfedError
 from medfed.numbers import finite_or_none
+from medfed.privacy import CommitEntry, LedgerReport
 from medfed.run_events import (
     Evaluation,
     EvaluationFailed,
@@ -53,6 +57,8 @@ class RoundOutcome:
     dice_before: dict[str, tuple[float, int]] = field(default_factory=dict)
     losses: dict[str, tuple[float, int]] = field(default_factory=dict)
     seconds: float = 0.0
+    start_sha256: str = ""  # the global model the round started from
+    updates: dict[str, ReceivedUpdate] = field(default_factory=dict)  # for the round record
 
 
 def train_round(
@@ -70,11 +76,12 @@ def train_round(
     ctx.emit(RoundStarted(run_name=ctx.run_name, round=round_index, sites=tuple(sorted(selected))))
     started = time.monotonic()
     digest = weights_digest(weights)
-    outcome = RoundOutcome()
+    outcome = RoundOutcome(start_sha256=digest)
     for site, reply in send_each(ctx, TRAIN, round_index, selected, weights):
         if declined(ctx, site, round_index, reply):
             continue
         record = ctx.sites[site]
+        received: ReceivedUpdate | None = None
         try:
             answer = read_reply(reply.content)
             problems = []
@@ -97,6 +104,16 @@ def train_round(
             problems += validate_update(
                 update=update, reference=weights, expected_round=round_index
             )
+            received, unbound = bind_update(
+                ctx.tracker.report(site),
+                run_id=ctx.run_name,
+                round=round_index,
+                model_sha256=digest,
+                update_sha256=weights_digest(answer.weights),
+                first_seq=answer.ledger_first_seq,
+                lines=len(answer.ledger_lines),
+            )
+            problems += unbound
         except MedfedError as exc:
             problems = [exc.message]
         if problems:
@@ -114,6 +131,8 @@ def train_round(
         record.last_plan = ledger.plan
         aggregation.add(update=update)
         outcome.sites.append(site)
+        assert received is not None  # no problems: the commit was found
+        outcome.updates[site] = received
         outcome.dice_before[site] = (finite_value(ledger.dice), validation_weight(ctx, site))
         outcome.losses[site] = (record.last_loss, update.num_patients)
         ctx.emit(
@@ -144,6 +163,49 @@ def receive(
         log.warning("%s", alert)
         ctx.emit(PrivacyAlert(run_name=ctx.run_name, site=site, round=round_index, alert=alert))
     return receipt.budget
+
+
+def bind_update(
+    report: LedgerReport,
+    *,
+    run_id: str,
+    round: int,
+    model_sha256: str,
+    update_sha256: str,
+    first_seq: int,
+    lines: int,
+) -> tuple[ReceivedUpdate | None, list[str]]:
+    """The round's commit entry for the update received, or why the update is not its.
+
+    A commit that names other weights than the model sent and the update received says the
+    ledger paid for something else; a commit without digests (a site older than them) binds
+    by run and round only.
+    """
+    reserved = {r.seq for r in report.runs(run_id) if r.round == round}
+    commits = [
+        entry
+        for entry in report.entries
+        if isinstance(entry, CommitEntry) and entry.reservation_seq in reserved
+    ]
+    if not commits:
+        return None, []  # coverage_problems names the missing commit
+    commit = commits[-1]
+    problems = [
+        f"the site's commit entry (seq {commit.seq}) names {what} {named[:12]}... but "
+        f"{actual[:12]}... was {how}"
+        for what, named, actual, how in (
+            ("the global model", commit.model_sha256, model_sha256, "sent"),
+            ("the update", commit.update_sha256, update_sha256, "received"),
+        )
+        if named is not None and named != actual
+    ]
+    received = ReceivedUpdate(
+        update_sha256=update_sha256,
+        ledger_first_seq=first_seq,
+        ledger_last_seq=first_seq + lines - 1 if lines else None,
+        commit_seq=commit.seq,
+    )
+    return received, problems
 
 
 def coverage_problems(ledger: RoundRecord, round_index: int) -> list[str]:

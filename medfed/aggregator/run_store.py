@@ -5,13 +5,19 @@ the global model after each round (:mod:`medfed.model_files`, no torch), FedAdam
 resume state and the summary (the events are :mod:`medfed.run_events`'). The state is replaced
 atomically after the round's model is on disk, so a crash at any point resumes from a round
 whose model exists.
+
+Each global model's metadata is its round record (:func:`round_record`): the digests of the
+model the round started from and of the one it made, and per site the update it received and
+the ledger entries that paid for it, chained by hash to the record of the round before, so
+that ``medfed audit trace`` can walk from a model back to every ledger entry behind it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +26,75 @@ import numpy as np
 from medfed.config.run import RunSettings
 from medfed.errors import ConfigError
 from medfed.model_files import read_arrays, read_model, write_arrays, write_model
+from medfed.privacy.events import GENESIS_HASH, canonical_json
 from medfed.storage import make_private_dirs, replace_file
 from medfed.workspace import RunPaths
 
 
 @dataclass(frozen=True)
 class ResumePoint:
-    """Where a resumed run continues: after ``round``, from that round's global model."""
+    """Where a resumed run continues: after ``round``, from that round's global model.
+
+    ``record`` is that model's round record, which the next round's record chains to.
+    """
 
     round: int
     weights: Mapping[str, np.ndarray]
     spec: Mapping[str, Any]
     strategy_state: Mapping[str, np.ndarray] | None
+    record: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReceivedUpdate:
+    """What the aggregator accepted from one site in one round, as its round record lists it.
+
+    ``ledger_first_seq``/``ledger_last_seq`` span the ledger lines the reply carried (None
+    for the last when it carried none); ``commit_seq`` is the round's commit entry.
+    """
+
+    update_sha256: str
+    ledger_first_seq: int
+    ledger_last_seq: int | None
+    commit_seq: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "update_sha256": self.update_sha256,
+            "ledger_first_seq": self.ledger_first_seq,
+            "ledger_last_seq": self.ledger_last_seq,
+            "commit_seq": self.commit_seq,
+        }
+
+
+def round_record(
+    *,
+    run_name: str,
+    round: int,
+    previous: Mapping[str, Any] | None,
+    start_sha256: str | None,
+    global_sha256: str,
+    updates: Mapping[str, ReceivedUpdate],
+) -> dict[str, Any]:
+    """The record stored beside a round's global model, chained to the round before.
+
+    ``previous`` is the previous round's record (None for round 0, the initial model, which
+    starts the chain); the chain's head is :func:`record_sha256` of the final record.
+    """
+    return {
+        "round": round,
+        "run_name": run_name,
+        "previous_record_sha256": GENESIS_HASH if previous is None else record_sha256(previous),
+        "start_sha256": start_sha256,
+        "global_sha256": global_sha256,
+        "sites": sorted(updates),
+        "updates": {site: updates[site].to_json() for site in sorted(updates)},
+    }
+
+
+def record_sha256(record: Mapping[str, Any]) -> str:
+    """SHA-256 of a round record's canonical JSON: what the next record and MLflow name it by."""
+    return hashlib.sha256(canonical_json(record)).hexdigest()
 
 
 class RunStore:
@@ -113,6 +176,7 @@ class RunStore:
             weights=stored.weights,
             spec=stored.spec,
             strategy_state=read_arrays(strategy_file) if strategy_file.exists() else None,
+            record=stored.metadata,
         )
 
 

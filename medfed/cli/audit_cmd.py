@@ -1,5 +1,7 @@
 """`medfed audit ...` commands: verify a workspace's privacy record, and write the auditor's report.
 
+``trace`` walks from a model (a directory or a registered version) back through the run's
+chained round records to each site's commit entries, and exits like ``verify``.
 ``verify`` prints one line per finding (site, file, ledger line and seq, what is wrong), then
 PASS or FAIL, and exits 0 only on PASS; on FAIL the last line on stderr is the audit error and
 the exit code is :class:`~medfed.errors.AuditError`'s. ``report`` writes HTML, JSON or PDF:
@@ -49,17 +51,17 @@ MlflowRunOption = Annotated[
 Format = Literal["html", "json", "pdf"]
 
 
-def parse_ledgers(values: list[str] | None) -> dict[str, Path]:
+def parse_ledgers(values: list[str] | None, *, option: str = "--ledger") -> dict[str, Path]:
     """``SITE=PATH`` options as a mapping; ConfigError naming a malformed or repeated one."""
     found: dict[str, Path] = {}
     for value in values or []:
         site, sep, path = value.partition("=")
         if not sep or not site.strip() or not path.strip():
             raise ConfigError(
-                f"--ledger {value!r} is not SITE=PATH", hint="e.g. --ledger site-a=ledger.jsonl"
+                f"{option} {value!r} is not SITE=PATH", hint=f"e.g. {option} site-a=ledger.jsonl"
             )
         if site.strip() in found:
-            raise ConfigError(f"--ledger gives site {site.strip()!r} twice")
+            raise ConfigError(f"{option} gives site {site.strip()!r} twice")
         found[site.strip()] = Path(path.strip())
     return found
 
@@ -149,6 +151,54 @@ def report(
         f"{chosen} report written to {out}: {len(built.sites)} site(s); verification "
         f"{result.verdict} ({len(result.findings)} finding(s))"
     )
+
+
+@app.command("trace")
+def trace(
+    workspace: WorkspaceOption,
+    model_version: Annotated[
+        str | None,
+        typer.Option("--model-version", help="NAME/VERSION of a registered model to trace."),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="A model directory (model.safetensors + model.json)."),
+    ] = None,
+    run: Annotated[
+        str | None,
+        typer.Option("--run", help="The run a --model directory claims (default: its record's)."),
+    ] = None,
+    site_ledger: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--site-ledger",
+            help="SITE=PATH: a ledger the site handed over (wins over the aggregator's copy).",
+        ),
+    ] = None,
+    tracking_uri: TrackingOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Walk from a model to every round, site update and ledger entry behind it."""
+    from medfed.audit.trace import trace_model
+
+    result = trace_model(
+        workspace=workspace,
+        model=model,
+        model_version=model_version,
+        run_name=run,
+        site_ledgers=parse_ledgers(site_ledger, option="--site-ledger"),
+        tracking_uri=tracking_uri,
+    )
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        for line in result.lines():
+            typer.echo(line)
+    if not result.passed:
+        raise AuditError(
+            f"{len(result.findings)} broken link(s) between {result.model} and its ledgers",
+            hint="each FINDING line names the round, the site and what differs",
+        )
 
 
 SUFFIXES: Final[dict[str, Format]] = {

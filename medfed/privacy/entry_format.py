@@ -60,8 +60,9 @@ def parse_entry(obj: object) -> LedgerEntry:
             f"{', '.join(repr(k) for k in schemas)})"
         )
     fields = schemas[kind]
+    optional = _OPTIONAL[version].get(kind, {})
     missing = sorted(set(fields) - set(obj))
-    unknown = sorted(set(obj) - set(fields))
+    unknown = sorted(set(obj) - set(fields) - set(optional))
     if missing or unknown:
         parts = []
         if missing:
@@ -69,15 +70,19 @@ def parse_entry(obj: object) -> LedgerEntry:
         if unknown:
             parts.append(f"unknown fields {', '.join(unknown)}")
         raise EntryFormatError("; ".join(parts))
-    for name, check in fields.items():
+    for name, check in [*fields.items(), *optional.items()]:
+        if name not in obj:
+            continue
         problem = check(obj[name])
         if problem:
             raise EntryFormatError(f"field {name!r}: {problem}")
     values = {name: obj[name] for name in fields if name not in ("v", "kind")}
+    if kind == "reserve":
+        _check_adaptive_clipping(obj)
     if kind == "terms":
         return TermsEntry(**values)
     if kind == "commit":
-        return CommitEntry(**values)
+        return CommitEntry(**values, **{name: obj[name] for name in optional if name in obj})
     if kind == "release":
         _check_release(values)
         values["values"] = {key: float(value) for key, value in values["values"].items()}
@@ -92,7 +97,24 @@ def parse_entry(obj: object) -> LedgerEntry:
             legacy_dataset_size=values.pop("dataset_size"),
             **values,
         )
-    return ReserveEntry(**values)
+    return ReserveEntry(**values, **{name: obj[name] for name in optional if name in obj})
+
+
+def _check_adaptive_clipping(obj: Mapping[str, Any]) -> None:
+    """A reservation with adaptive clipping: a count noise that leaves the sum some noise.
+
+    ``noise_multiplier`` stays what the accountant charges (every reader, old or new, gets
+    the true cost from it); ``count_noise_multiplier`` says how the step split it between the
+    clipped sum and the clip count (:func:`medfed.privacy.accounting.adaptive_clipping_noise`),
+    which is possible only when it exceeds the noise multiplier.
+    """
+    count = obj.get("count_noise_multiplier")
+    if count is not None and not count > obj["noise_multiplier"]:
+        raise EntryFormatError(
+            f"field 'count_noise_multiplier': {count!r} must exceed the noise multiplier "
+            f"{obj['noise_multiplier']!r} (adaptive clipping splits that noise between the "
+            "clipped sum and the clip count)"
+        )
 
 
 def _check_release(values: Mapping[str, Any]) -> None:
@@ -263,6 +285,19 @@ _STEPS: Final[dict[str, Callable[[object], str | None]]] = {
 _COMMIT: Final[dict[str, Callable[[object], str | None]]] = {
     "reservation_seq": _integer(0),
     "steps": _integer(0),
+}
+
+# Fields an entry may leave out, by format and kind: each one added after the format was
+# first written, so that the entries written before it stay valid as they are.
+_OPTIONAL: Final[dict[int, dict[str, dict[str, Callable[[object], str | None]]]]] = {
+    1: {},
+    2: {
+        "reserve": {"count_noise_multiplier": _privacy(check_noise_multiplier)},
+        "commit": {
+            "model_sha256": _pattern(_HEX64, "64 lowercase hex digits"),
+            "update_sha256": _pattern(_HEX64, "64 lowercase hex digits"),
+        },
+    },
 }
 
 _SCHEMAS: Final[dict[int, dict[str, dict[str, Callable[[object], str | None]]]]] = {

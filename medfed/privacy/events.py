@@ -104,11 +104,20 @@ class ReserveEntry:
     legacy_delta: float | None = None
     legacy_accountant: str | None = None
     legacy_dataset_size: int | None = None
+    # Adaptive clipping's noise on the clipped count (``2 sigma_b``); ``noise_multiplier``
+    # stays what the accountant charges for the pair (medfed.privacy.accounting).
+    count_noise_multiplier: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CommitEntry:
-    """The steps a reserved round actually took, recorded after training."""
+    """The steps a reserved round actually took, recorded after training.
+
+    In a federated round, ``model_sha256`` is the :func:`medfed.types.weights_digest` of the
+    global model training started from and ``update_sha256`` that of the weights the site
+    sent back, so that a model can be traced to the ledger entries that paid for it. Both are
+    None in entries written before they existed and where there is no such model.
+    """
 
     seq: int
     prev_hash: str
@@ -118,6 +127,8 @@ class CommitEntry:
     signature: str
     reservation_seq: int
     steps: int
+    model_sha256: str | None = None
+    update_sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

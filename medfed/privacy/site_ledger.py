@@ -20,7 +20,14 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from medfed.errors import LedgerError, PrivacyError
-from medfed.privacy.accounting import AccountantName, DPSteps, check_steps, compute_epsilon
+from medfed.privacy.accounting import (
+    AccountantName,
+    AdaptiveClippingNoise,
+    DPSteps,
+    adaptive_clipping_noise,
+    check_steps,
+    compute_epsilon,
+)
 from medfed.privacy.budget import (
     BudgetCheck,
     BudgetStatus,
@@ -59,7 +66,10 @@ class RoundPlan:
     steps: int
     sample_rate: float
     noise_multiplier: float
-    max_grad_norm: float
+    max_grad_norm: float  # with adaptive clipping, the clip the round starts from
+    # With adaptive clipping: the clip count's noise multiplier (sensitivity 1/2); the steps
+    # still spend ``noise_multiplier``, split between the sum and the count. None: fixed clip.
+    count_noise_multiplier: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_id, str) or not 0 < len(self.run_id) <= 256:
@@ -83,6 +93,21 @@ class RoundPlan:
             or not 0.0 < self.max_grad_norm < math.inf
         ):
             raise PrivacyError(f"max_grad_norm must be > 0, got {self.max_grad_norm!r}")
+        if self.count_noise_multiplier is not None:
+            adaptive_clipping_noise(  # refuses a count noise that leaves the sum none
+                noise_multiplier=self.noise_multiplier,
+                count_noise_multiplier=self.count_noise_multiplier,
+            )
+
+    @property
+    def adaptive_noise(self) -> AdaptiveClippingNoise:
+        """How the steps split their noise between the clipped sum and the clip count."""
+        if self.count_noise_multiplier is None:
+            raise PrivacyError("this round plan has a fixed clip: no count is released")
+        return adaptive_clipping_noise(
+            noise_multiplier=self.noise_multiplier,
+            count_noise_multiplier=self.count_noise_multiplier,
+        )
 
     @property
     def dp_steps(self) -> DPSteps:
@@ -231,21 +256,20 @@ class SiteLedger:
         they differ from the ledger's; the budget check uses them and runs in the same
         critical section as the appends.
         """
-        seq, check = self._write(
-            kind="reserve",
-            cost=plan.dp_steps,
-            terms=terms,
-            fields={
-                "run_id": plan.run_id,
-                "round": plan.round,
-                "planned_rounds": plan.planned_rounds,
-                "steps": plan.steps,
-                "sample_rate": float(plan.sample_rate),
-                "noise_multiplier": float(plan.noise_multiplier),
-                "max_grad_norm": float(plan.max_grad_norm),
-                "library_versions": library_versions(),
-            },
-        )
+        fields: dict[str, Any] = {
+            "run_id": plan.run_id,
+            "round": plan.round,
+            "planned_rounds": plan.planned_rounds,
+            "steps": plan.steps,
+            "sample_rate": float(plan.sample_rate),
+            "noise_multiplier": float(plan.noise_multiplier),
+            "max_grad_norm": float(plan.max_grad_norm),
+            "library_versions": library_versions(),
+        }
+        if plan.count_noise_multiplier is not None:
+            # Written only with adaptive clipping, so that other entries stay as they were.
+            fields["count_noise_multiplier"] = float(plan.count_noise_multiplier)
+        seq, check = self._write(kind="reserve", cost=plan.dp_steps, terms=terms, fields=fields)
         assert check is not None
         return Reservation(
             seq=seq,
@@ -299,13 +323,33 @@ class SiteLedger:
             self._append(report, private_key, {**self._header(report, private_key, kind), **fields})
         return seq, check
 
-    def commit(self, reservation: Reservation, *, steps: int) -> None:
+    def commit(
+        self,
+        reservation: Reservation,
+        *,
+        steps: int,
+        model_sha256: str | None = None,
+        update_sha256: str | None = None,
+    ) -> None:
         """Record the steps a reserved round actually took (at most the reserved steps).
 
         Training must stop at the reserved steps: a larger count is refused, and the
-        reservation then keeps counting in full.
+        reservation then keeps counting in full. ``model_sha256`` and ``update_sha256`` (the
+        :func:`medfed.types.weights_digest` of the model trained from and of the update sent)
+        bind the entry to the weights; each is written only when given.
         """
         check_steps(steps)
+        digests = {
+            name: value
+            for name, value in (("model_sha256", model_sha256), ("update_sha256", update_sha256))
+            if value is not None
+        }
+        for name, value in digests.items():
+            if not (len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
+                raise LedgerError(
+                    f"{self.path}: {name} {value!r} is not a SHA-256 hex digest",
+                    hint="pass medfed.types.weights_digest(...) of the weights",
+                )
         private_key = self._signing_key()
         with locked(self.path, exclusive=True):
             report = self._verify_now(private_key.public_key())
@@ -335,6 +379,7 @@ class SiteLedger:
                     **self._header(report, private_key, "commit"),
                     "reservation_seq": state.seq,
                     "steps": steps,
+                    **digests,
                 },
             )
 

@@ -33,6 +33,7 @@ from medfed.errors import TrainingError
 from medfed.models.checkpoint import model_weights, unwrap
 from medfed.privacy.accounting import compute_epsilon
 from medfed.privacy.site_ledger import Reservation
+from medfed.site.adaptive_clip import save_clip, with_adaptive_clipping
 from medfed.site.dp import DPComponents, PoissonPatientSampler
 from medfed.site.epochs import (
     EpochReport,
@@ -45,6 +46,7 @@ from medfed.site.evaluate import Volumes, evaluate_dice
 from medfed.site.ledger_of import ledger_of
 from medfed.site.round_plan import plan_round
 from medfed.storage import replace_file
+from medfed.types import weights_digest
 
 if TYPE_CHECKING:
     from medfed.models.spec import ModelSpec
@@ -217,6 +219,9 @@ def train_local(
         epochs=epochs,
         requested_noise=requested_noise,
     )
+    setup = with_adaptive_clipping(
+        config=config, setup=setup, run_id=run_id, round_index=round_index
+    )
     plan = setup.sampling
     # a different crop sequence each round, reproducible for a given seed
     datasets.train.set_random_state(config.training.seed + round_index)
@@ -231,7 +236,13 @@ def train_local(
     dice_before = dice()
     if proximal_mu > 0 and initial_weights is None:
         raise TrainingError("proximal_mu needs the global model's initial_weights")
-    dp = private_training(config=config, model=model, setup=setup, proximal_mu=proximal_mu)
+    dp = private_training(
+        config=config,
+        model=model,
+        setup=setup,
+        proximal_mu=proximal_mu,
+        augmentation_multiplicity=config.training.augmentation_multiplicity,
+    )
     # Poisson sampling over the patients the site has, at the rate planned from the count it
     # released: the rate is public, and so the accountant's analysis holds as it is.
     sampler = PoissonPatientSampler(num_patients=len(datasets.train), sample_rate=plan.sample_rate)
@@ -255,10 +266,28 @@ def train_local(
             epsilon_after=epsilon_after,
             on_step=on_step,
         )
-    finally:
+    except BaseException:
         # Commit what was actually taken, also when training stops early; only a hard crash
         # leaves the reservation uncommitted, and that counts in full.
         ledger.commit(reservation, steps=progress.steps)
+        raise
+    # The commit names the model trained from and the exact arrays returned (and sent), so
+    # that an auditor can walk from a global model back to this entry.
+    weights = model_weights(dp.module)
+    ledger.commit(
+        reservation,
+        steps=progress.steps,
+        model_sha256=None if initial_weights is None else weights_digest(initial_weights),
+        update_sha256=weights_digest(weights),
+    )
+    if dp.adaptive is not None:
+        save_clip(
+            workdir=config.paths.workdir,
+            run_id=run_id,
+            round_index=round_index,
+            clip=dp.adaptive.clip,
+        )
+        log.info("adaptive clipping: the round ends at clip %.4g", dp.adaptive.clip)
 
     dice_after = dice()
     epsilon_spent = ledger.spent(delta=terms.delta, accountant=terms.accountant)
@@ -274,7 +303,7 @@ def train_local(
         epochs=reports,
         loss_estimates=list(progress.losses),
         loss_step_std=dp.loss.step_std(
-            noise_multiplier=setup.plan.noise_multiplier,
+            noise_multiplier=dp.noise_multiplier,
             expected_batch_size=plan.expected_batch_size,
         ),
         dice_before=dice_before,
@@ -283,7 +312,7 @@ def train_local(
         seconds=time.monotonic() - started,
         checkpoint=checkpoint_dir,
         metrics_file=config.paths.workdir / "metrics" / run_id / f"round-{round_index:04d}.json",
-        weights=model_weights(dp.module),
+        weights=weights,
     )
     _write_json(result.metrics_file, result.to_json())
     return result

@@ -13,13 +13,15 @@ Registered as ``medfed-<run_name>``; the version's tags are the guarantee: ``med
 and ``medfed.delta.<site>`` (each site's whole ledger spend, an upper bound for this model),
 ``medfed.accountant.<site>`` (the accountant the site's ledger names), ``medfed.accountant``
 (the sites' accountants), ``medfed.privacy_unit`` = ``patient``, ``medfed.sites``,
-``medfed.rounds``, ``medfed.run_name``. The UI shows only a few tags without scrolling, so the
-version's description states the guarantee too, one line per site
-(:func:`medfed.tracking.descriptions.model_version_description`).
+``medfed.rounds``, ``medfed.run_name``; and the trace: ``medfed.model_sha256`` (the weights'
+digest) and ``medfed.trace_head`` (the hash of the final round record). The UI shows only a
+few tags without scrolling, so the version's description states the guarantee too, one line
+per site (:func:`medfed.tracking.descriptions.model_version_description`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,8 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medfed.privacy.events import PRIVACY_UNIT
+from medfed.model_files import read_model
+from medfed.privacy.events import PRIVACY_UNIT, canonical_json
 from medfed.tracking.descriptions import model_version_description
+from medfed.types import weights_digest
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -40,6 +44,8 @@ log = logging.getLogger("medfed.tracking")
 MODEL_NAME = "model"
 DEFAULT_PATCH_EDGE = 32
 FORMAT_TAG = "medfed.model_format"
+MODEL_SHA256_TAG = "medfed.model_sha256"
+TRACE_HEAD_TAG = "medfed.trace_head"
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,20 @@ def privacy_tags(*, summary: Mapping[str, Any], run_name: str) -> dict[str, str]
         tags[f"medfed.accountant.{site}"] = str(budget.get("accountant", "unknown"))
         if budget.get("epsilon_cap") is not None:
             tags[f"medfed.epsilon_cap.{site}"] = repr(float(budget["epsilon_cap"]))
+    return tags
+
+
+def trace_tags(*, checkpoint: Path) -> dict[str, str]:
+    """The tags that bind a version to its weights and to the run's chain of round records.
+
+    ``medfed.model_sha256`` is the :func:`medfed.types.weights_digest` of the checkpoint's
+    weights; ``medfed.trace_head`` the SHA-256 of its round record (the chain's head), which
+    ``medfed audit trace`` walks back from.
+    """
+    stored = read_model(checkpoint)
+    tags = {MODEL_SHA256_TAG: weights_digest(stored.weights)}
+    if "previous_record_sha256" in stored.metadata:
+        tags[TRACE_HEAD_TAG] = hashlib.sha256(canonical_json(stored.metadata)).hexdigest()
     return tags
 
 
@@ -170,7 +190,10 @@ def _log_and_register(
         )
         source = f"models:/{model_id}"
         client.set_tag(run_id, FORMAT_TAG, f"mlflow.pytorch ({model_format})")
-    tags = privacy_tags(summary=summary, run_name=run_name)
+    tags = {
+        **privacy_tags(summary=summary, run_name=run_name),
+        **trace_tags(checkpoint=Path(checkpoint)),
+    }
     _ensure_registered_model(client, name=name, run_name=run_name)
     version = client.create_model_version(
         name,
