@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from medfed.audit import figures
 from medfed.audit.accounting import ACCOUNTANT_DESCRIPTIONS
+from medfed.audit.canary import LOWER_BOUND_NOTE, CanaryAudit
 from medfed.audit.document import (
     Block,
     Bullets,
@@ -62,6 +63,7 @@ def build_document(
     generated_at: str,
     verification: AuditResult,
     sites: Sequence[SiteStatement],
+    canary_audits: Sequence[CanaryAudit] = (),
     plots: bool | None = None,
 ) -> Document:
     """The whole report; ``plots`` None draws them where matplotlib is installed."""
@@ -85,7 +87,7 @@ def build_document(
                 Span(text=f" ({len(result.findings)} finding(s))."),
             )
         ),
-        _summary(result, sites),
+        _summary(result, sites, canary_audits),
         Section(
             heading="Findings",
             level=2,
@@ -99,17 +101,41 @@ def build_document(
     ]
     if not draw:
         blocks.append(text(figures.NO_PLOTS, "note"))
-    blocks += [_site(site, draw=draw, workspace=workspace) for site in sites]
+    blocks += [
+        _site(site, draw=draw, workspace=workspace, audits=_of(canary_audits, site.site_id))
+        for site in sites
+    ]
+    known = {site.site_id for site in sites}
+    others = [audit for audit in canary_audits if audit.site_id not in known]
+    if others:
+        blocks.append(
+            Section(
+                heading="Empirical privacy audit",
+                level=2,
+                blocks=tuple(
+                    Section(
+                        heading=f"Site {audit.site_id} (not in this report): {audit.run_id}",
+                        level=3,
+                        blocks=canary_blocks(audit),
+                    )
+                    for audit in others
+                ),
+                anchor="empirical-privacy-audit",
+                starts_page=True,
+            )
+        )
     return Document(
         title=f"medfed privacy audit: {workspace}",
         body=Section(heading="Privacy audit", level=1, blocks=tuple(blocks)),
     )
 
 
-def _summary(result: AuditResult, sites: Sequence[SiteStatement]) -> Section:
+def _summary(
+    result: AuditResult, sites: Sequence[SiteStatement], audits: Sequence[CanaryAudit]
+) -> Section:
     blocks: list[Block] = [verdict_paragraph(findings=len(result.findings)), reading_guide()]
     for site in sites:
-        blocks += summary_paragraphs(site)
+        blocks += summary_paragraphs(site, canary_audits=_of(audits, site.site_id))
     return Section(heading=SUMMARY_HEADING, level=2, blocks=tuple(blocks), anchor="summary")
 
 
@@ -124,7 +150,22 @@ def _checks(result: AuditResult) -> Table:
     )
 
 
-def _site(site: SiteStatement, *, draw: bool, workspace: Path) -> Section:
+def _of(audits: Sequence[CanaryAudit], site_id: str) -> list[CanaryAudit]:
+    return [audit for audit in audits if audit.site_id == site_id]
+
+
+def canary_blocks(audit: CanaryAudit) -> tuple[Block, ...]:
+    """One canary audit: its table, its verdict (a finding when violated), what it shows."""
+    return (
+        Table(header=("item", "value"), rows=tuple(audit.rows()), nowrap=frozenset({0})),
+        text(audit.verdict(), "finding" if audit.violated else "pass"),
+        text(LOWER_BOUND_NOTE, "note"),
+    )
+
+
+def _site(
+    site: SiteStatement, *, draw: bool, workspace: Path, audits: Sequence[CanaryAudit]
+) -> Section:
     parts: list[Section] = [
         _section("Privacy statement", _statement_table(site)),
         _section(
@@ -193,6 +234,8 @@ def _site(site: SiteStatement, *, draw: bool, workspace: Path) -> Section:
             _models(site.models, workspace=workspace) if site.models else text("None found."),
         )
     )
+    for audit in audits:
+        parts.append(_section(f"Empirical privacy audit: {audit.run_id}", *canary_blocks(audit)))
     parts.append(
         _section(
             "Findings for this site",

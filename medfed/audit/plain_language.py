@@ -11,9 +11,10 @@ the exact numbers in the tables further down.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
+from medfed.audit.canary import CanaryAudit
 from medfed.audit.document import Paragraph, Span, text
 from medfed.audit.findings import fmt
 from medfed.audit.statement import SiteStatement
@@ -76,11 +77,14 @@ def reading_guide() -> Paragraph:
     )
 
 
-def summary_paragraphs(site: SiteStatement) -> tuple[Paragraph, ...]:
+def summary_paragraphs(
+    site: SiteStatement, *, canary_audits: Sequence[CanaryAudit] = ()
+) -> tuple[Paragraph, ...]:
     """The site's paragraph, then its cross-checks (when epsilon could be recomputed)."""
     lead = Span(text=f"{site.site_id}: ", style="strong")
-    body = _guarantee(site)
-    paragraphs = [Paragraph(spans=(lead, Span(text=body)))]
+    spans = [lead, Span(text=_guarantee(site))]
+    spans += [_canary_outcome(audit) for audit in canary_audits]
+    paragraphs = [Paragraph(spans=tuple(spans))]
     checks = cross_checks(site)
     if checks:
         paragraphs.append(text(checks, "note"))
@@ -138,6 +142,26 @@ def _guarantee(site: SiteStatement) -> str:
             "section; read them before relying on this statement."
         )
     return " ".join(parts)
+
+
+def _canary_outcome(audit: CanaryAudit) -> Span:
+    """One sentence on an empirical audit of the site's training code (``medfed audit canary``)."""
+    lead = (
+        f" An empirical privacy audit of the site's training code ({audit.run_id}, "
+        f"{audit.created}, {audit.canaries} synthetic canary patients) "
+    )
+    if audit.violated:
+        return Span(
+            text=lead + f"measured more privacy loss than its run claimed (at least epsilon "
+            f"{round_down(audit.lower_bound)} against {round_up(audit.claimed_epsilon)}, at "
+            f"confidence {fmt(audit.confidence)}): the training code does not give the "
+            "protection its ledger records, so the guarantee above may not hold.",
+            style="fail",
+        )
+    return Span(
+        text=lead + "found no more privacy loss than its run claimed; such an audit catches "
+        "gross errors in the training code, it does not prove the guarantee."
+    )
 
 
 def _cap(site: SiteStatement) -> str:

@@ -10,14 +10,16 @@ models trained on the site's data, and the verification's findings.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medfed.audit.accounting import ACCOUNTANT_DESCRIPTIONS, cumulative_opacus_rdp
+from medfed.audit.canary import CanaryAudit, collect_canary_audits
 from medfed.audit.contents import build_document
 from medfed.audit.document import Document
 from medfed.audit.html import render_html
@@ -40,6 +42,7 @@ class AuditReport:
     workspace: Path
     verification: AuditResult
     sites: tuple[SiteStatement, ...]
+    canary_audits: tuple[CanaryAudit, ...] = ()
 
     def site(self, site_id: str) -> SiteStatement:
         for site in self.sites:
@@ -56,6 +59,7 @@ class AuditReport:
             "accountants": dict(ACCOUNTANT_DESCRIPTIONS),
             "sites": {site.site_id: site.to_json() for site in self.sites},
             "verification": self.verification.to_json(),
+            "canary_audits": [audit.to_json() for audit in self.canary_audits],
         }
 
     def to_json_text(self) -> str:
@@ -71,6 +75,7 @@ class AuditReport:
             generated_at=self.generated_at,
             verification=self.verification,
             sites=self.sites,
+            canary_audits=self.canary_audits,
             plots=plots,
         )
 
@@ -90,9 +95,15 @@ def build_report(
     site_ledgers: Mapping[str, Path] | None = None,
     tracking_uri: str | None = None,
     mlflow_run: str | None = None,
+    canary_results: Sequence[Path] = (),
 ) -> AuditReport:
-    """Verify the workspace and build every registered site's statement from what verified."""
+    """Verify the workspace and build every registered site's statement from what verified.
+
+    ``canary_results`` are ``medfed audit canary`` result files; those beside the
+    ``site_ledgers`` (in the ledger's folder's ``audit/``) are read too.
+    """
     check_mlflow_run(run_name=run_name, mlflow_run=mlflow_run)
+    audits, unreadable = collect_canary_audits(named=canary_results, site_ledgers=site_ledgers)
     ws = load_workspace(Path(workspace))
     runs = read_runs(workspace_root=ws.root, run_name=run_name)
     result = verify_runs(
@@ -102,6 +113,15 @@ def build_report(
         tracking_uri=tracking_uri,
         mlflow_run=mlflow_run,
     )
+    result = dataclasses.replace(
+        result,
+        findings=(
+            *result.findings,
+            *unreadable,
+            *(f for f in (a.finding() for a in audits) if f is not None),
+        ),
+        checks=(*result.checks, *(c for c in (a.check() for a in audits) if c is not None)),
+    )
     models = _ModelSource(runs, tracking_uri=tracking_uri, mlflow_run=mlflow_run)
     statements = tuple(_statement(site, result, runs, models) for site in result.sites)
     return AuditReport(
@@ -109,6 +129,7 @@ def build_report(
         workspace=result.workspace,
         verification=result,
         sites=statements,
+        canary_audits=audits,
     )
 
 

@@ -119,6 +119,14 @@ def report(
     ledger: LedgerOption = None,
     tracking_uri: TrackingOption = None,
     mlflow_run: MlflowRunOption = None,
+    canary: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--canary",
+            help="A `medfed audit canary` result file (WORKDIR/audit/canary-*.json); "
+            "repeatable. Those beside a --ledger are read anyway.",
+        ),
+    ] = None,
 ) -> None:
     """Write the per-site privacy statement, its plots and the verification results."""
     from medfed.audit import build_report
@@ -138,6 +146,7 @@ def report(
         site_ledgers=parse_ledgers(ledger),
         tracking_uri=tracking_uri,
         mlflow_run=mlflow_run,
+        canary_results=canary or [],
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     if chosen == "pdf":

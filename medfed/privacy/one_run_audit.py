@@ -29,8 +29,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from medfed.errors import PrivacyError
+
+# The result document `medfed audit canary` writes and the auditor's report reads.
+RESULT_SCHEMA: Final = "medfed.canary-audit/1"
 
 #: Guess counts tried, as fractions of the canaries (each at least one guess). Small counts win
 #: when only the canaries the run memorised stand out; all of them when every canary does.

@@ -47,6 +47,7 @@ from medfed.errors import ConfigError
 from medfed.privacy.accounting import compute_epsilon, noise_for_target_epsilon
 from medfed.privacy.budget import PrivacyTerms
 from medfed.privacy.one_run_audit import (
+    RESULT_SCHEMA,
     AuditBound,
     audit_scores,
     epsilon_lower_bound,
@@ -70,7 +71,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("medfed.site")
 
-RESULT_SCHEMA: Final = "medfed.canary-audit/1"
 REFERENCE: Final = (
     "Steinke, Nasr, Jagielski 2023, Privacy auditing with one (1) training run, arXiv:2305.08846"
 )
