@@ -19,7 +19,15 @@ from typing import Annotated
 import click
 import typer
 
-from medfed.cli import audit_cmd, data_cmd, federation_cmd, privacy_cmd, provision_cmd, site_cmd
+from medfed.cli import (
+    audit_cmd,
+    data_cmd,
+    federation_cmd,
+    privacy_cmd,
+    provision_cmd,
+    simulate_cmd,
+    site_cmd,
+)
 from medfed.errors import INTERRUPTED_EXIT_CODE, MedfedError
 
 app = typer.Typer(
@@ -40,6 +48,7 @@ app.add_typer(federation_cmd.aggregator_app, name="aggregator")
 app.command("provision")(provision_cmd.provision)
 app.command("run")(federation_cmd.run)
 app.command("demo")(federation_cmd.demo)
+app.command("simulate")(simulate_cmd.simulate)
 
 
 def _print_version(value: bool) -> None:

@@ -107,14 +107,16 @@ def serve(socket_path: Path) -> int:
                         children[pid], by_conn[conn] = conn, pid
                 else:
                     # A client sends nothing after its request: readable means it is gone
-                    # (Flower stopped it), so its ClientApp is stopped too.
+                    # (Flower or a service stop ended it), so its ClientApp is asked to stop
+                    # the way a cold one would have been: SIGTERM, which ends a round with its
+                    # steps committed to the ledger.
                     gone = key.fileobj
                     assert isinstance(gone, socket.socket)
                     pid = by_conn.pop(gone)
                     children.pop(pid, None)
                     selector.unregister(gone)
                     gone.close()
-                    _kill(pid, signal.SIGKILL)
+                    _kill(pid, signal.SIGTERM)
             _reap(children, by_conn, selector)
     finally:
         for pid in children:
