@@ -92,6 +92,11 @@ class _Keystream:
         return np.frombuffer(view, dtype="<u8")
 
 
+def secure_uniforms(count: int) -> Floats:
+    """``count`` uniforms in (0, 1] from a fresh ChaCha20 keystream (see :func:`uniform53`)."""
+    return uniform53(_Keystream().words(count))
+
+
 def _standard_normals(stream: _Keystream, count: int) -> Floats:
     """``count`` independent N(0, 1) doubles by Marsaglia's polar method (Box-Muller, polar form).
 
