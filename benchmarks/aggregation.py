@@ -5,7 +5,9 @@ tensors, aggregated by every strategy of ``medfed.aggregator.strategies`` throug
 ``RoundAggregation`` (the aggregator's own path: each update added as it arrives), by Flower's
 ``aggregate_arrayrecords`` (what Flower's FedAvg runs), by an unweighted in-place add loop into
 preallocated sums (``np.add(sums, x, out=sums)``: the least work any streaming fold does with
-numpy, for reference), and copied with numpy, all in the same run.
+numpy, for reference), and copied with numpy, all in the same run. The weighted means fold
+each update with BLAS ``saxpy`` on one thread (``medfed.aggregator.accumulate``); the BLAS
+libraries loaded and their thread counts outside the fold are printed with the figures.
 
 Effective bandwidth counts the bytes an aggregation must move at least: every update read once
 and the result written once, ``(sites + 1) * model bytes``, over the time. The copy's is its
@@ -18,12 +20,13 @@ in the same round, so load from other processes largely cancels out.
 Memory: each strategy runs one round in a fresh child process (so peaks do not mix) that
 generates the updates one at a time, as replies arrive, hands each to ``RoundAggregation`` and
 drops it. The child reports its peak RSS (VmHWM) and that peak minus its RSS just before the
-round (interpreter, numpy, medfed and the global model): what the round itself holds. The
-scaling part repeats this for FedAvg and the median at each of ``--scaling-sites``.
+round (interpreter, numpy, scipy's BLAS, medfed and the global model): what the round itself
+holds. The scaling part repeats this for FedAvg and the median at each of ``--scaling-sites``.
 
     python benchmarks/aggregation.py                    # 10 sites, 5M parameters, ~1 min
     python benchmarks/aggregation.py --json out.json --scaling-sites 10,40
     python benchmarks/aggregation.py --parameters 500000 --rounds 3 --no-memory   # quick
+    python benchmarks/aggregation.py --strategies fedavg,fedprox --no-memory --no-flower
 """
 
 from __future__ import annotations
@@ -98,6 +101,18 @@ def make_update(
     return SiteUpdate(site_id=f"site-{index:03d}", round=1, weights=weights, num_patients=patients)
 
 
+def blas_description() -> str:
+    """The BLAS libraries loaded (scipy's does the fold), e.g. ``openblas 0.3.30 (2 threads)``."""
+    import scipy.linalg.blas  # noqa: F401  (the first fold loads it; listed here either way)
+    from threadpoolctl import threadpool_info
+
+    return ", ".join(
+        f"{info['internal_api']} {info['version']} ({info['num_threads']} threads)"
+        for info in threadpool_info()
+        if info["user_api"] == "blas"
+    )
+
+
 def _status_mib(field_name: str) -> float:
     with open("/proc/self/status") as status:
         line = next(x for x in status if x.startswith(field_name + ":"))
@@ -108,8 +123,11 @@ def probe(args: argparse.Namespace) -> None:
     """Child process: one streamed round of one strategy; print its memory as JSON.
 
     VmHWM, reset just before the round, not ru_maxrss: a child's ru_maxrss starts at its
-    parent's peak (Linux keeps it across fork and exec).
+    parent's peak (Linux keeps it across fork and exec). The libraries the fold loads on first
+    use (scipy's BLAS, about 20 MiB) are loaded before the baseline, as they are in an
+    aggregator after its first round: they are not what a round holds.
     """
+    blas_description()
     layout = layout_of(args.parameters, args.tensors)
     global_weights = global_model(layout)
     rng = np.random.default_rng(1)
@@ -210,7 +228,7 @@ def candidates(args: argparse.Namespace) -> tuple[list[Candidate], int]:
                 np.add(target, update.weights[name], out=target)
 
     found = [Candidate("copy", copy, copy_bytes), Candidate(ADD_LOOP, add_loop, useful)]
-    found += [Candidate(name, strategy(name), useful) for name in STRATEGIES]
+    found += [Candidate(name, strategy(name), useful) for name in args.strategies]
     if not args.no_flower:
         from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
@@ -276,12 +294,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tensors", type=int, default=40, help="tensors per update")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds (each runs every candidate)")
     p.add_argument("--scaling-sites", default="10,40", help="site counts of the memory scaling")
+    p.add_argument(
+        "--strategies",
+        type=lambda text: tuple(text.split(",")),
+        default=STRATEGIES,
+        help=f"comma-separated subset of {','.join(STRATEGIES)} (default: all)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the child-process memory probes")
     p.add_argument("--no-flower", action="store_true", help="skip Flower's aggregate_arrayrecords")
     p.add_argument("--json", type=Path, help="write the figures to this file")
     p.add_argument("--probe-strategy", help=argparse.SUPPRESS)
     p.add_argument("--probe-sites", type=int, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.strategies) - set(STRATEGIES))
+    if unknown:
+        p.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -296,8 +324,10 @@ def main(argv: list[str] | None = None) -> None:
     memory: dict[str, dict[str, float]] = {}
     scaling: dict[str, dict[int, dict[str, float]]] = {}
     if not args.no_memory:
-        memory = {name: measure_memory(args, name, args.sites) for name in STRATEGIES}
+        memory = {name: measure_memory(args, name, args.sites) for name in args.strategies}
         for name in ("fedavg", "median"):
+            if name not in args.strategies:
+                continue
             scaling[name] = {
                 n: measure_memory(args, name, n) for n in map(int, args.scaling_sites.split(","))
             }
@@ -308,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         f"numpy {np.__version__}, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '-')}, "
         f"load average {load_before:.2f} -> {load_after:.2f}"
     )
+    print(f"BLAS: {blas_description()}; the weighted fold runs on 1 thread")
     print(
         f"{args.sites} updates of {args.parameters:,} float32 parameters in {args.tensors} "
         f"tensors ({model_bytes / MIB:.1f} MiB each), {args.rounds} interleaved rounds\n"
@@ -350,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
                     "peak_rss_mib": memory[name]["peak_mib"] if memory else None,
                     "round_rss_mib": memory[name]["round_mib"] if memory else None,
                 }
-                for name in STRATEGIES
+                for name in args.strategies
             },
             "scaling_round_rss_mib": {
                 name: {str(n): m["round_mib"] for n, m in by_count.items()}
@@ -362,6 +393,8 @@ def main(argv: list[str] | None = None) -> None:
                 "tensors": args.tensors,
                 "rounds": args.rounds,
                 "cpus": os.cpu_count(),
+                "blas": blas_description(),
+                "fold_blas_threads": 1,
                 "load_average": [load_before, load_after],
             },
         }

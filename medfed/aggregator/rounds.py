@@ -31,7 +31,7 @@ from medfed.aggregator.validation import validate_update
 from medfed.envelope import EVALUATE, TRAIN, read_decline, read_evaluation, read_reply
 from medfed.errors import MedfedError
 from medfed.numbers import finite_or_none
-from medfed.privacy import CommitEntry, LedgerReport
+from medfed.privacy import CommitEntry, LedgerReport, ReserveEntry
 from medfed.run_events import (
     Evaluation,
     EvaluationFailed,
@@ -181,15 +181,9 @@ def bind_update(
     ledger paid for something else; a commit without digests (a site older than them) binds
     by run and round only.
     """
-    reserved = {r.seq for r in report.runs(run_id) if r.round == round}
-    commits = [
-        entry
-        for entry in report.entries
-        if isinstance(entry, CommitEntry) and entry.reservation_seq in reserved
-    ]
-    if not commits:
+    commit = _round_commit(report, run_id=run_id, round=round)
+    if commit is None:
         return None, []  # coverage_problems names the missing commit
-    commit = commits[-1]
     problems = [
         f"the site's commit entry (seq {commit.seq}) names {what} {named[:12]}... but "
         f"{actual[:12]}... was {how}"
@@ -206,6 +200,28 @@ def bind_update(
         commit_seq=commit.seq,
     )
     return received, problems
+
+
+def _round_commit(report: LedgerReport, *, run_id: str, round: int) -> CommitEntry | None:
+    """The ledger's last commit entry of a reservation of ``run_id``'s round ``round``.
+
+    Searched from the end: the round's commit came with the reply being read, so it is among
+    the last few entries, and each commit's reservation is found by its seq (a verified
+    ledger's entry ``seq`` is its index) instead of through every reservation of the ledger.
+    """
+    entries = report.entries
+    for entry in reversed(entries):
+        if not isinstance(entry, CommitEntry) or not 0 <= entry.reservation_seq < len(entries):
+            continue
+        reserved = entries[entry.reservation_seq]
+        if (
+            isinstance(reserved, ReserveEntry)
+            and reserved.seq == entry.reservation_seq
+            and reserved.run_id == run_id
+            and reserved.round == round
+        ):
+            return entry
+    return None
 
 
 def coverage_problems(ledger: RoundRecord, round_index: int) -> list[str]:

@@ -19,11 +19,18 @@ sum; :func:`adaptive_clipping_noise` splits a planned noise multiplier between t
 the pair is one Gaussian mechanism at that multiplier, which is what every accountant charges.
 
 Heavy libraries are imported inside the functions so that ``import medfed.privacy`` stays fast.
+
+Epsilon is a pure function of the merged history, delta and accountant, and the aggregator asks
+for every site's epsilon each round, so results are memoised per process on exactly those
+inputs, and the RDP accountants keep each (noise, rate) pair's one-step curve: a history that
+grew by a round at the same settings costs a multiplication, not the whole curve again. Both
+give the numbers a fresh computation gives, bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import warnings
@@ -190,11 +197,24 @@ def compute_epsilon(
     when the accountant can give no finite bound (tiny noise, huge sampling rate).
     """
     check_delta(delta)
-    method = _METHODS[check_accountant(accountant)]
+    name = check_accountant(accountant)
     merged = _merge(history)
     if not merged:
         return 0.0
-    return float(method(merged, delta))
+    return _cached_epsilon(name, tuple(merged), float(delta))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_epsilon(
+    accountant: AccountantName, merged: tuple[tuple[float, float, int], ...], delta: float
+) -> float:
+    """:func:`compute_epsilon` past its checks, memoised on its exact inputs.
+
+    The key keeps the merged history's order: composing in another order can round the sums
+    differently, and a cached answer must be the one a fresh computation gives. Errors are
+    not cached.
+    """
+    return float(_METHODS[accountant](list(merged), delta))
 
 
 def noise_for_target_epsilon(
@@ -335,18 +355,32 @@ def _opacus_rdp() -> Any:
     return rdp
 
 
+def _rdp_orders() -> Any:
+    import numpy as np
+    from opacus.accountants.rdp import RDPAccountant
+
+    return np.array(RDPAccountant.DEFAULT_ALPHAS, dtype=float)
+
+
+@functools.lru_cache(maxsize=1024)
+def _rdp_per_step(noise: float, rate: float) -> Any:
+    """Opacus' RDP curve of one step at the default orders (read-only: it is shared).
+
+    ``compute_rdp`` returns the one-step curve times ``steps``, so this times ``steps`` is its
+    answer for any number of steps, to the bit.
+    """
+    curve = _opacus_rdp().compute_rdp(
+        q=rate, noise_multiplier=noise, steps=1, orders=list(_rdp_orders())
+    )
+    curve.setflags(write=False)
+    return curve
+
+
 def _rdp_curve(merged: list[tuple[float, float, int]]) -> tuple[Any, Any]:
     import numpy as np
 
-    rdp = _opacus_rdp()
-    from opacus.accountants.rdp import RDPAccountant
-
-    orders = np.array(RDPAccountant.DEFAULT_ALPHAS, dtype=float)
-    curve = sum(
-        rdp.compute_rdp(q=rate, noise_multiplier=noise, steps=steps, orders=list(orders))
-        for noise, rate, steps in merged
-    )
-    return orders, np.asarray(curve, dtype=float)
+    curve = sum(_rdp_per_step(noise, rate) * steps for noise, rate, steps in merged)
+    return _rdp_orders(), np.asarray(curve, dtype=float)
 
 
 def _epsilon_rdp(merged: list[tuple[float, float, int]], delta: float) -> float:

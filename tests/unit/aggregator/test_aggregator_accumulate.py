@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import gc
 import itertools
+import subprocess
+import sys
 import weakref
 from collections.abc import Mapping
 
 import numpy as np
 import pytest
+import threadpoolctl
 
-from medfed.aggregator.accumulate import BLOCK, WeightedSum
+from medfed.aggregator import accumulate
+from medfed.aggregator.accumulate import WeightedSum
 from medfed.aggregator.strategies import RoundAggregation, aggregate, fedavg
 from medfed.config.strategy import StrategySettings
 from medfed.errors import AggregationError
 from medfed.types import SiteUpdate
 
-# Larger than one scratch block, so that the blocked path runs more than once per array.
-LAYOUT = {"conv.weight": (3, BLOCK // 2 + 17), "conv.bias": (5,), "head": (2, 2, 2)}
+# Large enough for BLAS to take its vectorised (and, unlimited, its threaded) path, with odd
+# sizes that leave remainders at the end of every array.
+LAYOUT = {"conv.weight": (3, (1 << 15) + 17), "conv.bias": (5,), "head": (2, 2, 2)}
 MODEL_BYTES = sum(4 * int(np.prod(shape)) for shape in LAYOUT.values())
 
 
@@ -201,21 +206,110 @@ def test_the_result_is_read_only_and_closes_the_sum() -> None:
         total.result()
 
 
-def test_overflow_is_an_error_not_an_infinite_model() -> None:
+def test_an_overflow_of_the_sums_is_an_error_not_an_infinite_model() -> None:
     big = np.full(4, 3e38, dtype=np.float32)
     total = WeightedSum(layout={"w": (4,)})
-    total.add(update=SiteUpdate(site_id="a", round=1, weights={"w": big}, num_patients=1), weight=1)
-    hostile = SiteUpdate(site_id="b", round=1, weights={"w": big}, num_patients=1)
-    with pytest.raises(AggregationError, match=r"site 'b'.*overflowed"):
-        total.add(update=hostile, weight=1)
-    with pytest.raises(AggregationError, match="overflowed"):
+    for site in "ab":
+        total.add(
+            update=SiteUpdate(site_id=site, round=1, weights={"w": big}, num_patients=1), weight=1
+        )
+    with pytest.raises(AggregationError, match=r"4 values of array 'w' .* infinite or NaN"):
         total.result()
+    with pytest.raises(AggregationError, match="infinite or NaN"):
+        total.result()
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_an_update_with_non_finite_values_gives_no_model(bad: float) -> None:
+    updates = make_updates(3)
+    weights = {name: np.array(values) for name, values in updates[1].weights.items()}
+    weights["conv.weight"][2, 5] = bad
+    updates[1] = SiteUpdate(site_id="s1", round=1, weights=weights, num_patients=9)
+    with pytest.raises(AggregationError, match=r"1 values of array 'conv.weight'"):
+        streamed(updates)
+
+
+def test_the_same_updates_in_the_same_order_give_the_same_bits() -> None:
+    updates = make_updates(9, seed=11)
+    first, second = streamed(updates), streamed(list(updates))
+    for name in LAYOUT:
+        assert first[name].tobytes() == second[name].tobytes()
+
+
+def test_the_fold_agrees_with_the_two_pass_numpy_fold_to_float32_rounding() -> None:
+    """Against the product-then-sum fold the aggregator used before: one rounding per update."""
+    updates = make_updates(12, seed=7)
+    result = streamed(updates)
+    unit = float(updates[0].num_patients)
+    for name in LAYOUT:
+        sums = np.array(updates[0].weights[name])
+        factors = 1.0
+        for update in updates[1:]:
+            factor = np.float32(update.num_patients / unit)
+            sums += update.weights[name] * factor
+            factors += float(factor)
+        before = sums / np.float32(factors)
+        # Both round once per update, at different places: they differ by at most the error
+        # bound of one of them, in units of the weighted mean of the magnitudes.
+        unit_error = 2.0**-24 * weighted_average(updates, name, absolute=True)
+        difference = np.abs(result[name].astype(np.float64) - before)
+        assert result[name].dtype == np.float32
+        assert np.all(difference <= (len(updates) + 2) * unit_error)
+
+
+def test_other_dtypes_and_layouts_are_converted_once_to_the_same_result() -> None:
+    updates = make_updates(4, seed=12)
+    converted = [
+        SiteUpdate(
+            site_id=update.site_id,
+            round=1,
+            weights={
+                name: np.asfortranarray(values.astype(np.float64))
+                for name, values in update.weights.items()
+            },
+            num_patients=update.num_patients,
+        )
+        for update in updates
+    ]
+    assert not converted[0].weights["conv.weight"].flags.c_contiguous
+    expected, got = streamed(updates), streamed(converted)
+    for name in LAYOUT:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_a_float64_update_beyond_float32_is_refused_by_site() -> None:
+    total = WeightedSum(layout={"w": (2,)})
+    total.add(
+        update=SiteUpdate(site_id="a", round=1, weights={"w": np.ones(2)}, num_patients=1), weight=1
+    )
+    huge = SiteUpdate(site_id="b", round=1, weights={"w": np.array([1.0, 1e300])}, num_patients=1)
+    with pytest.raises(AggregationError, match=r"site 'b'.*overflowed"):
+        total.add(update=huge, weight=1)
+
+
+def _blas_threads() -> list[int]:
+    return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+
+def test_the_fold_runs_on_one_blas_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    saxpy, sasum, threads = accumulate._blas()
+    seen: list[int] = []
+
+    def watched(*args: object, **kwargs: object) -> np.ndarray:
+        seen.extend(_blas_threads())
+        return saxpy(*args, **kwargs)
+
+    monkeypatch.setattr(accumulate, "_blas", lambda: (watched, sasum, threads))
+    before = _blas_threads()
+    streamed(make_updates(3))
+    assert seen and set(seen) == {1}
+    assert _blas_threads() == before
 
 
 def test_the_sum_holds_one_model_whatever_the_number_of_sites() -> None:
     total = WeightedSum(layout=LAYOUT)
     held = total.nbytes
-    assert held == MODEL_BYTES + 4 * BLOCK  # the sums and one scratch block
+    assert held == MODEL_BYTES  # the sums, nothing per site
     for update in make_updates(3, seed=5) + make_updates(30, seed=6):
         total.add(update=update, weight=update.num_patients)
         assert total.nbytes == held
@@ -249,3 +343,23 @@ def test_robust_strategies_hold_every_update() -> None:
     for update in updates:
         weighted.add(update=update)
     assert weighted.nbytes == WeightedSum(layout=LAYOUT).nbytes
+
+
+def test_a_fold_loads_neither_torch_nor_monai() -> None:
+    """scipy's BLAS is loaded by the first fold; the aggregator's no-torch rule still holds."""
+    code = (
+        "import sys, numpy as np\n"
+        "from medfed.aggregator.accumulate import WeightedSum\n"
+        "from medfed.types import SiteUpdate\n"
+        "total = WeightedSum(layout={'w': (3,)})\n"
+        "for i in range(3):\n"
+        "    weights = {'w': np.ones(3, dtype=np.float32)}\n"
+        "    update = SiteUpdate(site_id=str(i), round=1, weights=weights, num_patients=2)\n"
+        "    total.add(update=update, weight=i + 1)\n"
+        "total.result()\n"
+        "print(','.join(m for m in ('scipy', 'torch', 'monai', 'opacus') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.strip() == "scipy"

@@ -276,3 +276,46 @@ def test_aggregate_refuses_updates_not_matching_global_model() -> None:
     updates = [update("a", w=[1.0, 2.0], extra=[0.0])]
     with pytest.raises(AggregationError, match="'extra'"):
         aggregate(settings=StrategySettings(), state=None, global_weights=GLOBAL, updates=updates)
+
+
+def _fedadam_by_whole_arrays(
+    opt: FedAdam,
+    state: FedAdamState,
+    global_weights: Mapping[str, np.ndarray],
+    average: Mapping[str, np.ndarray],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The class docstring's formulas, each over whole arrays in float64."""
+    weights, m, v = {}, {}, {}
+    for name, x in global_weights.items():
+        g = x.astype(np.float64) - average[name].astype(np.float64)
+        m[name] = opt.beta1 * state.m[name] + (1.0 - opt.beta1) * g
+        v[name] = opt.beta2 * state.v[name] + ((1.0 - opt.beta2) * g) * g
+        step = (m[name] * opt.eta) / (np.sqrt(v[name]) + opt.tau)
+        weights[name] = (x.astype(np.float64) - step).astype(np.float32)
+    return weights, m, v
+
+
+def test_fedadam_in_chunks_equals_the_whole_array_formulas_to_the_bit() -> None:
+    from medfed.aggregator.strategies import ADAM_CHUNK
+
+    rng = np.random.default_rng(5)
+    shapes = {"big": (3, ADAM_CHUNK // 2 + 11), "odd": (7,), "exact": (ADAM_CHUNK,)}
+    global_weights = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    opt = FedAdam(eta=0.05, beta1=0.8, beta2=0.95, tau=1e-3)
+    state = FedAdamState.initial(global_weights=global_weights)
+    for _ in range(3):
+        average = {
+            n: (w + 0.1 * rng.standard_normal(w.shape)).astype(np.float32)
+            for n, w in global_weights.items()
+        }
+        weights, new_state = opt.step_to(
+            state=state, global_weights=global_weights, average=average
+        )
+        expected, m, v = _fedadam_by_whole_arrays(opt, state, global_weights, average)
+        for name, shape in shapes.items():
+            assert weights[name].dtype == np.float32 and weights[name].shape == shape
+            assert weights[name].tobytes() == expected[name].tobytes()
+            assert new_state.m[name].tobytes() == m[name].tobytes()
+            assert new_state.v[name].tobytes() == v[name].tobytes()
+        global_weights, state = weights, new_state
+    assert state.step == 3

@@ -194,3 +194,68 @@ def test_importing_the_package_loads_no_heavy_library() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == ""
+
+
+def _fresh_rdp_epsilon(history: list[DPSteps], delta: float) -> float:
+    """Opacus' RDP epsilon computed from scratch, as compute_epsilon did before it memoised."""
+    import numpy as np
+    from opacus.accountants.analysis import rdp
+    from opacus.accountants.rdp import RDPAccountant
+
+    orders = list(np.array(RDPAccountant.DEFAULT_ALPHAS, dtype=float))
+    totals: dict[tuple[float, float], int] = {}
+    for entry in history:
+        key = (entry.noise_multiplier, entry.sample_rate)
+        totals[key] = totals.get(key, 0) + entry.steps
+    curve = sum(
+        rdp.compute_rdp(q=rate, noise_multiplier=noise, steps=steps, orders=orders)
+        for (noise, rate), steps in totals.items()
+    )
+    epsilon, _ = rdp.get_privacy_spent(orders=orders, rdp=np.asarray(curve), delta=delta)
+    return float(epsilon)
+
+
+def test_each_distinct_history_is_computed_once_per_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from medfed.privacy import accounting
+
+    computed: list[tuple[tuple[float, float, int], ...]] = []
+    method = accounting._METHODS["rdp-classic"]
+
+    def counted(merged: list[tuple[float, float, int]], delta: float) -> float:
+        computed.append(tuple(merged))
+        return method(merged, delta)
+
+    monkeypatch.setitem(accounting._METHODS, "rdp-classic", counted)  # type: ignore[index]
+    accounting._cached_epsilon.cache_clear()
+    # Twelve sites in three groups that share settings, each checked in five rounds.
+    histories = [
+        [DPSteps(noise_multiplier=noise, sample_rate=0.02, steps=40)] * 3
+        for noise in (0.9, 1.1, 1.4)
+    ]
+    seen = [
+        compute_epsilon(history=list(histories[site % 3]), delta=DELTA, accountant="rdp-classic")
+        for _ in range(5)
+        for site in range(12)
+    ]
+    assert len(computed) == 3
+    assert accounting._cached_epsilon.cache_info().hits == 5 * 12 - 3
+    for site, value in enumerate(seen[:12]):
+        assert value == method(list(computed[site % 3]), DELTA)  # to the bit
+    assert seen[12:] == seen[:12] * 4
+
+
+def test_a_growing_history_reuses_its_one_step_curve_to_the_bit() -> None:
+    from medfed.privacy import accounting
+
+    accounting._rdp_per_step.cache_clear()
+    history: list[DPSteps] = []
+    for round_index in range(8):
+        history.append(ROUND)
+        if round_index % 3 == 0:
+            history.append(DPSteps(noise_multiplier=1.3, sample_rate=0.02, steps=17 + round_index))
+        ours = compute_epsilon(history=history, delta=DELTA, accountant="rdp")
+        assert ours == _fresh_rdp_epsilon(history, DELTA)
+    # Two settings, each one-step curve computed once; every later round only scales them.
+    assert accounting._rdp_per_step.cache_info().misses == 2
