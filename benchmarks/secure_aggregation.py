@@ -13,9 +13,18 @@ Each figure is the median of ``--repeats`` runs. Upload: the masked vector's byt
 float32 update's (the target is at most 1.1x); once per key epoch each site also sends its
 encrypted shares, and once per round each survivor answers with shares and round keys.
 
+``--in-process`` runs whole federations through the real ServerApp round loop and ClientApp
+(the in-process grid, no network) on synthetic sites of ``--cases`` patients, ``--rounds``
+rounds of one local epoch, with and without secure aggregation, alternately. Per run it reports
+the median round time (the first secure round includes the key epoch's three stages, so it is
+shown apart), and per site the bytes of one upload (array data: the masked uint32 vector, or the
+float32 weights) and of the secure stages' JSON (keys, shares, open once per run; unmask per
+round). Training dominates these round times; on a shared machine they move by seconds.
+
     python benchmarks/secure_aggregation.py --core                       # 4.8M, 3/5/10 sites
     python benchmarks/secure_aggregation.py --core --json secagg.json
     python benchmarks/secure_aggregation.py --core --parameters 100000 --sites 3   # quick
+    python benchmarks/secure_aggregation.py --in-process --sites 3 --cases 8 --rounds 2
 """
 
 from __future__ import annotations
@@ -194,20 +203,114 @@ def check_sum(total: np.ndarray, encoded: dict[str, np.ndarray]) -> None:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--core", action="store_true", help="measure the protocol core (required)")
+    p.add_argument("--core", action="store_true", help="measure the protocol core")
+    p.add_argument("--in-process", action="store_true", help="measure whole in-process federations")
+    p.add_argument("--cases", type=int, default=8, help="--in-process: patients per site")
+    p.add_argument("--rounds", type=int, default=2, help="--in-process: rounds per run")
     p.add_argument("--parameters", type=int, default=4_800_000, help="float32 values per update")
     p.add_argument("--sites", default="3,5,10", help="site counts, comma-separated")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
     p.add_argument("--rounds-per-epoch", type=int, default=10, help="rounds one key epoch covers")
     p.add_argument("--json", type=Path, help="write the figures to this file")
     args = p.parse_args(argv)
-    if not args.core:
-        p.error("only --core (the protocol core, without Flower) can be measured")
+    if args.core == args.in_process:
+        p.error("give one of --core (the protocol core) and --in-process (whole federations)")
     return args
+
+
+def federation(sites: int, args: argparse.Namespace, *, secure: bool) -> dict[str, Any]:
+    """One in-process run: its round times and each site's upload and stage bytes."""
+    import tempfile
+
+    from flwr.app import Context, Message
+
+    from medfed.api.demo import prepare_federation
+    from medfed.run_events import RoundDone, RunEvent
+    from medfed.site.clientapp import app
+    from medfed.transport.inprocess import run_in_process
+
+    uploads: list[int] = []
+    stages: dict[str, list[int]] = {}
+
+    def client_app(message: Message, context: Context) -> Message:
+        reply = app(message, context)
+        kind = message.metadata.message_type
+        if reply.has_error() or not reply.has_content():
+            return reply
+        if kind == "train":
+            records = reply.content.array_records.values()
+            uploads.append(sum(len(a.data) for record in records for a in record.values()))
+        elif kind.startswith("query.secagg_"):
+            text = dict(reply.content["site"]).get("secagg", "")
+            request = dict(message.content["config"]).get("secagg", "")
+            stages.setdefault(kind.removeprefix("query.secagg_"), []).append(
+                len(str(text)) + len(str(request))
+            )
+        return reply
+
+    events: list[RunEvent] = []
+    with tempfile.TemporaryDirectory() as root:
+        setup = prepare_federation(
+            root=Path(root),
+            sites=sites,
+            cases=args.cases,
+            size=32,
+            rounds=args.rounds,
+            local_epochs=1,
+        )
+        settings = setup.settings.model_copy(update={"secure_aggregation": secure})
+        result = run_in_process(
+            workspace=setup.workspace,
+            site_configs=setup.site_configs,
+            settings=settings,
+            client_app=client_app,
+            on_event=events.append,
+        )
+    if result.rounds_completed != args.rounds:
+        raise SystemExit(f"a {sites}-site run stopped: {result.reason}")
+    seconds = [e.seconds or 0.0 for e in events if isinstance(e, RoundDone)]
+    return {
+        "first_round_seconds": seconds[0],
+        "round_seconds": statistics.median(seconds[1:] or seconds),
+        "upload_bytes": statistics.median(uploads),
+        "stage_bytes": {k: statistics.median(v) for k, v in sorted(stages.items())},
+    }
+
+
+def in_process_main(args: argparse.Namespace) -> dict[str, Any]:
+    counts = [int(n) for n in args.sites.split(",")]
+    rows: dict[int, dict[str, Any]] = {}
+    for n in counts:
+        plain = federation(n, args, secure=False)
+        secure = federation(n, args, secure=True)
+        rows[n] = {"plain": plain, "secure": secure}
+    print(
+        f"\n{date.today()}, {os.cpu_count()} CPUs, in-process, {args.cases} patients per site, "
+        f"{args.rounds} rounds of one local epoch, load average {os.getloadavg()[0]:.2f}\n"
+    )
+    print(
+        "| sites | round s plain | round s secure | first round s plain / secure | "
+        "upload B plain | upload B secure | stage bytes per site (secure) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---|")
+    for n, row in rows.items():
+        plain, secure = row["plain"], row["secure"]
+        stage_text = ", ".join(f"{k} {v:.0f}" for k, v in secure["stage_bytes"].items())
+        print(
+            f"| {n} | {plain['round_seconds']:.2f} | {secure['round_seconds']:.2f} | "
+            f"{plain['first_round_seconds']:.2f} / {secure['first_round_seconds']:.2f} | "
+            f"{plain['upload_bytes']:.0f} | {secure['upload_bytes']:.0f} | {stage_text} |"
+        )
+    report = {"mode": "in-process", "sites": counts, "rows": {str(n): r for n, r in rows.items()}}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
+    if args.in_process:
+        return in_process_main(args)
     counts = [int(n) for n in args.sites.split(",")]
     load_before = os.getloadavg()[0]
     rows = {n: measure(n, args) for n in counts}

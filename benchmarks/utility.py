@@ -242,7 +242,11 @@ def prepare(args: argparse.Namespace, root: Path) -> tuple[DemoSetup, dict[str, 
                 "adaptive_clipping": adaptive,
             }
         )
-        config = config.model_copy(update={"training": training, "privacy": privacy})
+        # The benchmark's sites agree to its run: as many rounds as it plans.
+        policy = config.policy.model_copy(update={"max_rounds_per_run": args.rounds})
+        config = config.model_copy(
+            update={"training": training, "privacy": privacy, "policy": policy}
+        )
         dump_site_config(config, path)
         configs[site] = load_site_config(path)
     return setup, configs

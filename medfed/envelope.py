@@ -25,6 +25,12 @@ from medfed.types import freeze_arrays
 TRAIN: Final = "train"
 EVALUATE: Final = "evaluate"
 INIT: Final = "query.init"
+# Secure aggregation's stages (medfed.secagg): key advertisement, share distribution, opening
+# the shares received, and a round's unmasking answer. The masked upload is a TRAIN reply.
+SECAGG_KEYS: Final = "query.secagg_keys"
+SECAGG_SHARES: Final = "query.secagg_shares"
+SECAGG_OPEN: Final = "query.secagg_open"
+SECAGG_UNMASK: Final = "query.secagg_unmask"
 
 # Flower error codes of a site's refusal, one per error class (each class's decline_code); the
 # reason text is the error's one-line form.
@@ -60,6 +66,8 @@ class RoundRequest:
     # The aggregator's signed receipt of the ledger_known entries (medfed.privacy.receipt);
     # None from a workspace that has no receipt key.
     ledger_receipt: str | None = None
+    # Secure aggregation: the stage's JSON payload (medfed.secagg.wire); None without it.
+    secure_aggregation: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,6 +83,18 @@ class RoundReply:
     weights: Mapping[str, np.ndarray]
     ledger_first_seq: int
     ledger_lines: tuple[str, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class SecureReply:
+    """A site's answer to a secure aggregation stage: a JSON payload, and for a masked upload
+    the masked vector (uint32, uniformly random on its own) and the site's new ledger lines."""
+
+    site_id: str
+    payload: Mapping[str, Any]
+    masked: np.ndarray | None = None
+    ledger_first_seq: int = 0
+    ledger_lines: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -176,6 +196,8 @@ def request_content(request: RoundRequest) -> RecordDict:
             "ledger_receipt": request.ledger_receipt or "",
         }
     )
+    if request.secure_aggregation is not None:
+        config["secagg"] = json.dumps(dict(request.secure_aggregation), sort_keys=True)
     records: dict[str, Any] = {"config": config}
     if request.weights is not None:
         records["global"] = _arrays(request.weights)
@@ -201,6 +223,41 @@ def read_request(content: RecordDict) -> RoundRequest:
         ledger_receipt=(
             _field(config, "ledger_receipt", str) or None if "ledger_receipt" in config else None
         ),
+        secure_aggregation=_json_object(config, "secagg") if "secagg" in config else None,
+    )
+
+
+def secure_content(reply: SecureReply) -> RecordDict:
+    records: dict[str, Any] = {
+        "site": ConfigRecord(
+            {
+                "site_id": reply.site_id,
+                "secagg": json.dumps(dict(reply.payload), sort_keys=True),
+                "ledger_first_seq": reply.ledger_first_seq,
+                "ledger_lines": list(reply.ledger_lines),
+            }
+        )
+    }
+    if reply.masked is not None:
+        records["masked"] = _arrays({"masked": reply.masked})
+    return RecordDict(records)
+
+
+def read_secure(content: RecordDict) -> SecureReply:
+    site = _record(content, "site", ConfigRecord)
+    masked = None
+    if "masked" in content:
+        arrays = _read_arrays(content, "masked")
+        vector = arrays.get("masked")
+        if set(arrays) != {"masked"} or vector is None or vector.dtype != np.uint32:
+            raise EnvelopeError("array record 'masked' does not hold one uint32 vector")
+        masked = vector.reshape(-1)
+    return SecureReply(
+        site_id=_field(site, "site_id", str),
+        payload=_json_object(site, "secagg"),
+        masked=masked,
+        ledger_first_seq=_field(site, "ledger_first_seq", int),
+        ledger_lines=_lines(site),
     )
 
 

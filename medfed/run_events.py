@@ -207,6 +207,32 @@ class RoundDone(RunEvent):
 
 
 @dataclass(frozen=True, kw_only=True)
+class SecureEpochStarted(RunEvent):
+    """Secure aggregation's keys and shares are in place for ``rounds``: the sites whose
+    signed key bundles verified, the sites left out with the reason, and the threshold of
+    shares that unmasks a sum."""
+
+    kind: ClassVar[str] = "secure_epoch"
+
+    epoch: int = 0
+    rounds: tuple[int, ...] = ()
+    sites: tuple[str, ...] = ()
+    excluded: Mapping[str, str] = field(default_factory=dict)
+    threshold: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecureRoundAbandoned(RunEvent):
+    """A securely aggregated round that could not be unmasked: the global model is unchanged."""
+
+    kind: ClassVar[str] = "secure_round_abandoned"
+
+    round: int
+    epoch: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Evaluation(RunEvent):
     """The final global model's Dice, per site (as each released it) and over the sites."""
 
@@ -224,6 +250,27 @@ class EvaluationFailed(RunEvent):
 
     site: str
     reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteLevelPrivacy(RunEvent):
+    """Site-level (central) DP at the aggregator after a round: the epsilon of every noisy
+    aggregate released so far, recomputed from the run's site-level ledger.
+
+    Its unit is a whole site, not a patient: it is never added to, compared with or shown as
+    the sites' patient-level epsilons (:class:`SiteUpdated`, :class:`RoundDone`).
+    """
+
+    kind: ClassVar[str] = "site_level_privacy"
+
+    round: int
+    site_level_epsilon: float | None = None
+    delta: float | None = None
+    accountant: str = "rdp"
+    noise_multiplier: float | None = None
+    clip_norm: float | None = None
+    cohort: int = 0
+    releases: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,8 +316,11 @@ KINDS: Final[Mapping[str, type[RunEvent]]] = {
         SiteExhausted,
         PrivacyAlert,
         RoundDone,
+        SecureEpochStarted,
+        SecureRoundAbandoned,
         Evaluation,
         EvaluationFailed,
+        SiteLevelPrivacy,
         RunFinished,
         RunStopped,
         RunFailed,
@@ -310,7 +360,7 @@ def _field_value(name: str, value: Any) -> Any:
             for key, note in value.items()
             if isinstance(note, Mapping)
         }
-    if name in ("sites", "online", "missing", "reasons") and isinstance(value, list):
+    if name in ("sites", "online", "missing", "reasons", "rounds") and isinstance(value, list):
         return tuple(value)
     return value
 

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 from medfed.aggregator.budget import BudgetTracker
 from medfed.aggregator.outcome import SiteRecord
 from medfed.aggregator.run_store import RunStore
+from medfed.aggregator.site_level_ledger import SiteLevelLedger
 from medfed.config.run import RunSettings
 from medfed.run_events import EventCallback, RunEvent, append_event
 from medfed.workspace import Workspace
@@ -33,6 +34,7 @@ class RunContext:
     sites: dict[str, SiteRecord] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0
+    site_level: SiteLevelLedger | None = None  # the run's central-DP ledger, when it has one
 
     @property
     def run_name(self) -> str:

@@ -16,16 +16,20 @@ from pathlib import Path
 from flwr.serverapp import Grid
 
 from medfed.aggregator.budget import BudgetTracker
+from medfed.aggregator.central_dp import check_central_dp, round_aggregation, site_level_event
 from medfed.aggregator.context import RunContext
 from medfed.aggregator.finish import fail, finish
 from medfed.aggregator.messages import initial_model
 from medfed.aggregator.outcome import FederationResult, SiteRecord, weighted_mean
 from medfed.aggregator.rounds import evaluate, train_round
-from medfed.aggregator.run_store import ResumePoint, RunStore, round_record
+from medfed.aggregator.run_store import ResumePoint, RunStore, record_sha256, round_record
+from medfed.aggregator.secure_round import SecureRun, check_settings
 from medfed.aggregator.selection import online, select, too_few, wait_for_sites
-from medfed.aggregator.strategies import FedAdamState, RoundAggregation
+from medfed.aggregator.site_level_ledger import SiteLevelLedger, site_level_ledger_path
+from medfed.aggregator.strategies import FedAdamState
 from medfed.config.run import RunSettings
 from medfed.errors import ConfigError, MedfedError
+from medfed.model_average import ModelAverage
 from medfed.numbers import finite_or_none
 from medfed.run_events import EventCallback, RoundDone, RunStarted
 from medfed.types import weights_digest
@@ -40,6 +44,7 @@ def run_federation(
     on_event: EventCallback | None = None,
 ) -> FederationResult:
     """Run (or resume) the federation ``settings`` describe; return its summary."""
+    check_settings(settings)
     store = RunStore(paths=workspace.layout.run(settings.run_name))
     resume = store.start(settings)
     tracker = BudgetTracker(
@@ -64,6 +69,13 @@ def run_federation(
             f"run {settings.run_name!r} names sites the workspace does not know: {unknown}",
             hint="use the site ids given to `medfed provision --sites`",
         )
+    check_central_dp(
+        settings=settings.strategy,
+        sites=len(wanted),
+        secure_aggregation=bool(getattr(settings, "secure_aggregation", False)),
+    )
+    if settings.strategy.central_dp is not None:
+        ctx.site_level = SiteLevelLedger(path=site_level_ledger_path(store.directory))
     ctx.sites = {site: SiteRecord(site_id=site) for site in wanted}
     ctx.emit(
         RunStarted(
@@ -111,16 +123,36 @@ def _run(ctx: RunContext, resume: ResumePoint | None) -> FederationResult:
         strategy_state = (
             FedAdamState.from_arrays(resume.strategy_state) if resume.strategy_state else None
         )
+    average = None
+    if settings.ema is not None:
+        # rebuilt from the global models kept for every round (none yet on a fresh run)
+        average = ModelAverage.resumed(
+            decay=settings.ema.decay, paths=ctx.store.paths, last_round=first_round - 1
+        )
     dice_initial = math.nan
     completed = first_round - 1
     model_dir: Path | None = None
+    secure = SecureRun(ctx) if settings.secure_aggregation else None
     for round_index in range(first_round, settings.rounds + 1):
         selected = select(ctx, online(ctx))
         if len(selected) < settings.min_sites:
             reason = too_few(ctx, selected, "with budget left")
             return finish(ctx, "stopped", reason, completed, model_dir, dice_initial)
-        aggregation = RoundAggregation(settings=settings.strategy, global_weights=weights)
-        outcome = train_round(ctx, round_index, selected, weights, aggregation)
+        aggregation = round_aggregation(
+            settings=settings.strategy,
+            global_weights=weights,
+            cohort=len(selected),
+            ledger=ctx.site_level,
+            run_name=ctx.run_name,
+            round=round_index,
+        )
+        if secure is None:
+            outcome = train_round(ctx, round_index, selected, weights, aggregation)
+        else:
+            secured = secure.train_round(round_index, selected, weights, aggregation)
+            if secured is None:
+                continue  # abandoned, an event says why: the global model stays as it was
+            outcome = secured
         if round_index == first_round and outcome.dice_before:
             dice_initial = weighted_mean(outcome.dice_before)
         if len(outcome.sites) < settings.min_sites:
@@ -147,6 +179,18 @@ def _run(ctx: RunContext, resume: ResumePoint | None) -> FederationResult:
             metadata=record,
         )
         completed = round_index
+        if average is not None:
+            average.add(round=round_index, weights=weights)
+        if ctx.site_level is not None:
+            ctx.emit(
+                site_level_event(
+                    ledger=ctx.site_level,
+                    settings=settings.strategy,
+                    run_name=ctx.run_name,
+                    round=round_index,
+                    cohort=len(selected),
+                )
+            )
         ctx.emit(
             RoundDone(
                 run_name=ctx.run_name,
@@ -161,6 +205,15 @@ def _run(ctx: RunContext, resume: ResumePoint | None) -> FederationResult:
                 epsilon={s: finite_or_none(b) for s, b in _epsilons(ctx).items()},
             )
         )
+    if average is not None and average.rounds:
+        # the average of the rounds' models is the run's final model: evaluated, registered
+        model_dir = average.write(
+            paths=ctx.store.paths,
+            run_name=ctx.run_name,
+            spec=spec,
+            trace_head=record_sha256(record),
+        )
+        weights = average.weights()
     dice_final = evaluate(ctx, completed, weights)
     return finish(
         ctx, "finished", "all rounds done", completed, model_dir, dice_initial, dice_final

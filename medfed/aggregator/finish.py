@@ -54,6 +54,11 @@ def finish(
         model=model_dir,
     )
     summary = result.summary(budget_state)
+    if ctx.site_level is not None and ctx.settings.strategy.central_dp is not None:
+        # site-level (central) DP: a different unit, kept apart from the sites' budgets
+        summary["site_level_privacy"] = ctx.site_level.summary(
+            delta=ctx.settings.strategy.central_dp.delta
+        )
     ctx.store.write_summary(summary)
     write_report(
         layout=ctx.workspace.layout,
@@ -115,7 +120,12 @@ def _write_plots(events_file: Path, directory: Path, *, title: str) -> None:
 
 
 def _write_audit_report(workspace_root: Path, run_name: str, directory: Path) -> None:
-    """The auditor's report of this run, as it stands at the run's end (HTML, JSON, PDF)."""
+    """The auditor's report of this run, as it stands at the run's end (JSON, CSV, HTML, PDF).
+
+    A federation of many sites gets federation-wide pages (:mod:`medfed.audit.overview`): its
+    size stays bounded whatever the number of sites, and every site's detail is in the JSON
+    and the CSV beside them.
+    """
     try:
         from medfed.audit import build_report
 
@@ -123,13 +133,11 @@ def _write_audit_report(workspace_root: Path, run_name: str, directory: Path) ->
     except Exception:
         log.exception("cannot build the audit report of run %s", run_name)
         return
-    make_private_dirs(directory)
-    replace_file(directory / "audit_report.html", report.to_html().encode("utf-8"))
-    replace_file(directory / "audit_report.json", report.to_json_text().encode("utf-8"))
     try:
-        report.write_pdf(directory / "audit_report.pdf")
+        # JSON, CSV, HTML, then the PDF: what was written before a failure stays.
+        report.write_files(directory)
     except Exception:
-        log.exception("cannot write the PDF audit report of run %s", run_name)
+        log.exception("cannot write every form of the audit report of run %s", run_name)
 
 
 def _json(data: Any) -> bytes:

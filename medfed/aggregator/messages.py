@@ -29,9 +29,14 @@ from medfed.run_events import (
 
 
 def request(
-    ctx: RunContext, site: str, round_index: int, weights: Mapping[str, np.ndarray] | None
+    ctx: RunContext,
+    site: str,
+    round_index: int,
+    weights: Mapping[str, np.ndarray] | None,
+    secure: Mapping[str, Any] | None = None,
 ) -> RoundRequest:
-    """What the run asks of ``site`` for one round (the site checks it against its policy)."""
+    """What the run asks of ``site`` for one round (the site checks it against its policy);
+    ``secure`` is the site's part of a secure aggregation stage, if any."""
     settings = ctx.settings
     return RoundRequest(
         run_name=settings.run_name,
@@ -48,6 +53,7 @@ def request(
         ledger_known=ctx.tracker.known_entries(site),
         weights=weights,
         ledger_receipt=ledger_receipt(ctx, site),
+        secure_aggregation=secure,
     )
 
 
@@ -75,9 +81,14 @@ def send(
     round_index: int,
     nodes: Mapping[str, int],
     weights: Mapping[str, np.ndarray] | None,
+    *,
+    secure: Mapping[str, Mapping[str, Any]] | None = None,
+    timeout_s: float | None = None,
 ) -> dict[str, Message]:
     """One message per site (each its own records); the replies by site."""
-    return dict(send_each(ctx, kind, round_index, nodes, weights))
+    return dict(
+        send_each(ctx, kind, round_index, nodes, weights, secure=secure, timeout_s=timeout_s)
+    )
 
 
 def send_each(
@@ -86,27 +97,34 @@ def send_each(
     round_index: int,
     nodes: Mapping[str, int],
     weights: Mapping[str, np.ndarray] | None,
+    *,
+    secure: Mapping[str, Mapping[str, Any]] | None = None,
+    timeout_s: float | None = None,
 ) -> Iterator[tuple[str, Message]]:
     """Send one message per site and yield each site's reply as it arrives.
 
-    A site silent within the round's timeout is marked offline and named in an event once the
-    others have answered or the timeout passed.
+    A site silent within the timeout (the round's unless ``timeout_s`` is given) is marked
+    offline and named in an event once the others have answered or the timeout passed.
+    ``secure`` holds each site's part of a secure aggregation stage.
     """
     settings = ctx.settings
+    timeout_s = settings.round_timeout_s if timeout_s is None else timeout_s
     by_node = {node: site for site, node in nodes.items()}
     messages = [
         Message(
-            request_content(request(ctx, site, round_index, weights)),
+            request_content(
+                request(ctx, site, round_index, weights, None if secure is None else secure[site])
+            ),
             dst_node_id=node,
             message_type=kind,
             group_id=f"{settings.run_name}/{round_index}",
-            ttl=settings.round_timeout_s + 60.0,
+            ttl=timeout_s + 60.0,
         )
         for site, node in nodes.items()
     ]
     ctx.bytes_sent += sum(array_bytes(message) for message in messages)
     answered: set[str] = set()
-    for reply in _replies(ctx, messages, timeout_s=settings.round_timeout_s):
+    for reply in _replies(ctx, messages, timeout_s=timeout_s):
         site = by_node.get(int(reply.metadata.src_node_id))
         if site is not None and site not in answered:
             answered.add(site)
@@ -118,7 +136,7 @@ def send_each(
     for site in sorted(set(nodes) - answered):
         record = ctx.sites[site]
         record.status = "offline"
-        record.last_reason = f"no reply to {kind} within {settings.round_timeout_s:g} s"
+        record.last_reason = f"no reply to {kind} within {timeout_s:g} s"
         ctx.emit(
             SiteTimeout(run_name=ctx.run_name, site=site, round=round_index, message_type=kind)
         )

@@ -227,7 +227,11 @@ def run_deployed(
     say = on_phase or (lambda text: None)
     with ProcessGroup(handle_signals=True) as group:
         say(f"starting the aggregator (Flower SuperLink) at {workspace.manifest.address}")
-        aggregator = start_aggregator(workspace=workspace, tracking_uri=tracking_uri)
+        # The SuperLink lives exactly as long as this federation: its state in memory, where
+        # many sites' replies do not contend for one SQLite file's lock.
+        aggregator = start_aggregator(
+            workspace=workspace, tracking_uri=tracking_uri, state="memory"
+        )
         group.add(aggregator.process)
         say(f"starting {len(setup.site_configs)} site nodes (Flower SuperNodes)")
         start_site_nodes(group=group, setup=setup)

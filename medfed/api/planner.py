@@ -15,8 +15,18 @@ it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
 from medfed.errors import PrivacyError
 from medfed.privacy.accounting import AccountantName, DPSteps
+
+#: The recipe :func:`recommend_recipe` recommends: the best measured so far.
+RECOMMENDED_PRESET = "dp-fedadam-one-step"
+#: Beyond this distance from every measurement (log2 units of patients and epsilon: 1 is a
+#: factor of two in either) the expected ratio is called a guess from the nearest one.
+NEAR = 0.5
 
 
 def _history(
@@ -97,9 +107,179 @@ def plan_noise(
     )
 
 
-def _check_count(name: str, value: int) -> None:
+def _check_count(
+    name: str,
+    value: int,
+    hint: str = "a study plans at least one round of at least one local epoch",
+) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise PrivacyError(
-            f"{name} must be an integer of at least 1, got {value!r}",
-            hint="a study plans at least one round of at least one local epoch",
+        raise PrivacyError(f"{name} must be an integer of at least 1, got {value!r}", hint=hint)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiceEstimate:
+    """The expected federated-DP / centralised-non-private Dice ratio, and what it rests on."""
+
+    ratio: float
+    low: float
+    high: float
+    measured_at: str  # the measured setting it comes from
+    source: str
+    distance: float  # from the measured setting (log2 of patients and epsilon)
+
+    @property
+    def note(self) -> str:
+        """How far to trust it, in words."""
+        if self.distance <= NEAR:
+            where = "measured at a setting close to this one"
+        else:
+            where = (
+                "no measurement near this setting: the nearest one's ratio; more patients per "
+                "site or a larger epsilon usually raise it, fewer or a smaller one lower it"
+            )
+        return f"an estimate on synthetic data, {where}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """A recommended training recipe for a federation's sizes and per-site epsilon cap."""
+
+    preset: str
+    patients_per_site: int
+    sites: int
+    target_epsilon: float
+    delta: float
+    accountant: str
+    noise_multiplier: float
+    epsilon: float  # what the plan spends at a site of ``patients_per_site`` (<= target)
+    sample_rate: float
+    batch_size: int
+    rounds: int
+    local_epochs: int
+    steps_per_round: int
+    run_settings: Mapping[str, Any] = field(default_factory=dict)
+    site_settings: Mapping[str, Any] = field(default_factory=dict)
+    expected_dice_ratio: DiceEstimate | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        estimate = self.expected_dice_ratio
+        return {
+            "preset": self.preset,
+            "patients_per_site": self.patients_per_site,
+            "sites": self.sites,
+            "target_epsilon": self.target_epsilon,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "batch_size": self.batch_size,
+            "rounds": self.rounds,
+            "local_epochs": self.local_epochs,
+            "steps_per_round": self.steps_per_round,
+            "run_settings": dict(self.run_settings),
+            "site_settings": dict(self.site_settings),
+            "expected_dice_ratio": None
+            if estimate is None
+            else {
+                "estimate": estimate.ratio,
+                "low": estimate.low,
+                "high": estimate.high,
+                "measured_at": estimate.measured_at,
+                "source": estimate.source,
+                "note": estimate.note,
+            },
+        }
+
+
+def recommend_recipe(
+    *,
+    patients_per_site: int,
+    sites: int,
+    target_epsilon: float,
+    rounds: int | None = None,
+    delta: float = 1e-5,
+    accountant: AccountantName = "rdp",
+) -> Recipe:
+    """The recipe that measured best, planned for these sizes and this per-site cap.
+
+    The ``dp-fedadam-one-step`` preset: every round one full-batch DP-SGD step at each site
+    (sample rate 1, batch = the site's training patients), FedAdam on the aggregate, and the
+    noise planned so that ``rounds`` rounds (the preset's 80 by default) spend at most
+    ``target_epsilon`` at a site with ``patients_per_site`` training patients (plan for the
+    smallest site). The expected Dice ratio is the nearest measurement of
+    :data:`medfed.api.measured_utility.MEASURED`, an estimate.
+    """
+    from medfed.api.measured_utility import nearest_measurement
+    from medfed.config.strategy import PRESETS
+
+    _check_count("patients_per_site", patients_per_site, "the smallest site's training patients")
+    _check_count("sites", sites, "the number of sites in the federation")
+    preset = PRESETS[RECOMMENDED_PRESET]
+    rounds = int(preset.run["rounds"]) if rounds is None else rounds
+    _check_count("rounds", rounds)
+    local_epochs = int(preset.run["local_epochs"])
+    batch = patients_per_site  # sample rate 1: every patient in every step
+    noise = plan_noise(
+        dataset_size=patients_per_site,
+        batch_size=batch,
+        epochs_per_round=local_epochs,
+        rounds=rounds,
+        target_epsilon=target_epsilon,
+        delta=delta,
+        accountant=accountant,
+    )
+    spent = plan_epsilon(
+        dataset_size=patients_per_site,
+        batch_size=batch,
+        epochs_per_round=local_epochs,
+        rounds=rounds,
+        noise_multiplier=noise,
+        delta=delta,
+        accountant=accountant,
+    )
+    found = nearest_measurement(
+        patients_per_site=patients_per_site, epsilon=target_epsilon, recipe=RECOMMENDED_PRESET
+    )
+    estimate = None
+    if found is not None:
+        row, distance = found
+        estimate = DiceEstimate(
+            ratio=row.ratio,
+            low=row.low,
+            high=row.high,
+            measured_at=f"{row.sites} sites x {row.patients_per_site} training patients, "
+            f"epsilon {row.epsilon:g} at delta {row.delta:g}, {row.runs} runs ({row.task})",
+            source=row.source,
+            distance=distance,
         )
+    return Recipe(
+        preset=RECOMMENDED_PRESET,
+        patients_per_site=patients_per_site,
+        sites=sites,
+        target_epsilon=target_epsilon,
+        delta=delta,
+        accountant=accountant,
+        noise_multiplier=noise,
+        epsilon=spent,
+        sample_rate=1.0,
+        batch_size=batch,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        steps_per_round=1,
+        run_settings={
+            "strategy": {"preset": RECOMMENDED_PRESET},
+            "rounds": rounds,
+            "noise_multiplier": noise,
+            "min_sites": sites,
+        },
+        site_settings={
+            "training.optimizer": preset.site["training.optimizer"],
+            "training.batch_size": batch,
+            "privacy.epsilon_cap": target_epsilon,
+            "privacy.delta": delta,
+            # the policy's default (50) refuses longer runs
+            "policy.max_rounds_per_run": max(rounds, 50),
+        },
+        expected_dice_ratio=estimate,
+    )

@@ -34,6 +34,7 @@ from medfed.run_events import (
     RunStarted,
     SiteDeclined,
     SiteExhausted,
+    SiteLevelPrivacy,
     SiteRejected,
     SiteReplied,
     SitesOnline,
@@ -94,6 +95,12 @@ def event_line(event: RunEvent) -> str | None:
                 f"round {event.round} done: {event.sites_answered}/{event.sites_asked} sites, "
                 f"global Dice before the round {number_text(event.dice_before)}, "
                 f"{number_text(event.seconds, 1)} s"
+            )
+        case SiteLevelPrivacy():
+            return (
+                f"  site-level epsilon (central DP; the unit is a whole site, not a patient) "
+                f"{number_text(event.site_level_epsilon, 2)} at delta {event.delta} after "
+                f"{event.releases} noisy aggregates"
             )
         case Evaluation():
             per_site = ", ".join(f"{k} {number_text(v)}" for k, v in sorted(event.sites.items()))

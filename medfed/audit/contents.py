@@ -3,7 +3,9 @@
 A plain-language summary first (what each site's guarantee means for one of its patients), then
 the verification's findings and checks, then one section per site: its privacy statement,
 epsilon by library, released quantities, rounds, plots, the models trained on its data and its
-findings. The HTML and the PDF are both drawn from this one document.
+findings. A federation of more sites than :data:`medfed.audit.overview.DETAIL_LIMIT` gets
+federation-wide tables instead, and a section only for each site with a finding. The HTML and
+the PDF are both drawn from this one document.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from medfed.audit import figures
+from medfed.audit import figures, overview
 from medfed.audit.accounting import ACCOUNTANT_DESCRIPTIONS
 from medfed.audit.canary import LOWER_BOUND_NOTE, CanaryAudit
 from medfed.audit.document import (
@@ -65,10 +67,22 @@ def build_document(
     sites: Sequence[SiteStatement],
     canary_audits: Sequence[CanaryAudit] = (),
     plots: bool | None = None,
+    detail: str = overview.DETAIL_ELSEWHERE,
 ) -> Document:
-    """The whole report; ``plots`` None draws them where matplotlib is installed."""
+    """The whole report; ``plots`` None draws them where matplotlib is installed.
+
+    Above :data:`medfed.audit.overview.DETAIL_LIMIT` sites the report is the federation's
+    (:mod:`medfed.audit.overview`) with a section only for each site with a finding; ``detail``
+    says where every site's full statement is then.
+    """
     result = verification
     draw = figures.plots_available() if plots is None else plots
+    wide = overview.summarised(sites)
+    full = [
+        site
+        for site in sites
+        if not wide or overview.shown_in_full(site, _of(canary_audits, site.site_id))
+    ]
     blocks: list[Block] = [
         Paragraph(
             spans=(
@@ -87,7 +101,12 @@ def build_document(
                 Span(text=f" ({len(result.findings)} finding(s))."),
             )
         ),
-        _summary(result, sites, canary_audits),
+        *(
+            [overview.detail_paragraph(total=len(sites), full=len(full), detail=detail)]
+            if wide
+            else []
+        ),
+        _summary(result, sites, canary_audits, full=full if wide else None),
         Section(
             heading="Findings",
             level=2,
@@ -97,13 +116,24 @@ def build_document(
                 else text("None: every check below passed or was skipped."),
             ),
         ),
-        Section(heading="Checks", level=2, blocks=(_checks(result),)),
+        Section(
+            heading="Checks",
+            level=2,
+            blocks=(overview.checks_table(result.checks) if wide else _checks(result),),
+        ),
     ]
     if not draw:
         blocks.append(text(figures.NO_PLOTS, "note"))
+    if wide:
+        blocks.append(overview.sites_section(sites, audits=canary_audits, draw=draw, detail=detail))
+    # Two plots per site are what made large reports explode: past the limit, the sections
+    # of the sites with findings keep their tables (the same numbers) and leave the plots out.
+    per_site_plots = draw and len(full) <= overview.DETAIL_LIMIT
     blocks += [
-        _site(site, draw=draw, workspace=workspace, audits=_of(canary_audits, site.site_id))
-        for site in sites
+        _site(
+            site, draw=per_site_plots, workspace=workspace, audits=_of(canary_audits, site.site_id)
+        )
+        for site in full
     ]
     known = {site.site_id for site in sites}
     others = [audit for audit in canary_audits if audit.site_id not in known]
@@ -131,10 +161,17 @@ def build_document(
 
 
 def _summary(
-    result: AuditResult, sites: Sequence[SiteStatement], audits: Sequence[CanaryAudit]
+    result: AuditResult,
+    sites: Sequence[SiteStatement],
+    audits: Sequence[CanaryAudit],
+    *,
+    full: Sequence[SiteStatement] | None = None,
 ) -> Section:
+    """A paragraph per site; with ``full``, the federation's and one per site in ``full``."""
     blocks: list[Block] = [verdict_paragraph(findings=len(result.findings)), reading_guide()]
-    for site in sites:
+    if full is not None:
+        blocks += overview.summary_blocks(sites)
+    for site in sites if full is None else full:
         blocks += summary_paragraphs(site, canary_audits=_of(audits, site.site_id))
     return Section(heading=SUMMARY_HEADING, level=2, blocks=tuple(blocks), anchor="summary")
 

@@ -1,4 +1,5 @@
-"""The audit report's plots of one site's statement: epsilon over rounds, Dice against epsilon.
+"""The audit report's plots: a site's epsilon over rounds and Dice against epsilon; and, for a
+large federation, one histogram of every site's spend against its cap.
 
 Drawn with matplotlib (imported only here, when a plot is drawn); the HTML page embeds them as
 inline SVG, the PDF as PNG. matplotlib comes with MLflow (``medfed[tracking]``); without it the
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from medfed.audit.findings import fmt
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
 
 NO_PLOTS: Final = "Plots left out: matplotlib is not installed (pip install 'medfed[tracking]')."
 PNG_DPI: Final = 200
+SHARE_AXIS_END: Final = 1.5  # the federation's histogram: shares of the cap up to this
 
 
 def plots_available() -> bool:
@@ -89,3 +92,30 @@ def png_of(figure: Figure, *, dpi: int = PNG_DPI) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
+
+
+def spent_figure(sites: Sequence[SiteStatement]) -> Figure | None:
+    """How many sites spent what share of their cap: one histogram for the whole federation."""
+    shares = [
+        min(site.spent / site.cap, SHARE_AXIS_END)
+        for site in sites
+        if site.verified
+        and site.spent is not None
+        and site.cap is not None
+        and site.cap > 0
+        and math.isfinite(site.spent)
+    ]
+    if not shares:
+        return None
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 3.4))
+    axes = figure.subplots()
+    axes.hist(shares, bins=40, range=(0.0, SHARE_AXIS_END), color="#3b6ea5")
+    axes.axvline(1.0, color="#a31515", linestyle="--", label="the cap")
+    axes.set_xlabel(f"epsilon spent / cap (above {SHARE_AXIS_END:g} drawn at {SHARE_AXIS_END:g})")
+    axes.set_ylabel("sites")
+    axes.set_title(f"{len(shares)} sites: epsilon spent as a share of the cap")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    return figure

@@ -9,10 +9,12 @@ tracking server use short timeouts and no retries, so a dead server cannot stall
 from __future__ import annotations
 
 import contextlib
+import csv
 import importlib.util
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,13 @@ from medfed.audit.sources import RunRecord
 
 METRIC: Final = "epsilon_spent"
 SITES_TAG: Final = "medfed.sites"
+SITE_COUNT_TAG: Final = "medfed.site_count"
+EPSILON_TAG_PREFIX: Final = "medfed.epsilon."
+# A simulation's per-round site tables on the parent run, and their site column
+# (medfed.transport.simulation_tracking.ARTIFACT_DIR and COLUMNS; a test checks).
+SITE_TABLES: Final = "site_metrics"
+SITE_COLUMN: Final = "site"
+ROUND_TABLE: Final = re.compile(r"round-(\d+)\.csv")
 _SQLITE: Final = "sqlite:///"
 _QUIET_ENV: Final = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
@@ -121,6 +130,35 @@ class MlflowStore:
                 found[str(site)] = child.info.run_id
         return found
 
+    def table_values(self, parent_run_id: str, key: str = METRIC) -> dict[str, tuple[int, float]]:
+        """Site id -> (round, value) of ``key`` in the last round table that has the site.
+
+        A simulation logs child runs for a few sites only and every site's metrics of a round
+        as one table, ``site_metrics/round-NNNN.csv`` (:mod:`medfed.transport.simulation_tracking`),
+        on the parent run; a deployment has no such tables (an empty answer).
+        """
+        import tempfile
+
+        with quiet_mlflow():
+            listed = self._client.list_artifacts(parent_run_id, SITE_TABLES)
+        tables = sorted(
+            (int(match.group(1)), item.path)
+            for item in listed
+            if (match := ROUND_TABLE.fullmatch(Path(item.path).name)) is not None
+        )
+        found: dict[str, tuple[int, float]] = {}
+        with tempfile.TemporaryDirectory(prefix="medfed-audit-") as scratch:
+            for round_, path in tables:
+                with quiet_mlflow():
+                    local = self._client.download_artifacts(parent_run_id, path, scratch)
+                with open(local, encoding="utf-8", newline="") as handle:
+                    for row in csv.DictReader(handle):
+                        value = _number(row.get(key))
+                        site = row.get(SITE_COLUMN)
+                        if site and value is not None:
+                            found[site] = (round_, value)
+        return found
+
     def last_value(self, run_id: str, key: str = METRIC) -> tuple[int, float] | None:
         """(step, value) of the last logged value of ``key`` (highest step, then latest)."""
         with quiet_mlflow():
@@ -140,12 +178,25 @@ class MlflowStore:
                 version=str(v.version),
                 source=str(v.source),
                 run_id=v.run_id,
-                sites=parse_sites(v.tags.get(SITES_TAG, "")),
+                sites=version_sites(v.tags),
                 tags={str(k): str(t) for k, t in v.tags.items()},
             )
             for v in versions
         ]
         return sorted(found, key=lambda v: int(v.version) if v.version.isdigit() else 0)
+
+
+def version_sites(tags: Mapping[str, str]) -> tuple[str, ...]:
+    """The sites a model version names: its ``medfed.sites`` tag, or for a federation too
+    large for that tag to list (it holds a count and a digest then) the sites of its
+    ``medfed.epsilon.<site>`` tags, which every site of the version has."""
+    listed = parse_sites(tags.get(SITES_TAG, ""))
+    count = tags.get(SITE_COUNT_TAG)
+    if count is None or not count.isdigit() or len(listed) == int(count):
+        return listed
+    return tuple(
+        sorted(k[len(EPSILON_TAG_PREFIX) :] for k in tags if k.startswith(EPSILON_TAG_PREFIX))
+    )
 
 
 def parse_sites(value: str) -> tuple[str, ...]:
@@ -179,6 +230,13 @@ def quiet_mlflow() -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = old
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return None if text is None or text == "" else float(text)
+    except ValueError:
+        return None
 
 
 def _text(value: object) -> str | None:

@@ -16,7 +16,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from medfed.audit.accounting import ACCOUNTANT_DESCRIPTIONS, cumulative_opacus_rdp
 from medfed.audit.canary import CanaryAudit, collect_canary_audits
@@ -24,14 +24,24 @@ from medfed.audit.contents import build_document
 from medfed.audit.document import Document
 from medfed.audit.html import render_html
 from medfed.audit.mlflow_store import MlflowStore, resolve_target
+from medfed.audit.overview import DETAIL_ELSEWHERE
 from medfed.audit.pdf import write_pdf
+from medfed.audit.sites_csv import sites_csv
 from medfed.audit.sources import RunRecord, read_runs
 from medfed.audit.statement import ReleaseRow, RoundRow, SiteStatement
 from medfed.audit.verify import AuditResult, SiteAudit, check_mlflow_run, verify_runs
 from medfed.model_files import MANIFEST_NAME
 from medfed.privacy.events import ReserveEntry, TermsEntry
 from medfed.privacy.ledger import LedgerReport
+from medfed.storage import make_private_dirs, replace_file
 from medfed.workspace import RunPaths, load_workspace
+
+REPORT_FILES: Final = {
+    "html": "audit_report.html",
+    "json": "audit_report.json",
+    "csv": "audit_sites.csv",
+    "pdf": "audit_report.pdf",
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,10 +75,11 @@ class AuditReport:
     def to_json_text(self) -> str:
         return json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n"
 
-    def document(self, *, plots: bool | None = None) -> Document:
+    def document(self, *, plots: bool | None = None, detail: str = DETAIL_ELSEWHERE) -> Document:
         """The report's contents, which the HTML and the PDF both draw.
 
-        ``plots`` None draws the plots where matplotlib is installed.
+        ``plots`` None draws the plots where matplotlib is installed; ``detail`` is where a
+        federation too large for a section per site has every site's full statement.
         """
         return build_document(
             workspace=self.workspace,
@@ -77,6 +88,7 @@ class AuditReport:
             sites=self.sites,
             canary_audits=self.canary_audits,
             plots=plots,
+            detail=detail,
         )
 
     def to_html(self) -> str:
@@ -86,6 +98,54 @@ class AuditReport:
     def write_pdf(self, path: Path) -> None:
         """The same contents as :meth:`to_html` as a PDF: tables, and the plots as images."""
         write_pdf(self.document(), path=Path(path))
+
+    def to_sites_csv(self) -> str:
+        """One row per site (:func:`medfed.audit.sites_csv.sites_csv`)."""
+        return sites_csv(self.sites)
+
+    def write_files(self, directory: Path, *, pdf: bool = True) -> ReportFiles:
+        """The report as :data:`REPORT_FILES` in ``directory``: JSON, CSV, HTML, then PDF.
+
+        The JSON and the CSV come first, so that a federation's per-site data is there even
+        when drawing the pages fails; the pages name them as where each site's detail is.
+        """
+        directory = Path(directory)
+        make_private_dirs(directory)
+        files = ReportFiles(directory=directory)
+        replace_file(files.json, self.to_json_text().encode("utf-8"))
+        replace_file(files.csv, self.to_sites_csv().encode("utf-8"))
+        detail = (
+            f"every site's full statement is in {files.json.name} and one row per site in "
+            f"{files.csv.name}, beside this report"
+        )
+        document = self.document(detail=detail)
+        replace_file(files.html, render_html(document).encode("utf-8"))
+        if pdf:
+            write_pdf(document, path=files.pdf)
+        return files
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportFiles:
+    """Where :meth:`AuditReport.write_files` puts each form of the report."""
+
+    directory: Path
+
+    @property
+    def html(self) -> Path:
+        return self.directory / REPORT_FILES["html"]
+
+    @property
+    def json(self) -> Path:
+        return self.directory / REPORT_FILES["json"]
+
+    @property
+    def csv(self) -> Path:
+        return self.directory / REPORT_FILES["csv"]
+
+    @property
+    def pdf(self) -> Path:
+        return self.directory / REPORT_FILES["pdf"]
 
 
 def build_report(

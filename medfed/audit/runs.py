@@ -250,6 +250,8 @@ class _MlflowSide:
     run: RunRecord
     store: MlflowStore | None
     site_runs: dict[str, str]
+    parent_run_id: str | None = None
+    tables: dict[str, tuple[int, float]] | None = None  # read on the first site without a run
 
     @classmethod
     def open(
@@ -278,7 +280,15 @@ class _MlflowSide:
                 )
             )
             return cls(run=run, store=None, site_runs={})
-        return cls(run=run, store=store, site_runs=site_runs)
+        return cls(run=run, store=store, site_runs=site_runs, parent_run_id=target.parent_run_id)
+
+    def _table_value(self, site_id: str) -> tuple[int, float] | None:
+        """The site's last value in the simulation's round tables (none in a deployment)."""
+        if self.store is None or self.parent_run_id is None:
+            return None
+        if self.tables is None:
+            self.tables = self.store.table_values(self.parent_run_id)
+        return self.tables.get(site_id)
 
     def check(
         self, site_id: str, recomputed: float, prefix: LedgerReport, collect: Collector
@@ -288,15 +298,21 @@ class _MlflowSide:
         name = f"run {self.run.name}: MLflow epsilon"
         trained = any(r.run_id == self.run.name for r in prefix.reservations)
         run_id = self.site_runs.get(site_id)
+        where = f"run {run_id}"
         try:
-            last = None if run_id is None else self.store.last_value(run_id)
+            if run_id is not None:
+                last = self.store.last_value(run_id)
+            else:
+                # A simulation's site without a child run: its row in the round tables.
+                last = self._table_value(site_id)
+                where = f"run {self.parent_run_id} site_metrics tables"
         except Exception as exc:  # as above: any MLflow failure is "cannot read"
             collect.findings.append(
                 Finding(
                     site_id=site_id,
                     check="mlflow",
                     source=self.store.tracking_uri,
-                    problem=f"cannot read epsilon_spent of run {run_id}: {_short(exc)}",
+                    problem=f"cannot read epsilon_spent of {where}: {_short(exc)}",
                 )
             )
             return None, None
@@ -308,8 +324,8 @@ class _MlflowSide:
                         check="mlflow",
                         source=self.store.tracking_uri,
                         problem=f"MLflow has no epsilon_spent of the site for run "
-                        f"{self.run.name!r} (no child run, or nothing logged) although its "
-                        "ledger records rounds of that run",
+                        f"{self.run.name!r} (no child run or site table row, or nothing "
+                        "logged) although its ledger records rounds of that run",
                     )
                 )
             else:
@@ -323,7 +339,7 @@ class _MlflowSide:
                 Finding(
                     site_id=site_id,
                     check="mlflow",
-                    source=f"{self.store.tracking_uri} run {run_id}",
+                    source=f"{self.store.tracking_uri} {where}",
                     problem=f"last epsilon_spent (step {step}) is {fmt(value, 10)} but the "
                     f"ledger copy gives {fmt(recomputed, 10)} at the end of run {self.run.name!r}",
                 )
@@ -334,7 +350,8 @@ class _MlflowSide:
                     site_id=site_id,
                     name=name,
                     status="pass",
-                    detail=f"step {step}: {fmt(value)} = recomputed {fmt(recomputed)}",
+                    detail=f"step {step}: {fmt(value)} = recomputed {fmt(recomputed)}"
+                    + ("" if run_id is not None else " (the simulation's site table)"),
                 )
             )
         return step, value

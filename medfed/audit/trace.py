@@ -27,6 +27,7 @@ from medfed.audit.accounting import recompute
 from medfed.audit.mlflow_store import MlflowStore, mlflow_missing
 from medfed.audit.trace_result import SiteSpend, TraceFinding, TraceResult, as_mapping, short
 from medfed.errors import ConfigError, LedgerError, ModelError
+from medfed.model_average import stored_average
 from medfed.model_files import read_model
 from medfed.privacy.accounting import compute_epsilon
 from medfed.privacy.events import GENESIS_HASH, CommitEntry, ReserveEntry, canonical_json
@@ -105,7 +106,9 @@ def trace_model(
                 f"{short(head)} of run {result.run_name!r}'s chain",
                 round=final["round"],
             )
-        if result.model_sha256 != final.get("global_sha256"):
+        if result.model_sha256 != final.get("global_sha256") and not _is_run_average(
+            ws, result, final
+        ):
             result.found(_model_mismatch(result, records), round=final["round"])
     _check_ledgers(ws, result, records, given)
     return TraceResult(
@@ -237,6 +240,24 @@ def _check_record(
             f"{index - 1}'s global model {short(want_start)}",
             round=index,
         )
+
+
+def _is_run_average(ws: Workspace, result: _Walk, final: Mapping[str, Any]) -> bool:
+    """Whether the model is the run's moving average of its rounds' models (``ema``), rebuilt
+    here from the round models the chain vouches for, up to the final one."""
+    found = stored_average(_run_paths(ws, result.run_name))
+    if found is None:
+        return False
+    average, stored_digest = found
+    records = {record["round"]: record for record in result.rounds}
+    return (
+        stored_digest == weights_digest(average.weights()) == result.model_sha256
+        and average.rounds[-1] == final["round"]
+        and all(
+            records.get(index, {}).get("global_sha256") == digest
+            for index, digest in zip(average.rounds, average.digests, strict=True)
+        )
+    )
 
 
 def _model_mismatch(result: _Walk, records: list[dict[str, Any]]) -> str:

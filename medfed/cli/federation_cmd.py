@@ -67,11 +67,17 @@ def aggregator_start(
 def run(
     workspace: WorkspaceOption,
     name: Annotated[str, typer.Option("--name", help="Run name (its directory, resume key).")],
-    rounds: Annotated[int, typer.Option(min=1)] = 3,
-    local_epochs: Annotated[int, typer.Option(min=1)] = 2,
+    rounds: Annotated[int | None, typer.Option(min=1, help="Default: 3, or --settings'.")] = None,
+    local_epochs: Annotated[
+        int | None, typer.Option(min=1, help="Default: 2, or --settings'.")
+    ] = None,
     strategy: Annotated[
-        str, typer.Option(help="fedavg | fedprox | fedadam | median | trimmed_mean")
-    ] = "fedavg",
+        str | None,
+        typer.Option(
+            help="fedavg | fedprox | fedadam | median | trimmed_mean (default: fedavg, or "
+            "--settings')"
+        ),
+    ] = None,
     proximal_mu: Annotated[float, typer.Option(help="FedProx term (fedprox only).")] = 0.0,
     learning_rate: Annotated[float | None, typer.Option(help="Default: each site's.")] = None,
     noise_multiplier: Annotated[float | None, typer.Option(help="Default: each site's.")] = None,
@@ -99,8 +105,17 @@ def run(
         bool, typer.Option("--no-follow", help="Submit only; do not stream the progress.")
     ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to follow the run.")] = 7200.0,
+    secure_aggregation: Annotated[
+        bool,
+        typer.Option(
+            "--secure-aggregation",
+            help="Masked uploads: the aggregator learns only the sum of the sites' updates "
+            "(fedavg, fedprox, fedadam).",
+        ),
+    ] = False,
 ) -> None:
     """Submit a federation run to the running aggregator and stream its progress."""
+    from medfed.aggregator.secure_round import check_settings
     from medfed.config.run import parse_run_settings
     from medfed.transport.deploy import require_aggregator
     from medfed.transport.provision import parse_sites
@@ -113,14 +128,20 @@ def run(
             data = json.loads(settings_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{settings_file}: cannot read settings ({exc})") from None
+    # Flags left out keep what --settings says (a strategy preset's rounds, say), else the
+    # run settings' defaults.
+    given = {
+        "rounds": rounds,
+        "local_epochs": local_epochs,
+        "learning_rate": learning_rate,
+        "noise_multiplier": noise_multiplier,
+        "max_grad_norm": max_grad_norm,
+    }
+    data.update({key: value for key, value in given.items() if value is not None})
+    chosen = {"name": strategy} if strategy is not None else {}
     data.update(
         run_name=name,
-        rounds=rounds,
-        local_epochs=local_epochs,
-        strategy={**data.get("strategy", {}), "name": strategy, "proximal_mu": proximal_mu},
-        learning_rate=learning_rate,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
+        strategy={**data.get("strategy", {}), **chosen, "proximal_mu": proximal_mu},
         min_sites=min_sites,
         sites=None if sites is None else parse_sites(sites),
         model={**data.get("model", {}), "network": network},
@@ -131,7 +152,10 @@ def run(
     )
     if project is not None:
         data["project"] = project
+    if secure_aggregation:
+        data["secure_aggregation"] = True
     settings = parse_run_settings(data, source="run settings")
+    check_settings(settings)  # a robust strategy with secure aggregation is refused here
     loaded = load_workspace(workspace)
     console = rich_console()
     require_aggregator(workspace=loaded)
@@ -172,8 +196,18 @@ def demo(
         bool, typer.Option("--force", help="Replace an earlier demo in --workspace.")
     ] = False,
     tracking_uri: TrackingUriOption = None,
+    secure_aggregation: Annotated[
+        bool,
+        typer.Option(
+            "--secure-aggregation",
+            help="Masked uploads: the aggregator learns only the sum of the sites' updates "
+            "(fedavg, fedprox, fedadam).",
+        ),
+    ] = False,
 ) -> None:
     """A whole federation on this machine: aggregator and sites as processes, TLS on, DP on."""
+    import dataclasses
+
     from medfed.api.demo import (
         check_demo_port,
         claim_demo_directory,
@@ -207,6 +241,9 @@ def demo(
             local_epochs=local_epochs,
             port=port or free_port(),
         )
+        if secure_aggregation:
+            settings = setup.settings.model_copy(update={"secure_aggregation": True})
+            setup = dataclasses.replace(setup, settings=settings)
         if in_process:
             from medfed.tracking.uri import mlflow_available, resolve_tracking_uri
             from medfed.transport.inprocess import run_in_process

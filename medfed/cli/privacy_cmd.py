@@ -67,6 +67,70 @@ def epsilon(
 
 
 @app.command()
+def plan(
+    patients: Annotated[
+        int, typer.Option("--patients", help="Training patients at the smallest site.")
+    ],
+    sites: Annotated[int, typer.Option("--sites", help="Sites in the federation.")],
+    epsilon: Annotated[float, typer.Option("--epsilon", help="Epsilon cap per site.")],
+    rounds: Annotated[
+        int | None, typer.Option("--rounds", help="Rounds (default: the preset's).")
+    ] = None,
+    delta: Annotated[float, typer.Option("--delta", help="Delta.")] = 1e-5,
+    accountant: AccountantOption = "rdp",
+    as_json: JsonOption = False,
+) -> None:
+    """Recommend a training recipe for a federation's size and per-site epsilon cap."""
+    from medfed.api.planner import recommend_recipe
+
+    recipe = recommend_recipe(
+        patients_per_site=patients,
+        sites=sites,
+        target_epsilon=epsilon,
+        rounds=rounds,
+        delta=delta,
+        accountant=check_accountant(accountant),
+    )
+    summary = recipe.to_json()
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    for line in _recipe_lines(summary):
+        typer.echo(line)
+
+
+def _recipe_lines(recipe: dict[str, Any]) -> list[str]:
+    sites, patients = recipe["sites"], recipe["patients_per_site"]
+    site_settings = ", ".join(f"{k}: {v}" for k, v in recipe["site_settings"].items())
+    lines = [
+        f"recipe for {sites} sites with {patients} training patients at the smallest, epsilon "
+        f"{recipe['target_epsilon']:g} per site at delta {recipe['delta']:g} "
+        f"({recipe['accountant']}):",
+        f"  preset            {recipe['preset']} (run settings: strategy: {{preset: "
+        f"{recipe['preset']}}})",
+        f"  noise multiplier  {recipe['noise_multiplier']:.4f} (spends epsilon "
+        f"{recipe['epsilon']:.3f} at the smallest site)",
+        f"  sample rate       {recipe['sample_rate']:g} (batch {recipe['batch_size']}: every "
+        "training patient in every step)",
+        f"  rounds            {recipe['rounds']}",
+        f"  local steps       {recipe['steps_per_round']} per round (local_epochs "
+        f"{recipe['local_epochs']})",
+        f"  each site sets    {site_settings}",
+    ]
+    estimate = recipe["expected_dice_ratio"]
+    if estimate is None:
+        lines.append("  expected Dice ratio: no measurement of this recipe")
+    else:
+        lines += [
+            f"  expected Dice ratio (ESTIMATE, federated DP / centralised non-private): "
+            f"{estimate['estimate']:.2f} (measured {estimate['low']:.2f}-{estimate['high']:.2f})",
+            f"    {estimate['note']}; measured at {estimate['measured_at']}",
+            f"    source: {estimate['source']}",
+        ]
+    return lines
+
+
+@app.command()
 def witness(
     config: Annotated[Path, typer.Option("--config", help="The site's site.yaml.")],
 ) -> None:

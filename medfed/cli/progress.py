@@ -68,5 +68,14 @@ def print_summary(
         f"{number_text(summary.get('dice_final'))} after {summary['rounds_completed']} rounds "
         f"(delta {delta})",
     )
+    site_level = summary.get("site_level_privacy")
+    if site_level:
+        say(
+            console,
+            f"site-level epsilon (central DP at the aggregator; the unit is a whole site, not "
+            f"a patient, and it is not comparable with the column above): "
+            f"{number_text(site_level.get('site_level_epsilon'), 2)} at delta "
+            f"{site_level.get('delta')} over {site_level.get('releases')} rounds",
+        )
     if summary.get("model"):
         say(console, f"global model: {summary['model']}")

@@ -14,7 +14,7 @@ from typing import Any, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from medfed.config.site import ModelSection
-from medfed.config.strategy import StrategySettings
+from medfed.config.strategy import EmaSettings, StrategySettings, with_preset_run_settings
 from medfed.errors import ConfigError
 
 RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -60,9 +60,35 @@ class RunSettings(BaseModel):
         default=900.0, gt=0, description="A site that has not answered by then is left out."
     )
     seed: int = Field(default=0, description="Seed of the initial global model.")
+    secure_aggregation: bool = Field(
+        default=False,
+        description="Pairwise-masked uploads: the aggregator learns only the sum of the "
+        "sites' weighted updates (weighted-mean strategies only).",
+    )
+    secure_aggregation_bound: float = Field(
+        default=1.0,
+        gt=0,
+        description="Secure aggregation: each coordinate of a site's weight change is clipped "
+        "to +-this before encoding (the bound that rules out wrap-around).",
+    )
+    secure_aggregation_max_weight: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="Secure aggregation: the largest patient count a site's update is weighted by.",
+    )
     resume: bool = Field(
         default=False, description="Continue the run of this name from its last checkpoint."
     )
+    ema: EmaSettings | None = Field(
+        default=None, description="Release a moving average of the global models; null: none."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        # strategy.preset also implies run settings (rounds, local epochs...): filled in here.
+        return with_preset_run_settings(data)
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -23,6 +23,7 @@ from medfed.envelope import (
     init_content,
     read_request,
     reply_content,
+    secure_content,
 )
 from medfed.errors import ConfigError, DataError, EnvelopeError, MedfedError
 from medfed.site.release import shareable, unexpected
@@ -136,7 +137,29 @@ def _train(config: SiteConfig, message: Message) -> RecordDict:
     from medfed.site.federated import train_round
 
     request = read_request(_content(message))
+    if request.secure_aggregation is not None:
+        from medfed.site.secure_round import masked_round
+
+        return secure_content(masked_round(config=config, request=request))
     return reply_content(train_round(config=config, request=request))
+
+
+def _secure(stage: str) -> Callable[[SiteConfig, Message], RecordDict]:
+    """The handler of one secure aggregation stage (:mod:`medfed.site.secure_round`)."""
+
+    def work(config: SiteConfig, message: Message) -> RecordDict:
+        from medfed.site import secure_round
+
+        request = read_request(_content(message))
+        handler = {
+            "keys": secure_round.advertise,
+            "shares": secure_round.share,
+            "open": secure_round.open_received,
+            "unmask": secure_round.unmask,
+        }[stage]
+        return secure_content(handler(config=config, request=request))
+
+    return work
 
 
 def _evaluate(config: SiteConfig, message: Message) -> RecordDict:
@@ -172,3 +195,23 @@ def evaluate(message: Message, context: Context) -> Message:
 @app.query("init")
 def init(message: Message, context: Context) -> Message:
     return _handle(message, context, _init)
+
+
+@app.query("secagg_keys")
+def secagg_keys(message: Message, context: Context) -> Message:
+    return _handle(message, context, _secure("keys"))
+
+
+@app.query("secagg_shares")
+def secagg_shares(message: Message, context: Context) -> Message:
+    return _handle(message, context, _secure("shares"))
+
+
+@app.query("secagg_open")
+def secagg_open(message: Message, context: Context) -> Message:
+    return _handle(message, context, _secure("open"))
+
+
+@app.query("secagg_unmask")
+def secagg_unmask(message: Message, context: Context) -> Message:
+    return _handle(message, context, _secure("unmask"))

@@ -25,8 +25,8 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from medfed.csprng import secure_uniforms
 from medfed.errors import PrivacyError
-from medfed.site.noise import secure_uniforms
 
 Floats = npt.NDArray[np.float64]
 Integers = npt.NDArray[np.int64]

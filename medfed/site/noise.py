@@ -2,20 +2,9 @@
 
 Opacus draws its noise with ``torch.normal(generator=...)``: a Mersenne Twister on the CPU (or
 Philox on CUDA), which is not a cryptographic generator: its state, hence all of its past and
-future output, follows from its 64-bit seed or from enough of its output. The privacy of DP-SGD
-rests on nobody being able to predict (and subtract) the noise, so here every draw call takes a
-fresh 32-byte key and 16-byte nonce from ``os.urandom`` and expands them with ChaCha20 (the
-``cryptography`` package, i.e. OpenSSL): the keystream is indistinguishable from random bytes to
-anyone who does not know the key, and the key lives only for the call.
-
-Bytes -> normals, all on the CPU in float64 and vectorised with numpy:
-
-1. every 64-bit keystream word gives one uniform double with 53 random bits,
-   ``u = (top 53 bits + 1) * 2**-53``, exactly representable, in (0, 1] (see ``uniform53``);
-2. pairs of uniforms become pairs of standard normals by the polar form of the Box-Muller
-   transform (Marsaglia's method, see ``_standard_normals``).
-
-The result is then cast to the reference's dtype and moved to its device; no CUDA generator is
+future output, follows from its 64-bit seed or from enough of its output. Here every draw comes
+from :mod:`medfed.csprng` (ChaCha20 keyed from ``os.urandom`` at every call) in float64 on the
+CPU, and is then cast to the reference's dtype and moved to its device; no CUDA generator is
 ever involved. ``secure=True`` adds the floating-point defence of Opacus' ``secure_mode``
 (Holohan & Braghin 2021, arXiv 2107.10138, section 5.1), with every draw from the stream.
 """
@@ -24,114 +13,18 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-KEY_BYTES = 32
-NONCE_BYTES = 16
-#: Normals produced per vectorised pass: small enough that the float64 temporaries of one pass
-#: stay in the CPU cache (2-3x faster than passes of 2**20 elements on the 2-core development
-#: machine), large enough that the per-pass Python overhead is negligible.
-DEFAULT_CHUNK = 1 << 16
-#: Secure mode sums 2n standard normals with n = 2, as Opacus does.
-SECURE_TERMS = 4
+from medfed.csprng import DEFAULT_CHUNK, SECURE_TERMS, Keystream, standard_normals
+
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
-_ACCEPTANCE = math.pi / 4  # share of uniform points of the square that fall in the unit disc
-
-Words = npt.NDArray[np.uint64]
-Floats = npt.NDArray[np.float64]
-
-
-def uniform53(words: Words) -> Floats:
-    """One uniform double per 64-bit word: ``(top 53 bits + 1) * 2**-53``, in (0, 1].
-
-    53 bits is a double's whole significand, so every value is exact and all 2**53 of them are
-    equally likely. The grid is shifted by one step so that 0 never occurs and a logarithm of
-    ``u`` is always finite; an *open* interval (0, 1) with 53 bits on an even grid would need a
-    54-bit significand (``(2k + 1) * 2**-54``), so 1.0 is the one boundary value allowed.
-    """
-    uniforms = (words >> np.uint64(11)).astype(np.float64)
-    uniforms += 1.0  # exact: the integers up to 2**53 are doubles
-    uniforms *= 2.0**-53  # exact: a power of two
-    return uniforms
-
-
-class _Keystream:
-    """The ChaCha20 keystream of one draw call: 64-bit words, key and nonce from the OS.
-
-    Encrypting zero bytes yields the raw keystream. One stream serves every pass of one call
-    (or of one worker thread of a call): its block counter keeps the passes' words distinct and
-    independent. The next call gets a new key. The nonce's first 4 bytes are ChaCha20's block
-    counter, so it starts at a random block: irrelevant with a fresh key, and a call uses far
-    fewer than the 2**32 blocks (256 GiB) after which the counter would wrap.
-    """
-
-    def __init__(self) -> None:
-        key, nonce = os.urandom(KEY_BYTES), os.urandom(NONCE_BYTES)
-        self._encryptor = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
-        self._zeros = b""
-        self._buffer = bytearray()
-
-    def words(self, count: int) -> Words:
-        size = 8 * count
-        if len(self._zeros) < size:
-            self._zeros, self._buffer = bytes(size), bytearray(size)
-        view = memoryview(self._buffer)[:size]
-        self._encryptor.update_into(memoryview(self._zeros)[:size], view)
-        # A view of the buffer, valid until the next call (callers convert it at once). Byte
-        # order is irrelevant to uniform bits; "<u8" fixes it so a stream means the same words.
-        return np.frombuffer(view, dtype="<u8")
-
-
-def secure_uniforms(count: int) -> Floats:
-    """``count`` uniforms in (0, 1] from a fresh ChaCha20 keystream (see :func:`uniform53`)."""
-    return uniform53(_Keystream().words(count))
-
-
-def _standard_normals(stream: _Keystream, count: int) -> Floats:
-    """``count`` independent N(0, 1) doubles by Marsaglia's polar method (Box-Muller, polar form).
-
-    Two uniforms ``u`` in (0, 1] give a point ``(x, y) = (2u - 1, 2v - 1)`` of the square,
-    exactly; points with ``0 < s = x^2 + y^2 < 1`` are kept (pi/4 of them), and
-    ``(x, y) * sqrt(-2 ln(s) / s)`` is a pair of independent standard normals. This is the
-    Box-Muller transform with the angle's cosine and sine read off the point instead of computed:
-    no trigonometric functions, which made the plain transform 1.7x slower here. Rejection makes
-    the stream consumed vary from call to call; the normals' distribution does not.
-    """
-    out = np.empty(count, dtype=np.float64)
-    filled = 0
-    while filled < count:
-        needed_pairs = (count - filled + 1) // 2
-        # ~3 standard deviations above the expected number of candidates: usually one pass.
-        candidates = int(needed_pairs / _ACCEPTANCE + 3 * math.sqrt(needed_pairs)) + 16
-        points = uniform53(stream.words(2 * candidates))
-        points *= 2.0
-        points -= 1.0  # exact: (2k + 2) * 2**-53 - 1 lies on the 2**-52 grid in (-1, 1]
-        x, y = points[:candidates], points[candidates:]
-        s = x * x + y * y
-        inside = (s > 0.0) & (s < 1.0)
-        x, y, s = x[inside], y[inside], s[inside]
-        factor = np.log(s)
-        factor *= -2.0
-        factor /= s
-        np.sqrt(factor, out=factor)
-        take = min(2 * len(s), count - filled)
-        first = min(len(s), take)  # the x-side normals first, then as many y-side as needed
-        np.multiply(x[:first], factor[:first], out=out[filled : filled + first])
-        np.multiply(
-            y[: take - first], factor[: take - first], out=out[filled + first : filled + take]
-        )
-        filled += take
-    return out
 
 
 class CsprngGaussian:
@@ -205,15 +98,15 @@ class CsprngGaussian:
 
     def _fill(self, flat: torch.Tensor, start: int, stop: int, *, terms: int, scale: float) -> None:
         """Write ``scale`` * (sum of ``terms`` standard normals) into ``flat[start:stop]``."""
-        stream = _Keystream()  # a key of its own for every call, and for every worker of a call
+        stream = Keystream()  # a key of its own for every call, and for every worker of a call
         # numpy writes float16/32/64 in place, scaling and rounding in one pass; bfloat16, which
         # numpy lacks, goes through torch's copy.
         target = flat.numpy() if flat.dtype in _NUMPY_FLOATS else None
         for lo in range(start, stop, self.chunk):
             count = min(self.chunk, stop - lo)
-            values = _standard_normals(stream, count)
+            values = standard_normals(stream, count)
             for _term in range(terms - 1):
-                values += _standard_normals(stream, count)
+                values += standard_normals(stream, count)
             if target is not None:
                 np.multiply(values, scale, out=target[lo : lo + count], casting="same_kind")
             else:

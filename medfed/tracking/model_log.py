@@ -12,11 +12,12 @@ says so in its ``medfed.model_format`` tag; the version is registered either way
 Registered as ``medfed-<run_name>``; the version's tags are the guarantee: ``medfed.epsilon.<site>``
 and ``medfed.delta.<site>`` (each site's whole ledger spend, an upper bound for this model),
 ``medfed.accountant.<site>`` (the accountant the site's ledger names), ``medfed.accountant``
-(the sites' accountants), ``medfed.privacy_unit`` = ``patient``, ``medfed.sites``,
-``medfed.rounds``, ``medfed.run_name``; and the trace: ``medfed.model_sha256`` (the weights'
-digest) and ``medfed.trace_head`` (the hash of the final round record). The UI shows only a
-few tags without scrolling, so the version's description states the guarantee too, one line
-per site (:func:`medfed.tracking.descriptions.model_version_description`).
+(the sites' accountants), ``medfed.privacy_unit`` = ``patient``, ``medfed.sites`` (with
+``medfed.site_count`` and ``medfed.sites_sha256``), ``medfed.rounds``, ``medfed.run_name``;
+and the trace: ``medfed.model_sha256`` (the weights' digest) and ``medfed.trace_head`` (the
+hash of the final round record). The UI shows only a few tags without scrolling, so the
+version's description states the guarantee too, one line per site
+(:func:`medfed.tracking.descriptions.model_version_description`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from medfed.model_files import read_model
 from medfed.privacy.events import PRIVACY_UNIT, canonical_json
 from medfed.tracking.descriptions import model_version_description
+from medfed.tracking.operations import sites_tags
 from medfed.types import weights_digest
 
 if TYPE_CHECKING:
@@ -46,6 +48,10 @@ DEFAULT_PATCH_EDGE = 32
 FORMAT_TAG = "medfed.model_format"
 MODEL_SHA256_TAG = "medfed.model_sha256"
 TRACE_HEAD_TAG = "medfed.trace_head"
+# mlflow.utils.validation.MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH is 100,000: a version's
+# ``medfed.sites`` names thousands of sites; past this it is a count and digest, and
+# ``medfed.epsilon.<site>`` names each site still.
+MAX_VERSION_SITES_LENGTH = 90_000
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,7 @@ def privacy_tags(*, summary: Mapping[str, Any], run_name: str) -> dict[str, str]
         "medfed.run_name": run_name,
         "medfed.privacy_unit": PRIVACY_UNIT,
         "medfed.accountant": ",".join(accountants) or "unknown",
-        "medfed.sites": ",".join(sites),
+        **sites_tags(sites, limit=MAX_VERSION_SITES_LENGTH),
         "medfed.rounds": str(summary.get("rounds_completed", "")),
     }
     for site in sites:
@@ -88,6 +94,12 @@ def privacy_tags(*, summary: Mapping[str, Any], run_name: str) -> dict[str, str]
         tags[f"medfed.accountant.{site}"] = str(budget.get("accountant", "unknown"))
         if budget.get("epsilon_cap") is not None:
             tags[f"medfed.epsilon_cap.{site}"] = repr(float(budget["epsilon_cap"]))
+    site_level = summary.get("site_level_privacy")
+    if isinstance(site_level, Mapping):
+        # central DP: its unit is a whole site, so it is named apart from the patient-level tags
+        spent = site_level.get("site_level_epsilon")
+        tags["medfed.site_level_epsilon"] = "inf" if spent is None else repr(float(spent))
+        tags["medfed.site_level_delta"] = repr(float(site_level.get("delta", float("nan"))))
     return tags
 
 
@@ -100,8 +112,12 @@ def trace_tags(*, checkpoint: Path) -> dict[str, str]:
     """
     stored = read_model(checkpoint)
     tags = {MODEL_SHA256_TAG: weights_digest(stored.weights)}
+    ema = stored.metadata.get("ema")
     if "previous_record_sha256" in stored.metadata:
         tags[TRACE_HEAD_TAG] = hashlib.sha256(canonical_json(stored.metadata)).hexdigest()
+    elif isinstance(ema, Mapping) and isinstance(ema.get("trace_head"), str):
+        # a moving average of the rounds' models (medfed.model_average): the last one's record
+        tags[TRACE_HEAD_TAG] = ema["trace_head"]
     return tags
 
 

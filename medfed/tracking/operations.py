@@ -7,13 +7,17 @@
 event               operations
 ==================  ==========================================================================
 RunStarted          a parent run ``<run_name>`` (params: the flattened settings; tags: versions,
-                    app hash, sites, strategy) and a child ``<run_name>/<site>`` per site; with
-                    ``resume_from`` the runs the run had before are reopened
+                    app hash, sites (bounded: :func:`sites_tags`), strategy; artifacts: the
+                    sites and the settings as JSON) and a child ``<run_name>/<site>`` per
+                    site; with ``resume_from`` the runs the run had before are reopened
 SiteUpdated         child metrics at ``step=round``: train_loss, dice_before, epsilon_spent,
                     epsilon_remaining, patients (one batch), and a tag per released number
                     naming its mechanism (``medfed.release.train_loss``: ``dp-sgd (std 0.1)``)
 RoundDone           parent metrics at ``step=round``: dice_global, train_loss, epsilon_max,
                     round_seconds, bytes_moved, sites_answered (one batch)
+SiteLevelPrivacy    parent metric ``site_level_epsilon`` at ``step=round`` and tags
+                    ``medfed.site_level_delta`` / ``medfed.site_level_unit``: central DP's
+                    epsilon, whose unit is a site, apart from the patient-level epsilons
 Evaluation          ``dice_final`` on the parent and on each child
 SiteDeclined ...    child tag ``medfed.last_issue``
 PrivacyAlert        tag ``medfed.privacy_alert`` on the parent and the site's child run
@@ -45,6 +49,7 @@ from medfed.run_events import (
     RunFailed,
     RunStarted,
     RunStopped,
+    SiteLevelPrivacy,
     SiteRejected,
     SiteTimeout,
     SiteUpdated,
@@ -54,9 +59,16 @@ from medfed.tracking.info import TrackingInfo
 
 Operation = dict[str, Any]
 
-# mlflow.utils.validation.MAX_PARAM_VAL_LENGTH and MAX_PARAMS_TAGS_PER_BATCH (a test checks).
+# mlflow.utils.validation.MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH and MAX_PARAMS_TAGS_PER_BATCH
+# (a test checks).
 MAX_PARAM_LENGTH: Final = 6000
+MAX_TAG_LENGTH: Final = 8000
 MAX_PARAMS_PER_BATCH: Final = 100
+# ``medfed.sites`` names the sites while they fit in this many characters (about 400 short
+# ids); a larger federation's tag is its count and digest, its list the artifact below.
+MAX_SITES_TAG_LENGTH: Final = 4000
+SITES_ARTIFACT: Final = "medfed/sites.json"
+SETTINGS_ARTIFACT: Final = "medfed/settings.json"
 # A site's metrics, from its SiteUpdated event's fields; and its released numbers' tags.
 SITE_METRICS: Final = {
     "loss": "train_loss",
@@ -84,6 +96,9 @@ class Translator:
     sites: list[str] = field(default_factory=list)
     strategy: str = ""
     rounds: int = 0
+    # Child runs for the first ``child_runs`` sites only (None: every site); the parent run
+    # names them all. A simulation of a thousand sites keeps the rest in tables.
+    child_runs: int | None = None
     last_bytes: int = 0
     terminal: str | None = None
 
@@ -99,6 +114,15 @@ class Translator:
             return self._round_done(event)
         if isinstance(event, Evaluation):
             return self._evaluation(event)
+        if isinstance(event, SiteLevelPrivacy):
+            values = metrics(
+                {"site_level_epsilon": event.site_level_epsilon}, step=event.round, ms=_ms(event)
+            )
+            tags = {
+                "medfed.site_level_delta": str(event.delta),
+                "medfed.site_level_unit": "site (central DP; not a patient-level epsilon)",
+            }
+            return [batch(self.parent_key, metrics=values, tags=tags)]
         if isinstance(event, SITE_ISSUES):
             return self._issue(event)
         if isinstance(event, PrivacyAlert):
@@ -126,7 +150,9 @@ class Translator:
                 *(self.site_keys[s] for s in self.sites if s in self.site_keys),
             ]
             ops: list[Operation] = [{"op": "reopen", "key": key} for key in keys]
-            ops.append(batch(self.parent_key, tags={"medfed.resumed_from": str(resume)}))
+            tags = {"medfed.resumed_from": str(resume), **sites_tags(self.sites)}
+            ops.append(batch(self.parent_key, tags=tags))
+            ops.append(json_artifact(self.parent_key, SITES_ARTIFACT, list(self.sites)))
             return ops + self._new_sites(ms)
         if resume is not None and self.parent_key is not None:
             # The runs' creation is still queued from before the restart: continue with them.
@@ -149,12 +175,15 @@ class Translator:
         params = sorted(flatten(event.settings).items())
         for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
             ops.append(batch(self.parent_key, params=params[start : start + MAX_PARAMS_PER_BATCH]))
+        # What a tag or a param cannot hold whole at any number of sites, as artifacts.
+        ops.append(json_artifact(self.parent_key, SITES_ARTIFACT, list(self.sites)))
+        ops.append(json_artifact(self.parent_key, SETTINGS_ARTIFACT, dict(event.settings)))
         return ops + self._new_sites(ms)
 
     def _new_sites(self, ms: int) -> list[Operation]:
         assert self.parent_key is not None
         ops: list[Operation] = []
-        for site in self.sites:
+        for site in self.sites if self.child_runs is None else self.sites[: self.child_runs]:
             if site in self.site_keys:
                 continue
             key = self.site_keys[site] = uuid.uuid4().hex
@@ -322,6 +351,11 @@ def batch(
     }
 
 
+def json_artifact(key: str, file: str, data: Any) -> Operation:
+    """``data`` as the JSON artifact ``file`` of run ``key``."""
+    return {"op": "json", "key": key, "file": file, "data": json.loads(json.dumps(data))}
+
+
 def terminate(key: str, status: str, ms: int) -> Operation:
     return {"op": "terminate", "key": key, "status": status, "time_ms": ms}
 
@@ -335,8 +369,41 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
             flat.update(flatten(value, prefix=f"{name}."))
             continue
         text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-        flat[name] = text[:MAX_PARAM_LENGTH]
+        flat[name] = bounded(text, limit=MAX_PARAM_LENGTH, whole=SETTINGS_ARTIFACT)
     return flat
+
+
+def bounded(text: str, *, limit: int, whole: str) -> str:
+    """``text`` if it fits in ``limit`` characters; else its start, its length and digest.
+
+    A value cut short says so, and where the whole of it is: a list of a thousand sites cut
+    at a limit would read as a shorter, valid list.
+    """
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    note = f"... (cut: {len(text)} characters, sha256 {digest}; the whole value: {whole})"
+    return text[: limit - len(note)] + note
+
+
+def sites_tags(sites: Sequence[str], *, limit: int = MAX_SITES_TAG_LENGTH) -> dict[str, str]:
+    """``medfed.sites``, ``medfed.site_count`` and ``medfed.sites_sha256`` of a run's sites.
+
+    ``medfed.sites`` is the comma-separated ids while they fit in ``limit`` characters (MLflow
+    refuses a tag over 8,000, which about 700 sites reach), else ``<count> sites (sha256
+    <digest>; the list: <artifact>)``. The digest is of the ids' JSON list, the artifact's
+    content, so the list can be checked against the tag.
+    """
+    ids = [str(site) for site in sites]
+    digest = hashlib.sha256(json.dumps(ids).encode("utf-8")).hexdigest()
+    joined = ",".join(ids)
+    if len(joined) > limit:
+        joined = f"{len(ids)} sites (sha256 {digest}; the list: artifact {SITES_ARTIFACT})"
+    return {
+        "medfed.sites": joined,
+        "medfed.site_count": str(len(ids)),
+        "medfed.sites_sha256": digest,
+    }
 
 
 def version(distribution: str) -> str:
@@ -370,7 +437,7 @@ def parent_tags(*, run_name: str, sites: list[str], settings: Mapping[str, Any])
         "medfed.torch": version("torch"),
         "medfed.opacus": version("opacus"),
         "medfed.mlflow": version("mlflow"),
-        "medfed.sites": ",".join(sites),
+        **sites_tags(sites),
         "medfed.strategy": strategy_name(settings),
         "medfed.app_hash": app_hash(),
     }

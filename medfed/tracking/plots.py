@@ -4,19 +4,28 @@ Built from the run's events, so a run resumed in a new aggregator process is plo
 ``dice.png``: the validation Dice of each global model, per site and weighted over the sites,
 against the round after which that model was made (:func:`medfed.run_events.global_dice`).
 ``epsilon.png``: each site's epsilon spent after each round, with its cap as a dashed line of
-the same colour.
+the same colour. Above :data:`MAX_SITE_LINES` sites a line per site is unreadable (and its
+legend larger than the plot): the plots show the sites' median and range per round instead,
+and the distinct caps.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medfed.run_events import RunEvent, SiteUpdated, global_dice, of_kind
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
 DICE_PLOT = "dice.png"
 EPSILON_PLOT = "epsilon.png"
+# Up to this many sites each has a line of its own; more draw the sites' spread per round.
+MAX_SITE_LINES = 10
 
 
 @dataclass(frozen=True)
@@ -55,9 +64,12 @@ def write_plots(*, series: RunSeries, directory: Path, title: str = "") -> list[
 
     figure = Figure(figsize=(6.4, 4.0), dpi=100)
     axes = figure.add_subplot()
-    for site, values in sorted(series.dice_sites.items()):
-        rounds = sorted(values)
-        axes.plot(rounds, [values[r] for r in rounds], marker="o", label=site)
+    if len(series.dice_sites) > MAX_SITE_LINES:
+        _spread(axes, series.dice_sites, colour="C0")
+    else:
+        for site, values in sorted(series.dice_sites.items()):
+            rounds = sorted(values)
+            axes.plot(rounds, [values[r] for r in rounds], marker="o", label=site)
     if series.dice_global:
         rounds = sorted(series.dice_global)
         axes.plot(
@@ -83,7 +95,13 @@ def write_plots(*, series: RunSeries, directory: Path, title: str = "") -> list[
     figure = Figure(figsize=(6.4, 4.0), dpi=100)
     axes = figure.add_subplot()
     colours = [f"C{i}" for i in range(10)]
-    for index, site in enumerate(sorted(set(series.epsilon_sites) | set(series.caps))):
+    sites = sorted(set(series.epsilon_sites) | set(series.caps))
+    if len(sites) > MAX_SITE_LINES:
+        _spread(axes, series.epsilon_sites, colour="C0")
+        for cap in sorted(set(series.caps.values()))[:MAX_SITE_LINES]:
+            axes.axhline(cap, color="#a31515", linestyle="--", linewidth=1)
+        sites = []
+    for index, site in enumerate(sites):
         colour = colours[index % len(colours)]
         values = series.epsilon_sites.get(site, {})
         rounds = sorted(values)
@@ -102,3 +120,26 @@ def write_plots(*, series: RunSeries, directory: Path, title: str = "") -> list[
     figure.savefig(path, format="png")
     written.append(path)
     return written
+
+
+def _spread(axes: Axes, per_site: Mapping[str, Mapping[int, float]], *, colour: str) -> None:
+    """The sites' median per round, and their range as a band around it."""
+    by_round: dict[int, list[float]] = {}
+    for values in per_site.values():
+        for round_, value in values.items():
+            by_round.setdefault(round_, []).append(value)
+    rounds = sorted(by_round)
+    if not rounds:
+        return
+    low = [min(by_round[r]) for r in rounds]
+    high = [max(by_round[r]) for r in rounds]
+    axes.fill_between(
+        rounds, low, high, color=colour, alpha=0.25, label=f"{len(per_site)} sites: range"
+    )
+    axes.plot(
+        rounds,
+        [statistics.median(by_round[r]) for r in rounds],
+        marker="o",
+        color=colour,
+        label=f"{len(per_site)} sites: median",
+    )

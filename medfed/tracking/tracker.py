@@ -46,14 +46,17 @@ class FederationTracker:
         run_dir: Path,
         experiment: str = DEFAULT_EXPERIMENT,
         timeout_s: float = 5.0,
+        child_runs: int | None = None,
     ) -> None:
+        """``child_runs``: how many of the run's sites get a child run (None: all of them)."""
         self._uri = tracking_uri
+        self._child_runs = child_runs
         self._paths = RunPaths(directory=Path(run_dir))
         self._experiment = experiment
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
         self._run_ids: dict[str, str] = {}
-        self._translator = Translator()
+        self._translator = Translator(child_runs=child_runs)
         self._closed = False
         self._outbox = Outbox(
             paths=self._paths,
@@ -176,6 +179,7 @@ class FederationTracker:
             self._run_ids = {str(k): str(v) for k, v in dict(state.get("run_ids") or {}).items()}
             self._experiment_id = state.get("experiment_id") or None
         self._translator = Translator.restored(state)
+        self._translator.child_runs = self._child_runs
 
     def _open(self) -> tuple[MlflowClient, str]:
         if self._client is None or self._experiment_id is None:
@@ -204,6 +208,8 @@ class FederationTracker:
             shutil.rmtree(op["dir"], ignore_errors=True)
             with contextlib.suppress(OSError):  # the staging directory, once empty
                 Path(op["dir"]).parent.rmdir()
+        elif kind == "json":
+            client.log_dict(self._run_id(op["key"]), op["data"], op["file"])
         elif kind == "model":
             self._log_model(client, experiment_id, op)
         elif kind == "terminate":

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from medfed.config.site import SiteConfig, TransportSection
 from medfed.errors import ConfigError, TransportError
@@ -71,8 +71,27 @@ class SiteRegistration:
 # --- SuperLink ---------------------------------------------------------------------------------
 
 
-def superlink_command(*, workspace: Workspace, bind_host: str | None = None) -> list[str]:
-    """The ``flower-superlink`` command line for ``workspace``."""
+SuperLinkState = Literal["sqlite", "memory"]
+# flwr.supercore.constant.FLWR_IN_MEMORY_DB_NAME, flower-superlink's own default (a test checks).
+IN_MEMORY_DATABASE: Final = ":flwr-in-memory:"
+
+
+def superlink_command(
+    *, workspace: Workspace, bind_host: str | None = None, state: SuperLinkState = "sqlite"
+) -> list[str]:
+    """The ``flower-superlink`` command line for ``workspace``.
+
+    ``state`` ``sqlite`` keeps node registrations and runs in ``<workspace>/state/superlink.db``
+    across restarts. ``memory`` keeps them, and every message's payload, in the SuperLink's
+    memory (``--database :flwr-in-memory:``): for a SuperLink that lives exactly as long as
+    its federation (started, sites registered, one run, stopped). Flower 1.41 keeps its link
+    state *and* its object store (every model sent either way) in that one SQLite file, with
+    a fixed 5 s busy timeout (``flwr/supercore/constant.py`` ``SQLITE_PRAGMAS``, no flag or
+    environment variable changes it); with twenty SuperNodes on a loaded host a write waits
+    longer than that, the SuperLink answers HTTP 500 ("database is locked"), and a SuperNode
+    retries only 502/503/504 (``flwr/supercore/retry/http_retry.py``), so its reply is lost.
+    In memory there is no file lock to wait for.
+    """
     manifest = workspace.manifest
     files = {
         "--ssl-ca-certfile": workspace.path(manifest.superlink.ca_cert),
@@ -91,7 +110,7 @@ def superlink_command(*, workspace: Workspace, bind_host: str | None = None) -> 
     argv += [
         "--enable-supernode-auth",
         "--database",
-        str(workspace.layout.superlink_db),
+        IN_MEMORY_DATABASE if state == "memory" else str(workspace.layout.superlink_db),
         "--host",
         bind_host or manifest.host,
         "--port",
@@ -118,26 +137,29 @@ def start_superlink(
     flwr_home: Path | None = None,
     bind_host: str | None = None,
     ready_timeout_s: float = 60.0,
+    state: SuperLinkState = "sqlite",
 ) -> ManagedProcess:
     """Start the SuperLink and return once it accepts TLS connections on its port.
 
     ``env`` reaches the ServerApp processes (SuperLink -> ``flower-superexec`` ->
     ``flwr-serverapp`` inherit it). ``flwr_home`` defaults to ``<workspace>/state/flwr-home``;
-    ``bind_host`` to the manifest's host. Node registrations and runs are kept in
-    ``<workspace>/state/superlink.db`` across restarts.
+    ``bind_host`` to the manifest's host. With ``state`` ``sqlite`` (the default) node
+    registrations and runs are kept in ``<workspace>/state/superlink.db`` across restarts;
+    ``memory`` is for a SuperLink that lives only as long as one federation
+    (:func:`superlink_command` says why).
     """
-    state = workspace.layout.state
-    make_private_dirs(state)
+    state_dir = workspace.layout.state
+    make_private_dirs(state_dir)
     host = bind_host or workspace.manifest.host
     port = workspace.manifest.port
     check_superlink_port(workspace=workspace, bind_host=bind_host)
     process = launch(
         name="superlink",
-        argv=superlink_command(workspace=workspace, bind_host=bind_host),
+        argv=superlink_command(workspace=workspace, bind_host=bind_host, state=state),
         log_file=log_file,
         flwr_home=flwr_home or workspace.layout.flwr_home,
         env=env,
-        cwd=state,
+        cwd=state_dir,
     )
     try:
         wait_until_tls_ready(

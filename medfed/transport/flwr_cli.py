@@ -2,7 +2,9 @@
 
 Every call runs ``flwr ... --format json`` in a subprocess against a named connection in
 ``$FLWR_HOME/config.toml``; nothing here imports Flower. In JSON mode flwr reports failures as
-``{"success": false, ...}`` and may still exit with 0, so every reply is checked.
+``{"success": false, ...}`` and may still exit with 0, so every reply is checked. The commands
+that only read (the node list, a run's status) are retried on a transient failure
+(:class:`Retry`): one HTTP 500 from a busy SuperLink must not end a federation's run.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import re
 import subprocess
 import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Protocol
 
 from medfed.errors import ConfigError, TransportError
 from medfed.storage import make_private_dirs, replace_file
@@ -58,10 +60,127 @@ class RunStatus:
         return self.status == "finished:completed"
 
 
+class CommandRunner(Protocol):
+    """Runs one command to its end: :func:`run_command`, or a stand-in in tests."""
+
+    def __call__(
+        self, command: Sequence[str], *, env: Mapping[str, str], cwd: Path, timeout_s: float
+    ) -> subprocess.CompletedProcess[str]: ...
+
+
+def run_command(
+    command: Sequence[str], *, env: Mapping[str, str], cwd: Path, timeout_s: float
+) -> subprocess.CompletedProcess[str]:
+    """``command`` in a subprocess, its output captured as text (TimeoutExpired after
+    ``timeout_s``)."""
+    return subprocess.run(
+        list(command),
+        capture_output=True,
+        text=True,
+        env=dict(env),
+        cwd=cwd,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How a read-only ``flwr`` command is tried again after a transient failure.
+
+    Under load the SuperLink answers some requests with an HTTP 500 (its SQLite state says
+    "database is locked") or drops a connection; the next request a moment later goes
+    through. Waits double from ``first_delay_s`` up to ``max_delay_s``; after ``deadline_s``
+    the last failure is raised. Only commands that change nothing are retried: submitting a
+    run twice would start two runs.
+    """
+
+    deadline_s: float = 30.0
+    first_delay_s: float = 0.5
+    max_delay_s: float = 5.0
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+
+
+READ_RETRY: Final = Retry()
+# What the Flower CLI prints for a failure that a later attempt can get past: the SuperLink's
+# HTTP 5xx (Flower sends "Internal server error." for any unexpected exception, its SQLite lock
+# included), a dropped or refused connection ("Connection to the SuperLink is unavailable"),
+# and a command that did not answer in time. Anything else (bad credentials, an unknown run, a
+# refused request with a Flower error code) is permanent and fails at once.
+TRANSIENT_FAILURES: Final = (
+    "database is locked",
+    "internal server error",
+    "connection to the superlink is unavailable",
+    "connection reset",
+    "connection aborted",
+    "service unavailable",
+    "bad gateway",
+    "gateway timeout",
+    "server error '5",  # httpx: "Server error '503 Service Unavailable' for url ..."
+    "temporarily unavailable",
+    "did not answer within",
+)
+
+
+def is_transient(message: str) -> bool:
+    """Whether a failed ``flwr`` command's message is one that a retry can get past."""
+    text = message.lower()
+    return any(pattern in text for pattern in TRANSIENT_FAILURES)
+
+
 def run_flwr(
-    args: Sequence[str], *, flwr_home: Path, check: bool = True, timeout_s: float = 120.0
+    args: Sequence[str],
+    *,
+    flwr_home: Path,
+    check: bool = True,
+    timeout_s: float = 120.0,
+    retry: Retry | None = None,
+    runner: CommandRunner = run_command,
 ) -> dict[str, Any]:
-    """Run ``flwr ARGS --format json``; its JSON reply (TransportError on failure if check)."""
+    """Run ``flwr ARGS --format json``; its JSON reply (TransportError on failure if check).
+
+    With ``retry``, a transient failure (:func:`is_transient`) is tried again until the
+    retry's deadline; a permanent one is raised at once.
+    """
+    if retry is None:
+        return _run_flwr_once(
+            args, flwr_home=flwr_home, check=check, timeout_s=timeout_s, runner=runner
+        )
+    started = retry.clock()
+    delay = retry.first_delay_s
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return _run_flwr_once(
+                args, flwr_home=flwr_home, check=check, timeout_s=timeout_s, runner=runner
+            )
+        except TransportError as exc:
+            if not is_transient(exc.message):
+                raise
+            elapsed = retry.clock() - started
+            left = retry.deadline_s - elapsed
+            if left <= 0:
+                raise TransportError(
+                    f"{exc.message} (still failing after {attempts} attempts in {elapsed:.0f} s)",
+                    hint=exc.hint,
+                ) from None
+            wait = min(delay, left)
+            log.warning(
+                "`flwr %s` failed (attempt %d), trying again in %.1f s: %s",
+                " ".join(args[:1]),
+                attempts,
+                wait,
+                exc.message,
+            )
+            retry.sleep(wait)
+            delay = min(delay * 2, retry.max_delay_s)
+
+
+def _run_flwr_once(
+    args: Sequence[str], *, flwr_home: Path, check: bool, timeout_s: float, runner: CommandRunner
+) -> dict[str, Any]:
     command = [find_command("flwr"), *args, "--format", "json"]
     # Errors name the flwr command (`flwr run`), not its arguments: a run's settings are a long
     # JSON value that means nothing to the user. The whole command goes to the debug log.
@@ -69,14 +188,11 @@ def run_flwr(
     log.debug("flwr %s", " ".join(arg if len(arg) <= 60 else arg[:57] + "..." for arg in args))
     make_private_dirs(Path(flwr_home))
     try:
-        done = subprocess.run(
+        done = runner(
             command,
-            capture_output=True,
-            text=True,
             env=flower_env(flwr_home=flwr_home),
-            cwd=flwr_home,  # not the caller's directory, whose pyproject.toml flwr might read
-            timeout=timeout_s,
-            check=False,
+            cwd=Path(flwr_home),  # not the caller's directory, whose pyproject.toml flwr reads
+            timeout_s=timeout_s,
         )
     except subprocess.TimeoutExpired:
         raise TransportError(
@@ -140,9 +256,17 @@ def write_connection(
     return path
 
 
-def list_nodes(*, flwr_home: Path, connection: str = DEFAULT_CONNECTION) -> list[NodeStatus]:
-    """Every SuperNode the SuperLink knows, with its status."""
-    reply = run_flwr(["supernode", "ls", connection], flwr_home=flwr_home)
+def list_nodes(
+    *,
+    flwr_home: Path,
+    connection: str = DEFAULT_CONNECTION,
+    retry: Retry | None = READ_RETRY,
+    runner: CommandRunner = run_command,
+) -> list[NodeStatus]:
+    """Every SuperNode the SuperLink knows, with its status (transient failures retried)."""
+    reply = run_flwr(
+        ["supernode", "ls", connection], flwr_home=flwr_home, retry=retry, runner=runner
+    )
     return [NodeStatus(int(n["node-id"]), str(n["status"])) for n in reply.get("nodes", [])]
 
 
@@ -222,12 +346,27 @@ def stop_run(*, flwr_home: Path, run_id: int, connection: str = DEFAULT_CONNECTI
     run_flwr(["stop", str(run_id), connection], flwr_home=flwr_home)
 
 
-def run_status(*, flwr_home: Path, run_id: int, connection: str = DEFAULT_CONNECTION) -> RunStatus:
-    """The current status of run ``run_id``."""
-    reply = run_flwr(["ls", connection, "--run-id", str(run_id)], flwr_home=flwr_home)
+def run_status(
+    *,
+    flwr_home: Path,
+    run_id: int,
+    connection: str = DEFAULT_CONNECTION,
+    retry: Retry | None = READ_RETRY,
+    runner: CommandRunner = run_command,
+) -> RunStatus:
+    """The current status of run ``run_id`` (transient failures retried; an unknown run not)."""
+    reply = run_flwr(
+        ["ls", connection, "--run-id", str(run_id)],
+        flwr_home=flwr_home,
+        retry=retry,
+        runner=runner,
+    )
     runs = reply.get("runs") or []
     if not runs:
-        raise TransportError(f"the SuperLink does not know run {run_id}")
+        raise TransportError(
+            f"the SuperLink does not know run {run_id}",
+            hint=f"list the runs it knows with `flwr ls {connection}`",
+        )
     run = runs[0]
     return RunStatus(int(run["run-id"]), str(run["status"]), str(run.get("status-details", "")))
 

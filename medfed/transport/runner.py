@@ -28,6 +28,7 @@ from medfed.tracking.uri import (
 )
 from medfed.transport.deploy import (
     SiteRegistration,
+    SuperLinkState,
     check_superlink_port,
     register_sites,
     start_superlink,
@@ -47,9 +48,17 @@ class Aggregator:
 
 
 def start_aggregator(
-    *, workspace: Workspace, log_file: Path | None = None, tracking_uri: str | None = None
+    *,
+    workspace: Workspace,
+    log_file: Path | None = None,
+    tracking_uri: str | None = None,
+    state: SuperLinkState = "sqlite",
 ) -> Aggregator:
     """Start the SuperLink for ``workspace`` and register every provisioned site's node key.
+
+    ``state`` is the SuperLink's (see :func:`medfed.transport.deploy.superlink_command`):
+    ``sqlite`` for an aggregator that outlives restarts, ``memory`` for one that lives exactly
+    as long as its federation (the demo, the benchmarks), free of SQLite's lock contention.
 
     Every run is logged to MLflow at ``tracking_uri`` (default: ``MLFLOW_TRACKING_URI``, else
     ``sqlite:///<workspace>/mlflow.db``). A SQLite store is initialised here, once, before the
@@ -76,6 +85,7 @@ def start_aggregator(
         log_file=log_file or workspace.layout.logs / "superlink.log",
         env=env,
         flwr_home=workspace.layout.flwr_home,
+        state=state,
     )
     try:
         registrations = register_sites(workspace=workspace, flwr_home=workspace.layout.flwr_home)

@@ -22,7 +22,6 @@ simulation what it costs a deployment: one short timeout now and then, never the
 from __future__ import annotations
 
 import csv
-import dataclasses
 import logging
 import math
 import time
@@ -149,7 +148,7 @@ class SimulationTracker:
         self._sites = sites
         self._child_runs = child_runs
         self.tracker: FederationTracker = FederationTracker(
-            tracking_uri=tracking_uri, run_dir=self._run_dir
+            tracking_uri=tracking_uri, run_dir=self._run_dir, child_runs=child_runs
         )
         self._metrics = SiteMetrics()
         self._client: MlflowClient | None = None
@@ -166,7 +165,7 @@ class SimulationTracker:
         """Log ``event``: never raises (tracking must never stop a simulation)."""
         started = time.perf_counter()
         try:
-            self.tracker.on_event(self._for_tracker(event))
+            self.tracker.on_event(event)
             self._collect(event)
             self._flush(force=False)
         except Exception:
@@ -183,12 +182,6 @@ class SimulationTracker:
             log.exception("closing the simulation's MLflow tracking failed")
         finally:
             self.seconds += time.perf_counter() - started
-
-    def _for_tracker(self, event: RunEvent) -> RunEvent:
-        # The tracker makes a child run for every site its RunStarted names.
-        if isinstance(event, RunStarted) and len(event.sites) > self._child_runs:
-            return dataclasses.replace(event, sites=event.sites[: self._child_runs])
-        return event
 
     def _collect(self, event: RunEvent) -> None:
         ms = int(event.time * 1000)

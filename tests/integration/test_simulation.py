@@ -175,6 +175,9 @@ def test_twenty_virtual_sites_train_with_verified_ledgers_and_one_parent_run_the
         site_id(i) for i in range(3)
     ]
     assert len(logged["versions"]) == 1
+    # The run's audit report checks the sites without a child run against the tables.
+    audit = json.loads((run_dir / "report" / "audit" / "audit_report.json").read_text())
+    assert audit["verdict"] == "PASS", [f["text"] for f in audit["verification"]["findings"]]
 
     # A second run reuses the sites as they are (no new keys), and their budgets carry over.
     ca_key = (root / "workspace" / "ca" / "ca.key").read_bytes()

@@ -140,7 +140,12 @@ def _check_logged_run(setup: Any, uri: str, rounds: int) -> None:
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"ledgers", "plots", "summary.json", "budget_state.json", "audit"} <= artifacts
     audit = {a.path for a in client.list_artifacts(parent.info.run_id, "audit")}
-    assert audit == {"audit/audit_report.html", "audit/audit_report.json", "audit/audit_report.pdf"}
+    assert audit == {
+        "audit/audit_report.html",
+        "audit/audit_report.json",
+        "audit/audit_report.pdf",
+        "audit/audit_sites.csv",
+    }
     ledgers = {a.path for a in client.list_artifacts(parent.info.run_id, "ledgers")}
     assert ledgers == {"ledgers/site-a.ledger.jsonl", "ledgers/site-b.ledger.jsonl"}
 

@@ -45,3 +45,25 @@ def test_the_benchmark_says_what_it_can_measure(benchmark: ModuleType) -> None:
     with pytest.raises(SystemExit) as exited:
         benchmark.main(["--parameters", "10"])
     assert exited.value.code == 2
+
+
+def test_only_one_mode_is_measured_at_a_time(benchmark: ModuleType) -> None:
+    with pytest.raises(SystemExit) as exited:
+        benchmark.main(["--core", "--in-process"])
+    assert exited.value.code == 2
+
+
+@pytest.mark.slow
+def test_the_in_process_benchmark_runs_both_federations(
+    benchmark: ModuleType, tmp_path: Path
+) -> None:
+    out = tmp_path / "in-process.json"
+    argv = ["--in-process", "--sites", "2", "--cases", "8", "--rounds", "1"]
+    report = benchmark.main([*argv, "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    row = report["rows"]["2"]
+    assert row["plain"]["round_seconds"] > 0 and row["secure"]["round_seconds"] > 0
+    assert set(row["secure"]["stage_bytes"]) == {"keys", "shares", "open", "unmask"}
+    assert row["plain"]["stage_bytes"] == {}
+    # one uint32 vector (the parameters and three words) against one array per tensor
+    assert row["secure"]["upload_bytes"] < row["plain"]["upload_bytes"]

@@ -14,13 +14,14 @@ from opacus.optimizers import DPOptimizer
 from scipy import stats
 from torch import nn
 
-from medfed.site import noise
+from medfed import csprng
+from medfed.csprng import uniform53
 from medfed.site.dp import prepare_empty_step
-from medfed.site.noise import CsprngDPOptimizer, CsprngGaussian, uniform53
+from medfed.site.noise import CsprngDPOptimizer, CsprngGaussian
 
 CPU = torch.device("cpu")
 SAMPLES = 200_000
-URANDOM = "medfed.site.noise.os.urandom"  # os.urandom, reached the way the module calls it
+URANDOM = "medfed.csprng.os.urandom"  # os.urandom, reached the way the module calls it
 
 
 def _fixed_urandom(calls: list[int]) -> Any:
@@ -107,8 +108,8 @@ def test_secure_mode_sums_four_draws_of_the_stream(monkeypatch: pytest.MonkeyPat
     """With the key known, both modes are exactly the documented functions of the stream."""
     monkeypatch.setattr(URANDOM, _fixed_urandom([]))
     count, std = 3000, 1.5
-    stream = noise._Keystream()
-    terms = [noise._standard_normals(stream, count) for _ in range(4)]
+    stream = csprng.Keystream()
+    terms = [csprng.standard_normals(stream, count) for _ in range(4)]
     gaussian = CsprngGaussian()
     plain = gaussian.normal(shape=(count,), std=std, dtype=torch.float64, device=CPU)
     secure = gaussian.normal(shape=(count,), std=std, dtype=torch.float64, device=CPU, secure=True)

@@ -1,0 +1,328 @@
+"""The aggregator's side of secure aggregation (:mod:`medfed.secagg`): it routes, then sums.
+
+A key epoch starts before its first round (:mod:`medfed.aggregator.secure_epoch`: keys,
+shares, opening; once per run unless a site drops out). Each round then costs one masked
+upload per site and one small unmasking answer: the aggregator adds the masked vectors,
+removes the masks with the answers, and decodes the *sum* of the survivors' weighted weight
+changes, their total weight and their summed loss. Only that sum reaches the round's
+aggregation, as one update: the weighted mean (:mod:`medfed.secagg.update`). No code here holds
+one site's unmasked update, count or metric.
+
+What is still checked per site: its signed ledger lines (budget, a committed reservation of the
+round, a commit naming the global model it trained from). A site that fails a check, declines
+or stays silent is treated as dropped: its masks are removed with the others' shares, and its
+input is not in the sum. Below the threshold the round is abandoned, an event says why and the
+global model stays as it was. After a round with a dropped site, the next round starts a new
+key epoch (a dropped site's masks of the epoch may have been revealed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+from medfed.aggregator.context import RunContext
+from medfed.aggregator.messages import declined, send_each
+from medfed.aggregator.releases import round_record
+from medfed.aggregator.rounds import RoundOutcome, coverage_problems, receive
+from medfed.aggregator.run_store import ReceivedUpdate
+from medfed.aggregator.secure_epoch import SecureEpoch, reject, stage, start_epoch
+from medfed.aggregator.strategies import RoundAggregation
+from medfed.aggregator.validation import validate_update
+from medfed.config.run import RunSettings
+from medfed.envelope import (
+    SECAGG_UNMASK,
+    TRAIN,
+    SecureReply,
+    read_secure,
+)
+from medfed.errors import MedfedError, SecureAggregationError
+from medfed.numbers import finite_or_none
+from medfed.privacy import CommitEntry
+from medfed.run_events import (
+    RoundStarted,
+    SecureRoundAbandoned,
+    SiteUpdated,
+)
+from medfed.secagg import (
+    MaskedInput,
+    UnmaskAnswer,
+    UnmaskRequest,
+    WeightedSum,
+    decode_weighted_sum,
+    keys_to_recover,
+    unmask_sum,
+    wire,
+)
+from medfed.secagg.update import EXTRAS, MeanUpdate, mean_update
+from medfed.types import SiteUpdate, weights_digest
+
+WEIGHTED_MEANS: Final = ("fedavg", "fedprox", "fedadam")
+SUM_SITE: Final = "secure-sum"
+
+
+def check_settings(settings: RunSettings) -> None:
+    """Refuse secure aggregation with a strategy that needs each site's update.
+
+    Raises:
+        SecureAggregationError: A robust strategy (median, trimmed mean) with it on.
+    """
+    if settings.secure_aggregation and settings.strategy.name not in WEIGHTED_MEANS:
+        raise SecureAggregationError(
+            f"secure aggregation sums the sites' updates, and strategy "
+            f"{settings.strategy.name!r} needs each site's update",
+            hint=f"use one of {', '.join(WEIGHTED_MEANS)} with secure aggregation, or turn it off",
+        )
+
+
+@dataclass
+class SecureRun:
+    """Secure aggregation across a run's rounds: the current key epoch, renewed as needed."""
+
+    ctx: RunContext
+    current: SecureEpoch | None = None
+    renew: bool = False
+
+    def train_round(
+        self,
+        round_index: int,
+        selected: Mapping[str, int],
+        weights: Mapping[str, np.ndarray],
+        aggregation: RoundAggregation,
+    ) -> RoundOutcome | None:
+        """One secure round; None when it was abandoned (the global model stays)."""
+        ctx = self.ctx
+        started = time.monotonic()
+        epoch = self.current
+        if epoch is None or self.renew or round_index not in epoch.rounds:
+            rounds = tuple(range(round_index, ctx.settings.rounds + 1))
+            try:
+                epoch = start_epoch(ctx, selected, epoch=round_index, rounds=rounds)
+            except MedfedError as exc:
+                self.current = None
+                _abandon(ctx, round_index, round_index, f"no key epoch: {exc.message}")
+                return None
+            self.current, self.renew = epoch, False
+        outcome, dropped = secure_round(ctx, epoch, round_index, selected, weights, aggregation)
+        self.renew = bool(dropped) or outcome is None
+        if outcome is not None:
+            outcome.seconds = time.monotonic() - started  # a new key epoch's stages included
+        return outcome
+
+
+def secure_round(
+    ctx: RunContext,
+    epoch: SecureEpoch,
+    round_index: int,
+    selected: Mapping[str, int],
+    weights: Mapping[str, np.ndarray],
+    aggregation: RoundAggregation,
+) -> tuple[RoundOutcome | None, tuple[str, ...]]:
+    """One masked round: the outcome (None: abandoned) and the members that dropped out."""
+    settings = ctx.settings
+    asked = {site: node for site, node in selected.items() if site in epoch.members}
+    ctx.emit(RoundStarted(run_name=ctx.run_name, round=round_index, sites=tuple(sorted(asked))))
+    started = time.monotonic()
+    digest = weights_digest(weights)
+    payload = {
+        "epoch": epoch.epoch,
+        "round": round_index,
+        "sites": len(epoch.members),
+        "max_weight": settings.secure_aggregation_max_weight,
+        "bound": settings.secure_aggregation_bound,
+    }
+    masked: dict[str, MaskedInput] = {}
+    received: dict[str, ReceivedUpdate] = {}
+    secure = {site: payload for site in asked}
+    for site, reply in send_each(ctx, TRAIN, round_index, asked, weights, secure=secure):
+        if declined(ctx, site, round_index, reply):
+            continue
+        try:
+            answer = read_secure(reply.content)
+            problems = _upload_problems(ctx, site, answer, epoch, round_index, digest)
+        except MedfedError as exc:
+            problems = [exc.message]
+        if problems:
+            reject(ctx, site, round_index, problems)
+            continue
+        assert answer.masked is not None
+        masked[site] = MaskedInput(
+            site_id=site,
+            run_id=ctx.run_name,
+            epoch=epoch.epoch,
+            round=round_index,
+            vector=answer.masked,
+        )
+        received[site] = _received(ctx, site, answer, round_index)
+        # the round's plan, for the check that the site can afford the next one
+        report = ctx.tracker.report(site)
+        plan = round_record(report, run_id=ctx.run_name, round=round_index, model_sha256=digest)
+        ctx.sites[site].last_plan = plan.plan
+    survivors = tuple(sorted(masked))
+    dropped = tuple(sorted(set(epoch.members) - set(survivors)))
+    try:
+        total = _unmask(ctx, epoch, round_index, masked, asked, dropped)
+        mean = mean_update(total=total, reference=weights, bound=settings.secure_aggregation_bound)
+    except MedfedError as exc:
+        _abandon(ctx, round_index, epoch.epoch, exc.message)
+        return None, dropped
+    update = SiteUpdate(
+        site_id=SUM_SITE, round=round_index, weights=mean.weights, num_patients=mean.total_weight
+    )
+    problems = validate_update(update=update, reference=weights, expected_round=round_index)
+    if problems or mean.total_weight < 1:
+        _abandon(ctx, round_index, epoch.epoch, "; ".join(problems) or "total weight 0")
+        return None, dropped
+    aggregation.add(update=update)
+    outcome = RoundOutcome(start_sha256=digest)
+    outcome.sites = list(survivors)
+    outcome.updates = received
+    if mean.loss is not None:
+        outcome.losses = {SUM_SITE: (mean.loss, mean.total_weight)}
+    _record_sites(ctx, round_index, survivors, mean)
+    outcome.seconds = time.monotonic() - started
+    return outcome, dropped
+
+
+def _unmask(
+    ctx: RunContext,
+    epoch: SecureEpoch,
+    round_index: int,
+    masked: Mapping[str, MaskedInput],
+    nodes: Mapping[str, int],
+    dropped: tuple[str, ...],
+) -> WeightedSum:
+    """The decoded sum of the survivors' inputs."""
+    survivors = tuple(sorted(masked))
+    if len(survivors) < epoch.roster.threshold:
+        raise SecureAggregationError(
+            f"{len(survivors)} of {len(epoch.members)} sites sent a masked update, "
+            f"{epoch.roster.threshold} needed to unmask a sum"
+        )
+    request = UnmaskRequest(
+        run_id=ctx.run_name,
+        epoch=epoch.epoch,
+        round=round_index,
+        survivors=survivors,
+        dropped=dropped,
+    )
+    answers = _answers(ctx, epoch, round_index, request, {s: nodes[s] for s in survivors})
+    recover = keys_to_recover(request=request, answers=answers)
+    if recover:
+        follow_up = UnmaskRequest(
+            run_id=request.run_id,
+            epoch=request.epoch,
+            round=request.round,
+            survivors=survivors,
+            dropped=dropped,
+            recover_keys=recover,
+        )
+        answered = {a.site_id: nodes[a.site_id] for a in answers}
+        answers += _answers(ctx, epoch, round_index, follow_up, answered)
+    total = unmask_sum(
+        roster=epoch.roster, request=request, masked=list(masked.values()), answers=answers
+    )
+    return decode_weighted_sum(
+        point=epoch.point, total=total.total, sites=len(survivors), extras=EXTRAS
+    )
+
+
+def _answers(
+    ctx: RunContext,
+    epoch: SecureEpoch,
+    round_index: int,
+    request: UnmaskRequest,
+    nodes: Mapping[str, int],
+) -> list[UnmaskAnswer]:
+    payload = {"epoch": epoch.epoch, "request": wire.request_to_json(request)}
+    answers = []
+    for site, reply in stage(ctx, SECAGG_UNMASK, round_index, nodes, {s: payload for s in nodes}):
+        answer = wire.read("unmask answer", reply.payload["answer"], wire.answer_from_json)
+        if answer.site_id != site:
+            raise SecureAggregationError(f"{site} answered for {answer.site_id}")
+        answers.append(answer)
+    return answers
+
+
+def _upload_problems(
+    ctx: RunContext,
+    site: str,
+    answer: SecureReply,
+    epoch: SecureEpoch,
+    round_index: int,
+    digest: str,
+) -> list[str]:
+    """Why a site's masked upload cannot be summed: its ledger must cover the round."""
+    problems = []
+    if answer.site_id != site:
+        problems.append(f"reply claims to be from site {answer.site_id!r}")
+    if answer.masked is None:
+        problems.append("the reply holds no masked update")
+    if dict(answer.payload) != {"epoch": epoch.epoch, "round": round_index}:
+        problems.append(f"the masked update is for {dict(answer.payload)}")
+    receive(ctx, site, round_index, answer.ledger_first_seq, answer.ledger_lines)
+    report = ctx.tracker.report(site)
+    ledger = round_record(report, run_id=ctx.run_name, round=round_index, model_sha256=digest)
+    problems += coverage_problems(ledger, round_index)
+    commit = _commit(ctx, site, round_index)
+    if commit is not None and commit.model_sha256 not in (None, digest):
+        problems.append(
+            f"the site's commit entry (seq {commit.seq}) names the global model "
+            f"{commit.model_sha256[:12]}... but {digest[:12]}... was sent"
+        )
+    return problems
+
+
+def _commit(ctx: RunContext, site: str, round_index: int) -> CommitEntry | None:
+    report = ctx.tracker.report(site)
+    reserved = {r.seq for r in report.runs(ctx.run_name) if r.round == round_index}
+    commits = [
+        e for e in report.entries if isinstance(e, CommitEntry) and e.reservation_seq in reserved
+    ]
+    return commits[-1] if commits else None
+
+
+def _received(ctx: RunContext, site: str, answer: SecureReply, round_index: int) -> ReceivedUpdate:
+    """The round record's entry of a masked upload: the digest of what was received."""
+    commit = _commit(ctx, site, round_index)
+    assert answer.masked is not None and commit is not None  # checked by _upload_problems
+    lines = len(answer.ledger_lines)
+    return ReceivedUpdate(
+        update_sha256=hashlib.sha256(np.ascontiguousarray(answer.masked).tobytes()).hexdigest(),
+        ledger_first_seq=answer.ledger_first_seq,
+        ledger_last_seq=answer.ledger_first_seq + lines - 1 if lines else None,
+        commit_seq=commit.seq,
+    )
+
+
+def _record_sites(
+    ctx: RunContext, round_index: int, survivors: tuple[str, ...], mean: MeanUpdate
+) -> None:
+    """Each survivor's record and event: its privacy spend only (its numbers are in the sum)."""
+    for site in survivors:
+        record = ctx.sites[site]
+        record.rounds += 1
+        record.status = "active"
+        budget = ctx.tracker.all().get(site)
+        ctx.emit(
+            SiteUpdated(
+                run_name=ctx.run_name,
+                site=site,
+                round=round_index,
+                epsilon_spent=None if budget is None else finite_or_none(budget.epsilon_spent),
+                epsilon_cap=None if budget is None else budget.epsilon_cap,
+                delta=None if budget is None else budget.delta,
+                accountant=None if budget is None else budget.accountant,
+            )
+        )
+
+
+def _abandon(ctx: RunContext, round_index: int, epoch: int, reason: str) -> None:
+    ctx.emit(
+        SecureRoundAbandoned(run_name=ctx.run_name, round=round_index, epoch=epoch, reason=reason)
+    )

@@ -1,0 +1,72 @@
+"""What the recipes measured: federated DP Dice over centralised non-private Dice, by setting.
+
+The planner's expected Dice ratio (:func:`medfed.api.planner.recommend_recipe`) is read from
+this table and nowhere else, so a new measurement is one new row here, with its source. Every
+row is a figure of ``benchmarks/README.md`` ("Utility"), produced by ``benchmarks/utility.py``
+on synthetic data: a ratio on real patients may differ, and the planner says so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = ["MEASURED", "MeasuredRatio", "nearest_measurement"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MeasuredRatio:
+    """One measured setting: its size, its epsilon, its recipe, and the ratio's mean and range."""
+
+    task: str
+    sites: int
+    patients_per_site: int  # training patients at each site
+    epsilon: float  # per site, patient-level, RDP at ``delta``
+    delta: float
+    recipe: str
+    ratio: float  # mean over ``runs``
+    low: float
+    high: float
+    runs: int
+    source: str
+
+
+MEASURED: Final[tuple[MeasuredRatio, ...]] = (
+    MeasuredRatio(
+        task="shapes",
+        sites=3,
+        patients_per_site=19,
+        epsilon=8.0,
+        delta=1e-5,
+        recipe="dp-fedadam-one-step",
+        # DP Dice 0.725, 0.716, 0.702, 0.653 over a centralised 0.8635
+        ratio=0.81,
+        low=0.76,
+        high=0.84,
+        runs=4,
+        source="benchmarks/README.md, Utility: 3 sites x 24 synthetic cases at 32^3 (19 "
+        "training patients each), 80 one-step rounds, FedAdam 0.05, channels 8,16",
+    ),
+)
+
+
+def nearest_measurement(
+    *, patients_per_site: int, epsilon: float, recipe: str
+) -> tuple[MeasuredRatio, float] | None:
+    """The measured row of ``recipe`` closest to the setting, and how far it is.
+
+    Distance is in log patients and log epsilon (a doubling of either counts 1): 0 is the
+    setting measured. None when the recipe has no measurement.
+    """
+    rows = [row for row in MEASURED if row.recipe == recipe]
+    if not rows:
+        return None
+
+    def distance(row: MeasuredRatio) -> float:
+        return math.hypot(
+            math.log2(patients_per_site / row.patients_per_site), math.log2(epsilon / row.epsilon)
+        )
+
+    best = min(rows, key=distance)
+    return best, distance(best)
