@@ -54,6 +54,9 @@ def finish(
         model=model_dir,
     )
     summary = result.summary(budget_state)
+    # which aggregation the guarantee was given under: the aggregator saw each site's update,
+    # or only their sum
+    summary["secure_aggregation"] = ctx.settings.secure_aggregation
     if ctx.site_level is not None and ctx.settings.strategy.central_dp is not None:
         # site-level (central) DP: a different unit, kept apart from the sites' budgets
         summary["site_level_privacy"] = ctx.site_level.summary(

@@ -85,6 +85,7 @@ def privacy_tags(*, summary: Mapping[str, Any], run_name: str) -> dict[str, str]
         "medfed.accountant": ",".join(accountants) or "unknown",
         **sites_tags(sites, limit=MAX_VERSION_SITES_LENGTH),
         "medfed.rounds": str(summary.get("rounds_completed", "")),
+        "medfed.secure_aggregation": _flag(summary.get("secure_aggregation")),
     }
     for site in sites:
         budget = dict(per_site[site])
@@ -101,6 +102,11 @@ def privacy_tags(*, summary: Mapping[str, Any], run_name: str) -> dict[str, str]
         tags["medfed.site_level_epsilon"] = "inf" if spent is None else repr(float(spent))
         tags["medfed.site_level_delta"] = repr(float(site_level.get("delta", float("nan"))))
     return tags
+
+
+def _flag(value: object) -> str:
+    """A yes/no setting as a tag: "true", "false", or "unknown" where a summary predates it."""
+    return "unknown" if value is None else str(bool(value)).lower()
 
 
 def trace_tags(*, checkpoint: Path) -> dict[str, str]:

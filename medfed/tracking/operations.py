@@ -439,5 +439,6 @@ def parent_tags(*, run_name: str, sites: list[str], settings: Mapping[str, Any])
         "medfed.mlflow": version("mlflow"),
         **sites_tags(sites),
         "medfed.strategy": strategy_name(settings),
+        "medfed.secure_aggregation": str(bool(settings.get("secure_aggregation"))).lower(),
         "medfed.app_hash": app_hash(),
     }

@@ -119,6 +119,8 @@ def test_the_aggregator_sees_a_uniform_vector_and_the_sum_is_fedavg(tmp_path: Pa
     )
 
     assert result.status == "finished" and result.rounds_completed == 1, result.reason
+    summary = json.loads((result.directory / "summary.json").read_text(encoding="utf-8"))
+    assert summary["secure_aggregation"] is True
     _assert_within_bound(setup, _global(setup, 1), ("site-a", "site-b", "site-c"), 3)
     for site, reply in seen.items():
         assert not reply.has_error(), reply.error

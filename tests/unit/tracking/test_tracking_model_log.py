@@ -28,6 +28,9 @@ def test_privacy_tags_state_each_sites_spend(fake_run: Callable[..., FakeRun]) -
     assert tags["medfed.accountant.site-a"] == "rdp"
     assert tags["medfed.rounds"] == str(ROUNDS) and tags["medfed.run_name"] == "trial"
     assert not any("site-z" in key for key in tags)
+    assert tags["medfed.secure_aggregation"] == "unknown"
+    summary["secure_aggregation"] = True
+    assert privacy_tags(summary=summary, run_name="trial")["medfed.secure_aggregation"] == "true"
 
 
 def test_the_example_patch_fits_the_network() -> None:

@@ -65,6 +65,7 @@ def test_a_run_becomes_a_parent_run_with_one_child_per_site(
     tags = parent.data.tags
     assert tags["medfed.run_name"] == "trial" and tags["medfed.sites"] == "site-a,site-b"
     assert tags["medfed.strategy"] == "fedavg" and tags["medfed.status"] == "finished"
+    assert tags["medfed.secure_aggregation"] == "false"
     assert len(tags["medfed.app_hash"]) == 64
     # The run's description: what ran and what each site spent, written at its end.
     note = tags["mlflow.note.content"]
