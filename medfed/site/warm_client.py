@@ -27,6 +27,9 @@ import struct
 import sys
 
 SOCKET_ENV = "MEDFED_WARM_SOCKET"
+#: A socket path too long for AF_UNIX lives in a private temporary directory of this prefix,
+#: which the worker removes when it stops.
+TEMP_DIR_PREFIX = "medfed-warm-"
 # The cold path: Flower's flwr-clientapp behind medfed's app guard (medfed.site.app_guard).
 GUARD_CODE = (
     "import sys; sys.argv[0] = sys.argv.pop(1); from medfed.site.app_guard import main; "

@@ -34,11 +34,12 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Final
 
-from medfed.site.warm_client import send_status
+from medfed.site.warm_client import TEMP_DIR_PREFIX, send_status
 
 log = logging.getLogger("medfed.site.warm_worker")
 
@@ -124,6 +125,15 @@ def serve(socket_path: Path) -> int:
         listener.close()
         socket_path.unlink(missing_ok=True)
     return 0
+
+
+def _remove_temp_dir(directory: Path) -> None:
+    """Remove the socket's directory if it is the temporary one made for a long path."""
+    if directory.name.startswith(TEMP_DIR_PREFIX) and directory.parent == Path(
+        tempfile.gettempdir()
+    ):
+        with contextlib.suppress(OSError):  # not empty, or already gone
+            directory.rmdir()
 
 
 def _listen(path: Path) -> socket.socket:
@@ -294,6 +304,9 @@ def supervise(*, socket_path: Path, node_argv: list[str]) -> int:
                 server.wait(timeout=5.0)
             except subprocess.TimeoutExpired:
                 server.kill()
+                server.wait()
+        socket_path.unlink(missing_ok=True)
+        _remove_temp_dir(socket_path.parent)
     return code
 
 

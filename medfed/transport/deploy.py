@@ -27,6 +27,7 @@ from typing import Final, Literal
 from medfed.config.site import SiteConfig, TransportSection
 from medfed.errors import ConfigError, TransportError
 from medfed.site.warm_client import SOCKET_ENV as WARM_SOCKET_ENV
+from medfed.site.warm_client import TEMP_DIR_PREFIX as WARM_TEMP_DIR_PREFIX
 from medfed.storage import make_private_dirs
 from medfed.transport.flwr_cli import (
     CONTROL_CHARS,
@@ -410,7 +411,7 @@ def warm_socket_path(workdir: Path) -> Path:
 
     path = Path(workdir) / "warm" / "worker.sock"
     if len(os.fsencode(path)) >= _MAX_SOCKET_PATH:
-        path = Path(tempfile.mkdtemp(prefix="medfed-warm-")) / "worker.sock"
+        path = Path(tempfile.mkdtemp(prefix=WARM_TEMP_DIR_PREFIX)) / "worker.sock"
     make_private_dirs(path.parent)
     return path
 

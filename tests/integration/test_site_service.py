@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from medfed.api.demo import DemoSetup, prepare_federation
-from medfed.config import load_site_config
+from medfed.config import dump_site_config, load_site_config
 from medfed.models.checkpoint import read_weights
 from medfed.privacy import SiteLedger
 from medfed.site.node_status import read_status
@@ -110,6 +110,13 @@ def test_sigterm_mid_round_keeps_the_ledger_whole_and_a_restarted_node_resumes_t
     )
     # Both sites are needed: the round without site-b stops the run, which is then resumed.
     settings = setup.settings.model_copy(update={"min_sites": 2, "round_timeout_s": 60.0})
+    # A SIGTERM that lands before the ClientApp's first step leaves the aborted round's
+    # reservation open, counted in full; site-b's cap leaves room for the replay beside it.
+    config = load_site_config(setup.site_configs[SERVICE_SITE])
+    privacy = config.privacy.model_copy(update={"epsilon_cap": 2 * config.privacy.epsilon_cap})
+    dump_site_config(
+        config.model_copy(update={"privacy": privacy}), setup.site_configs[SERVICE_SITE]
+    )
     config = load_site_config(setup.site_configs[SERVICE_SITE])
     logs = tmp_path / "logs"
     logs.mkdir()
