@@ -160,7 +160,7 @@ def cumulative_opacus_rdp(
     """
     import numpy as np
 
-    from medfed.privacy.accounting import _opacus_rdp
+    from medfed.privacy.accounting import _opacus_rdp, one_step_rdp
 
     rdp = _opacus_rdp()
     if orders is None:
@@ -168,34 +168,22 @@ def cumulative_opacus_rdp(
 
         orders = RDPAccountant.DEFAULT_ALPHAS
     grid = [float(order) for order in orders]
-    per_step: dict[tuple[float, float], Any] = {}
     curve = np.zeros(len(grid))
     epsilons: list[float] = []
     with quiet_accounting():
         for item in history:
-            key = (float(item.noise_multiplier), float(item.sample_rate))
-            if item.steps and key not in per_step:
-                per_step[key] = np.asarray(_one_step_rdp(*key, tuple(grid)), dtype=float)
             if item.steps:
-                curve = curve + item.steps * per_step[key]
+                curve = curve + item.steps * one_step_rdp(
+                    noise_multiplier=item.noise_multiplier,
+                    sample_rate=item.sample_rate,
+                    orders=grid,
+                )
             if not curve.any():
                 epsilons.append(0.0)
                 continue
             epsilon, _ = rdp.get_privacy_spent(orders=grid, rdp=curve, delta=delta)
             epsilons.append(float(epsilon) if not math.isnan(epsilon) else math.inf)
     return epsilons or [0.0]
-
-
-@functools.lru_cache(maxsize=1024)
-def _one_step_rdp(noise: float, rate: float, orders: tuple[float, ...]) -> tuple[float, ...]:
-    """Opacus' RDP of one step at each order, kept per process (a tuple: never changed)."""
-    from medfed.privacy.accounting import _opacus_rdp
-
-    with quiet_accounting():
-        values = _opacus_rdp().compute_rdp(
-            q=rate, noise_multiplier=noise, steps=1, orders=list(orders)
-        )
-    return tuple(float(value) for value in values)
 
 
 @contextlib.contextmanager

@@ -355,22 +355,32 @@ def _opacus_rdp() -> Any:
     return rdp
 
 
-def _rdp_orders() -> Any:
-    import numpy as np
+def _rdp_orders() -> tuple[float, ...]:
     from opacus.accountants.rdp import RDPAccountant
 
-    return np.array(RDPAccountant.DEFAULT_ALPHAS, dtype=float)
+    return tuple(float(order) for order in RDPAccountant.DEFAULT_ALPHAS)
 
 
-@functools.lru_cache(maxsize=1024)
-def _rdp_per_step(noise: float, rate: float) -> Any:
-    """Opacus' RDP curve of one step at the default orders (read-only: it is shared).
+def one_step_rdp(
+    *, noise_multiplier: float, sample_rate: float, orders: Sequence[float] | None = None
+) -> Any:
+    """Opacus' RDP of one DP-SGD step at each of ``orders`` (default: Opacus' own), as a
+    read-only float array shared by every caller in the process.
 
     ``compute_rdp`` returns the one-step curve times ``steps``, so this times ``steps`` is its
     answer for any number of steps, to the bit.
     """
-    curve = _opacus_rdp().compute_rdp(
-        q=rate, noise_multiplier=noise, steps=1, orders=list(_rdp_orders())
+    grid = _rdp_orders() if orders is None else tuple(float(order) for order in orders)
+    return _rdp_per_step(float(noise_multiplier), float(sample_rate), grid)
+
+
+@functools.lru_cache(maxsize=1024)
+def _rdp_per_step(noise: float, rate: float, orders: tuple[float, ...]) -> Any:
+    import numpy as np
+
+    curve = np.asarray(
+        _opacus_rdp().compute_rdp(q=rate, noise_multiplier=noise, steps=1, orders=list(orders)),
+        dtype=float,
     )
     curve.setflags(write=False)
     return curve
@@ -379,8 +389,11 @@ def _rdp_per_step(noise: float, rate: float) -> Any:
 def _rdp_curve(merged: list[tuple[float, float, int]]) -> tuple[Any, Any]:
     import numpy as np
 
-    curve = sum(_rdp_per_step(noise, rate) * steps for noise, rate, steps in merged)
-    return _rdp_orders(), np.asarray(curve, dtype=float)
+    curve = sum(
+        one_step_rdp(noise_multiplier=noise, sample_rate=rate) * steps
+        for noise, rate, steps in merged
+    )
+    return np.array(_rdp_orders()), np.asarray(curve, dtype=float)
 
 
 def _epsilon_rdp(merged: list[tuple[float, float, int]], delta: float) -> float:
