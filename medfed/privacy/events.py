@@ -58,6 +58,12 @@ DECLARED_PUBLIC: Final[Mapping[str, str]] = {
     "initial model": "a network seeded from the run's seed, built without any data",
     "decline code": "whether the site answered, and why in the words of its policy or budget; "
     "other causes as one fixed sentence per code",
+    "secure aggregation keys": "X25519 public keys signed with the ledger key, Shamir shares "
+    "encrypted for the other sites, and the shares and round keys that remove masks from a sum: "
+    "random numbers from the operating system, independent of any patient",
+    "masked update": "the change of the DP-SGD weights, the released training count and the "
+    "round's DP-SGD loss (each covered above or by the round's reservation), under masks that "
+    "cancel only in a sum over at least the threshold of sites",
 }
 
 
