@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from _signals import unwind_on_signals
 
 from medfed.api.demo import DemoSetup, prepare_federation, run_deployed
 from medfed.config.loading import dump_site_config, load_site_config
@@ -280,14 +281,9 @@ def as_json(results: dict[str, Measured], *, warm: bool) -> dict[str, object]:
     return out
 
 
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds: processes stopped, temporary directories removed
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _exit_on_signal)
+    unwind_on_signals()
     print(
         f"{args.sites} sites x {args.cases} cases at {args.size}^3, {args.rounds} rounds x "
         f"{args.local_epochs} local epochs, {os.cpu_count()} CPUs, training threads per site: "

@@ -50,7 +50,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -59,6 +58,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from _signals import unwind_on_signals
 
 from medfed.api.demo import DemoSetup, prepare_federation, run_deployed
 from medfed.config.loading import dump_site_config, load_site_config
@@ -359,14 +360,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds: processes stopped, temporary directories removed
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _exit_on_signal)
+    unwind_on_signals()
     print(
         f"sites {args.counts}: {args.cases} cases of {args.size}^3 each, {args.rounds} rounds x "
         f"{args.local_epochs} local epochs, tiny UNet {TINY_MODEL.channels}, {os.cpu_count()} "

@@ -143,6 +143,23 @@ def _read_arrays(content: RecordDict, key: str) -> dict[str, np.ndarray]:
         raise EnvelopeError(f"array record {key!r} holds an unreadable array ({exc})") from None
 
 
+def _read_frozen_arrays(content: RecordDict, key: str) -> Mapping[str, np.ndarray]:
+    """The arrays of record ``key``, read-only, without a copy beyond reading them.
+
+    ``Array.numpy()`` (flwr 1.41) reads each array's bytes into a new ndarray that nothing else
+    holds, so the arrays are marked read-only here, with the ndarrays they view, and handed to
+    :func:`freeze_arrays` to keep as they are. A reply's weights then cost one copy on arrival,
+    not three: the ``SiteUpdate`` made of them holds the same arrays.
+    """
+    arrays = _read_arrays(content, key)
+    for array in arrays.values():
+        owner: object = array
+        while isinstance(owner, np.ndarray):
+            owner.setflags(write=False)
+            owner = owner.base
+    return freeze_arrays(arrays, copy=False)
+
+
 def _record(content: RecordDict, key: str, kind: type[Any]) -> Any:
     record = content.get(key)
     if not isinstance(record, kind):
@@ -282,7 +299,7 @@ def read_reply(content: RecordDict) -> RoundReply:
     return RoundReply(
         site_id=_field(site, "site_id", str),
         round=_field(site, "round", int),
-        weights=freeze_arrays(_read_arrays(content, "update")),
+        weights=_read_frozen_arrays(content, "update"),
         ledger_first_seq=_field(site, "ledger_first_seq", int),
         ledger_lines=_lines(site),
     )

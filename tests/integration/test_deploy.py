@@ -31,6 +31,7 @@ from medfed.storage import replace_file
 from medfed.transport import certs
 from medfed.transport.deploy import (
     NODE_CONFIG_SITE_KEY,
+    SuperLinkState,
     node_config_arg,
     register_sites,
     start_superlink,
@@ -120,7 +121,11 @@ def assert_groups_gone(groups: set[int], timeout_s: float = 10.0) -> None:
             time.sleep(0.1)
 
 
-def test_registered_nodes_run_the_echo_app(tmp_path: Path, workspace: Workspace) -> None:
+@pytest.mark.parametrize("state", ["sqlite", "memory"])
+def test_registered_nodes_run_the_echo_app(
+    tmp_path: Path, workspace: Workspace, state: SuperLinkState
+) -> None:
+    """The same federation with the SuperLink's state in its database or only in memory."""
     flwr_home = tmp_path / "flwr-home"
     echo_out = tmp_path / "echo.json"
     with ProcessGroup(grace_s=10.0) as group:
@@ -129,11 +134,13 @@ def test_registered_nodes_run_the_echo_app(tmp_path: Path, workspace: Workspace)
                 workspace=workspace,
                 log_file=tmp_path / "logs/superlink.log",
                 env={"MEDFED_WORKSPACE": str(workspace.root), "MEDFED_ECHO_OUT": str(echo_out)},
+                state=state,
             )
         )
         first = register_sites(workspace=workspace, flwr_home=flwr_home)
         assert [r.site_id for r in first] == SITES
         assert all(r.node_id and not r.already_registered for r in first)
+        assert {n.node_id for n in list_nodes(flwr_home=flwr_home)} == {r.node_id for r in first}
         again = register_sites(workspace=workspace, flwr_home=flwr_home)  # idempotent
         assert all(r.already_registered and r.node_id is None for r in again)
 
@@ -171,6 +178,8 @@ def test_registered_nodes_run_the_echo_app(tmp_path: Path, workspace: Workspace)
         assert len(descendant_groups(link.pid) - {link.pgid}) == 1
 
     assert_groups_gone(groups)
+    # Only a SuperLink with its state in sqlite writes a database.
+    assert workspace.layout.superlink_db.exists() == (state == "sqlite")
 
     result = json.loads(echo_out.read_text(encoding="utf-8"))
     ids = {r.site_id: r.node_id for r in first}
