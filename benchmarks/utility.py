@@ -84,6 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     privacy.add_argument("--clip", type=float, default=0.5, help="per-patient clipping norm")
     privacy.add_argument(
+        "--distributed-noise",
+        action="store_true",
+        help="secure aggregation with distributed noise: each site adds 1/sqrt(sites) of the "
+        "noise (the sites' policies allow it; one full-batch step per round)",
+    )
+    privacy.add_argument(
         "--adaptive-clipping",
         action="store_true",
         help="clip at a DP estimate of the median gradient norm, starting from --clip",
@@ -138,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.runs < 1 or args.augmentation_multiplicity < 1:
         parser.error("--runs and --augmentation-multiplicity must be at least 1")
+    if args.distributed_noise and (args.local_epochs != 1 or args.sites < 2):
+        parser.error("--distributed-noise takes one local epoch and at least 2 sites")
     return args
 
 
@@ -148,6 +156,8 @@ def recipe(args: argparse.Namespace) -> str:
         parts.append(f"augmult-{args.augmentation_multiplicity}")
     if args.adaptive_clipping:
         parts.append("adaptive-clip")
+    if args.distributed_noise:
+        parts.append(f"distributed-noise-{args.sites}")
     return "+".join(parts)
 
 
@@ -178,8 +188,16 @@ def run_settings(args: argparse.Namespace, base: RunSettings, noise: float) -> R
                 "norm": args.norm,
             },
             "strategy": strategy,
+            **distributed_settings(args),
         }
     )
+
+
+def distributed_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The run settings that turn distributed noise on: every site's share counted on."""
+    if not args.distributed_noise:
+        return {}
+    return {"secure_aggregation": True, "distributed_noise": {"sites": args.sites}}
 
 
 def planned_noise(args: argparse.Namespace, train_patients: Mapping[str, int]) -> float:
@@ -242,8 +260,14 @@ def prepare(args: argparse.Namespace, root: Path) -> tuple[DemoSetup, dict[str, 
                 "adaptive_clipping": adaptive,
             }
         )
-        # The benchmark's sites agree to its run: as many rounds as it plans.
-        policy = config.policy.model_copy(update={"max_rounds_per_run": args.rounds})
+        # The benchmark's sites agree to its run: as many rounds as it plans, and distributed
+        # noise when it asks for it.
+        distributed = config.policy.distributed_noise.model_copy(
+            update={"allowed": args.distributed_noise, "min_sites": min(args.sites, 3)}
+        )
+        policy = config.policy.model_copy(
+            update={"max_rounds_per_run": args.rounds, "distributed_noise": distributed}
+        )
         config = config.model_copy(
             update={"training": training, "privacy": privacy, "policy": policy}
         )
@@ -306,6 +330,9 @@ def run_dp(
     for site, config in configs.items():
         ledger = SiteLedger(path=config.ledger_path, key_path=config.signing_key_path, site_id=site)
         epsilons[site] = ledger.spent(delta=args.delta, accountant="rdp")
+        if args.distributed_noise:
+            local = ledger.spent(delta=args.delta, accountant="rdp", view="local")
+            print(f"  {site}: epsilon {epsilons[site]:.3f} distributed, {local:.3f} local alone")
     outcome = Outcome(
         name="federated DP", dice=result.dice_final, dice_per_site=per_site, seconds=seconds
     )

@@ -65,6 +65,11 @@ class SiteBudget:
     delta: float
     accountant: AccountantName
     last_hash: str
+    # With distributed-noise steps in the ledger: both guarantees, and the one the cap holds on
+    # (``epsilon_spent`` is that one).
+    epsilon_distributed: float | None = None
+    epsilon_local: float | None = None
+    budget_view: str | None = None
 
     @property
     def remaining(self) -> float:
@@ -88,6 +93,16 @@ class SiteBudget:
             "delta": self.delta,
             "accountant": self.accountant,
             "last_hash": self.last_hash,
+            **self._views(),
+        }
+
+    def _views(self) -> dict[str, Any]:
+        if self.budget_view is None:
+            return {}
+        return {
+            "epsilon_distributed": finite_or_none(self.epsilon_distributed),
+            "epsilon_local": finite_or_none(self.epsilon_local),
+            "budget_view": self.budget_view,
         }
 
 
@@ -234,6 +249,18 @@ class BudgetTracker:
         """The site's budget from the copy; PrivacyError while no terms are known for it."""
         terms = self._terms(site_id)
         report = self._copies[site_id].report
+        views: dict[str, Any] = {}
+        plans = report.distributed_plans if report.has_distributed else {}
+        if plans:
+            views = {
+                f"epsilon_{view}": compute_epsilon(
+                    history=report.history_of(view),
+                    delta=terms.delta,
+                    accountant=terms.accountant,
+                )
+                for view in ("distributed", "local")
+            }
+            views["budget_view"] = plans[max(plans)].budget
         return SiteBudget(
             site_id=site_id,
             entries=len(report.entries),
@@ -242,6 +269,7 @@ class BudgetTracker:
             delta=terms.delta,
             accountant=terms.accountant,
             last_hash=report.last_hash,
+            **views,
         )
 
     def can_afford(self, *, site_id: str, planned: DPSteps) -> bool:

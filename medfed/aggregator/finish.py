@@ -57,6 +57,8 @@ def finish(
     # which aggregation the guarantee was given under: the aggregator saw each site's update,
     # or only their sum
     summary["secure_aggregation"] = ctx.settings.secure_aggregation
+    noise = ctx.settings.distributed_noise
+    summary["distributed_noise"] = None if noise is None else noise.model_dump(mode="json")
     if ctx.site_level is not None and ctx.settings.strategy.central_dp is not None:
         # site-level (central) DP: a different unit, kept apart from the sites' budgets
         summary["site_level_privacy"] = ctx.site_level.summary(

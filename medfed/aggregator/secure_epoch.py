@@ -50,7 +50,14 @@ def start_epoch(
     """
     settings = ctx.settings
     registry = {site: _raw_public(ctx, site) for site in sorted(nodes)}
-    keys_payload = {"epoch": epoch, "rounds": list(rounds), "ledger_keys": registry}
+    keys_payload: dict[str, Any] = {
+        "epoch": epoch,
+        "rounds": list(rounds),
+        "ledger_keys": registry,
+    }
+    if ctx.settings.distributed_noise is not None:
+        # so that a site whose policy refuses distributed noise says so before any key exchange
+        keys_payload["distributed"] = ctx.settings.distributed_noise.model_dump(mode="json")
     bundles: list[KeyBundle] = []
     for _site, reply in stage(ctx, SECAGG_KEYS, epoch, nodes, {s: keys_payload for s in nodes}):
         bundles.append(wire.read("key bundle", reply.payload["bundle"], wire.bundle_from_json))

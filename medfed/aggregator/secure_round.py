@@ -5,8 +5,10 @@ shares, opening; once per run unless a site drops out). Each round then costs on
 upload per site and one small unmasking answer: the aggregator adds the masked vectors,
 removes the masks with the answers, and decodes the *sum* of the survivors' weighted weight
 changes, their total weight and their summed loss. Only that sum reaches the round's
-aggregation, as one update: the weighted mean (:mod:`medfed.secagg.update`). No code here holds
-one site's unmasked update, count or metric.
+aggregation, as one update: the weighted mean (:mod:`medfed.secagg.update`), or with
+distributed noise the step of the sites' noisy gradient sum
+(:mod:`medfed.aggregator.distributed_step`). No code here holds one site's unmasked update,
+count or metric.
 
 What is still checked per site: its signed ledger lines (budget, a committed reservation of the
 round, a commit naming the global model it trained from). A site that fails a check, declines
@@ -22,11 +24,12 @@ import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 
 from medfed.aggregator.context import RunContext
+from medfed.aggregator.distributed_step import distributed_step
 from medfed.aggregator.messages import declined, send_each
 from medfed.aggregator.releases import round_record
 from medfed.aggregator.rounds import RoundOutcome, coverage_problems, receive
@@ -53,7 +56,6 @@ from medfed.secagg import (
     MaskedInput,
     UnmaskAnswer,
     UnmaskRequest,
-    WeightedSum,
     decode_weighted_sum,
     keys_to_recover,
     unmask_sum,
@@ -129,13 +131,15 @@ def secure_round(
     ctx.emit(RoundStarted(run_name=ctx.run_name, round=round_index, sites=tuple(sorted(asked))))
     started = time.monotonic()
     digest = weights_digest(weights)
-    payload = {
+    payload: dict[str, Any] = {
         "epoch": epoch.epoch,
         "round": round_index,
         "sites": len(epoch.members),
         "max_weight": settings.secure_aggregation_max_weight,
         "bound": settings.secure_aggregation_bound,
     }
+    if settings.distributed_noise is not None:
+        payload["distributed"] = settings.distributed_noise.model_dump(mode="json")
     masked: dict[str, MaskedInput] = {}
     received: dict[str, ReceivedUpdate] = {}
     secure = {site: payload for site in asked}
@@ -166,8 +170,17 @@ def secure_round(
     survivors = tuple(sorted(masked))
     dropped = tuple(sorted(set(epoch.members) - set(survivors)))
     try:
-        total = _unmask(ctx, epoch, round_index, masked, asked, dropped)
-        mean = mean_update(total=total, reference=weights, bound=settings.secure_aggregation_bound)
+        words = _unmask(ctx, epoch, round_index, masked, asked, dropped)
+        if settings.distributed_noise is not None:
+            mean = distributed_step(
+                settings=settings, round_index=round_index, words=words, reference=weights
+            )
+        else:
+            total = decode_weighted_sum(
+                point=epoch.point, total=words, sites=len(survivors), extras=EXTRAS
+            )
+            bound = settings.secure_aggregation_bound
+            mean = mean_update(total=total, reference=weights, bound=bound)
     except MedfedError as exc:
         _abandon(ctx, round_index, epoch.epoch, exc.message)
         return None, dropped
@@ -196,13 +209,20 @@ def _unmask(
     masked: Mapping[str, MaskedInput],
     nodes: Mapping[str, int],
     dropped: tuple[str, ...],
-) -> WeightedSum:
-    """The decoded sum of the survivors' inputs."""
+) -> np.ndarray:
+    """The sum of the survivors' inputs, every mask removed (uint32 words)."""
     survivors = tuple(sorted(masked))
     if len(survivors) < epoch.roster.threshold:
         raise SecureAggregationError(
             f"{len(survivors)} of {len(epoch.members)} sites sent a masked update, "
             f"{epoch.roster.threshold} needed to unmask a sum"
+        )
+    shares = ctx.settings.distributed_noise
+    if shares is not None and len(survivors) < shares.sites:
+        # the sites would refuse to unmask it: their noise shares count on this many inputs
+        raise SecureAggregationError(
+            f"{len(survivors)} of {len(epoch.members)} sites sent a masked update, and each "
+            f"site's noise share counts on {shares.sites} sites' shares in the sum"
         )
     request = UnmaskRequest(
         run_id=ctx.run_name,
@@ -227,9 +247,7 @@ def _unmask(
     total = unmask_sum(
         roster=epoch.roster, request=request, masked=list(masked.values()), answers=answers
     )
-    return decode_weighted_sum(
-        point=epoch.point, total=total.total, sites=len(survivors), extras=EXTRAS
-    )
+    return total.total
 
 
 def _answers(

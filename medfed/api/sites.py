@@ -76,6 +76,7 @@ def make_synthetic_sites(
     port: int | None = None,
     training: Mapping[str, Any] | None = None,
     full_batch: bool = False,
+    policy: Mapping[str, Any] | None = None,
 ) -> SyntheticSites:
     """Write ``sites`` synthetic sites and a workspace for them under ``root`` (new or empty).
 
@@ -91,11 +92,12 @@ def make_synthetic_sites(
     ``learning_rate``, ...); ``full_batch`` sets each site's batch size to its number of
     training patients, so that every DP step samples each patient with probability 1 (few,
     large, noisier steps: what DP-SGD on small sites does best, see benchmarks/README.md).
+    ``policy`` overrides keys of every site's ``policy`` section (``distributed_noise``, ...).
     """
     from pydantic import ValidationError
 
     from medfed.config.loading import dump_site_config, format_validation_error, load_site_config
-    from medfed.config.site import TrainingSection, TransportSection
+    from medfed.config.site import PolicySection, TrainingSection, TransportSection
     from medfed.data.synth import MIN_CASES, MIN_SIZE, synthesize_site
     from medfed.privacy.accounting import check_delta
     from medfed.site.release import released_counts
@@ -113,11 +115,16 @@ def make_synthetic_sites(
     if not isinstance(epsilon_cap, int | float) or not 0 < epsilon_cap < float("inf"):
         raise ConfigError(f"epsilon_cap must be a finite number > 0, not {epsilon_cap!r}")
     check_delta(delta)
-    try:
-        TrainingSection.model_validate(training or {})
-    except ValidationError as exc:
-        problems = format_validation_error(Path("training"), exc).replace("\n", "; ")
-        raise ConfigError(problems, hint="see sites/site.example.yaml for the settings") from None
+    for section, model, overrides in (
+        ("training", TrainingSection, training),
+        ("policy", PolicySection, policy),
+    ):
+        try:
+            model.model_validate(overrides or {})
+        except ValidationError as exc:
+            problems = format_validation_error(Path(section), exc).replace("\n", "; ")
+            hint = "see sites/site.example.yaml for the settings"
+            raise ConfigError(problems, hint=hint) from None
     root = Path(root).expanduser().absolute()
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise ConfigError(
@@ -158,6 +165,7 @@ def make_synthetic_sites(
         # A study on synthetic sites plans whole runs against the cap, so one round may spend
         # all of it; a hospital's `medfed site init` keeps the default of a quarter.
         data["policy"]["max_epsilon_per_round"] = epsilon_cap
+        data["policy"].update(policy or {})
         data["transport"] = TransportSection(
             superlink_address=workspace.manifest.address,
             root_certificates=kit / "ca.crt",

@@ -31,10 +31,11 @@ import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from medfed.numbers import finite_or_none
-from medfed.privacy.accounting import DPSteps, compute_epsilon, conversion_of
+from medfed.privacy.accounting import AccountantName, DPSteps, compute_epsilon, conversion_of
+from medfed.privacy.ledger import LedgerReport
 
 # Orders at which both libraries evaluate the exact (integer-order) binomial series.
 INTEGER_ORDERS: Final[tuple[int, ...]] = (*range(2, 64), 128, 256, 512, 1024)
@@ -84,6 +85,91 @@ class Epsilons:
             "dp_accounting_dropped_orders": self.dropped_orders,
             "accountants": dict(ACCOUNTANT_DESCRIPTIONS),
         }
+
+
+LOCAL_LABEL: Final = "local epsilon (own noise alone)"
+GAUSSIAN_EQUIVALENT_NOTE: Final = (
+    "distributed-noise steps are charged at Gaussian equivalents that bound their RDP (first "
+    "bound of Prop. 14, Kairouz, Liu, Steinke 2021): the RDP numbers bound them, the PLD "
+    "number is that of the Gaussian equivalents and does not"
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DistributedEpsilons:
+    """A ledger with distributed discrete Gaussian steps: its epsilon under each guarantee.
+
+    ``distributed``: every such step counted at its distributed guarantee (its ``sites``
+    shares were added and secure aggregation held); ``local``: at the site's own share alone
+    (the other sites colluded with the aggregator). Other entries count as they do for the
+    budget. ``budget`` names the guarantee(s) the entries' budget was enforced on, in ledger
+    order; ``sites`` the shares the distributed guarantee counts on.
+    """
+
+    accountant: str
+    delta: float
+    distributed: float
+    local: float
+    budget: tuple[str, ...]
+    sites: tuple[int, ...]
+    seqs: tuple[int, ...]
+
+    @property
+    def distributed_label(self) -> str:
+        shares = " or ".join(str(k) for k in self.sites)
+        return f"distributed epsilon ({shares} sites and secure aggregation hold)"
+
+    @property
+    def enforced_on(self) -> str:
+        """Which epsilon the site's budget was enforced on, in words."""
+        return " and ".join(f"{view} epsilon" for view in self.budget)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "distributed": finite_or_none(self.distributed),
+            "distributed_label": self.distributed_label,
+            "local": finite_or_none(self.local),
+            "local_label": LOCAL_LABEL,
+            "budget_enforced_on": list(self.budget),
+            "sites": list(self.sites),
+            "seqs": list(self.seqs),
+            "note": GAUSSIAN_EQUIVALENT_NOTE,
+        }
+
+
+def distributed_epsilons(
+    *, reports: Sequence[LedgerReport], delta: float, accountant: AccountantName
+) -> DistributedEpsilons | None:
+    """Both guarantees' epsilon of a site's ledgers (the larger of each), or None without
+    distributed-noise steps.
+
+    Like the spent epsilon, each view is the larger of the ledgers' (the aggregator's copy
+    and the site's own may differ by the rounds the aggregator has not seen); the plans are
+    read from the ledger that holds the most entries.
+    """
+    holding = [report for report in reports if report.has_distributed]
+    if not holding:
+        return None
+    longest = max(holding, key=lambda report: len(report.entries))
+    plans = longest.distributed_plans
+
+    def spent(view: Literal["distributed", "local"]) -> float:
+        return max(
+            compute_epsilon(history=report.history_of(view), delta=delta, accountant=accountant)
+            for report in reports
+        )
+
+    return DistributedEpsilons(
+        accountant=accountant,
+        delta=delta,
+        distributed=spent("distributed"),
+        local=spent("local"),
+        budget=tuple(dict.fromkeys(plan.budget for plan in plans.values())),
+        sites=tuple(sorted({plan.sites for plan in plans.values()})),
+        seqs=tuple(plans),
+    )
 
 
 def recompute(*, history: Sequence[DPSteps], delta: float) -> Epsilons:

@@ -15,7 +15,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from medfed.audit import figures, overview
-from medfed.audit.accounting import ACCOUNTANT_DESCRIPTIONS
+from medfed.audit.accounting import (
+    ACCOUNTANT_DESCRIPTIONS,
+    GAUSSIAN_EQUIVALENT_NOTE,
+    LOCAL_LABEL,
+)
 from medfed.audit.canary import LOWER_BOUND_NOTE, CanaryAudit
 from medfed.audit.document import (
     Block,
@@ -349,6 +353,7 @@ def statement_rows(site: SiteStatement) -> list[tuple[str, str]]:
             or "n/a",
         ),
         (f"epsilon spent ({site.accountant}, the ledger's accountant)", fmt(site.spent)),
+        *distributed_rows(site),
         ("cap / remaining", f"{fmt(site.cap)} / {fmt(site.remaining)}"),
         ("rounds participated", str(data["rounds_participated"])),
         (
@@ -364,6 +369,22 @@ def statement_rows(site: SiteStatement) -> list[tuple[str, str]]:
     if site.site_ledger_entries is not None:
         rows.append(("site's own ledger", f"{site.site_ledger_entries} entries"))
     return rows
+
+
+def distributed_rows(site: SiteStatement) -> list[tuple[str, str]]:
+    """Both guarantees of a site with distributed-noise steps, and the one its budget is on."""
+    d = site.distributed
+    if d is None:
+        return []
+    return [
+        (d.distributed_label, fmt(d.distributed)),
+        (LOCAL_LABEL, fmt(d.local)),
+        (
+            "budget enforced on",
+            f"the {d.enforced_on} (distributed-noise reservations: seq {_list(list(d.seqs))})",
+        ),
+        ("distributed noise", GAUSSIAN_EQUIVALENT_NOTE),
+    ]
 
 
 def epsilon_rows(site: SiteStatement) -> list[tuple[str, str, str]]:

@@ -245,6 +245,7 @@ def _statement(
         models_source=source,
         findings=tuple(f for f in result.findings if f.site_id == site.site_id),
         site_ledger_entries=None if site.site_ledger is None else len(site.site_ledger.entries),
+        distributed=site.distributed,
     )
 
 

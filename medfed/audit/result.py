@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medfed.audit.accounting import Epsilons
+from medfed.audit.accounting import LOCAL_LABEL, DistributedEpsilons, Epsilons
 from medfed.audit.findings import Check, Finding, fmt
 from medfed.audit.runs import RunEpsilon
 from medfed.numbers import finite_or_none
@@ -27,6 +27,8 @@ class SiteAudit:
     epsilon: float | None  # the copy's, with the ledger's own accountant at its delta
     site_ledger_epsilon: float | None
     runs: tuple[RunEpsilon, ...] = ()
+    # Only for a ledger with distributed-noise steps: the epsilon of each guarantee.
+    distributed: DistributedEpsilons | None = None
 
     @property
     def cap(self) -> BudgetCap | None:
@@ -55,6 +57,12 @@ class SiteAudit:
             )
         if self.site_ledger is not None:
             text += f"; site ledger {len(self.site_ledger.entries)} entries"
+        if self.distributed is not None:
+            d = self.distributed
+            text += (
+                f"; {d.distributed_label} {fmt(d.distributed)}, {LOCAL_LABEL} {fmt(d.local)}, "
+                f"budget enforced on the {d.enforced_on}"
+            )
         if self.terms is None:
             return text + "; no terms"
         return (
@@ -62,7 +70,7 @@ class SiteAudit:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "site_id": self.site_id,
             "key_id": self.key_id,
             "copy_entries": None if self.copy is None else len(self.copy.entries),
@@ -77,6 +85,9 @@ class SiteAudit:
             "site_ledger_epsilon": finite_or_none(self.site_ledger_epsilon),
             "runs": [run.to_json() for run in self.runs],
         }
+        if self.distributed is not None:
+            data["distributed_epsilon"] = self.distributed.to_json()
+        return data
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

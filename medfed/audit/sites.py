@@ -8,8 +8,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from medfed.audit.accounting import (
     INTEGER_ORDER_TOLERANCE,
+    LOCAL_LABEL,
     PLD_ABOVE_RDP_TOLERANCE,
+    DistributedEpsilons,
     Epsilons,
+    distributed_epsilons,
     recompute,
 )
 from medfed.audit.findings import Collector, Finding, fmt, ledger_finding, relative_difference
@@ -87,8 +90,14 @@ def audit_site(
         copy_epsilon = compute_epsilon(history=copy.history, delta=delta, accountant=accountant)
     if own is not None and delta is not None:
         site_epsilon = compute_epsilon(history=own.history, delta=delta, accountant=accountant)
+    distributed = None
+    if delta is not None:
+        reports = [report for report in (copy, own) if report is not None]
+        distributed = distributed_epsilons(reports=reports, delta=delta, accountant=accountant)
     if epsilons is not None:
         check_libraries(site_id=site_id, eps=epsilons, collect=collect)
+    if distributed is not None:
+        _report_distributed(site_id, distributed, collect)
     audit = SiteAudit(
         site_id=site_id,
         key_id=key,
@@ -98,6 +107,7 @@ def audit_site(
         epsilons=epsilons,
         epsilon=copy_epsilon,
         site_ledger_epsilon=site_epsilon,
+        distributed=distributed,
     )
     _check_cap(audit, collect)
     verified = None if copy is None else VerifiedCopy(data=data, report=copy, public_key=public_key)
@@ -256,6 +266,18 @@ def check_libraries(*, site_id: str, eps: Epsilons, collect: Collector) -> None:
                 f"by more than {PLD_ABOVE_RDP_TOLERANCE:.0%}: one accountant is wrong",
             )
         )
+
+
+def _report_distributed(site_id: str, eps: DistributedEpsilons, collect: Collector) -> None:
+    """Both guarantees of the distributed-noise steps, recomputed, beside the enforced one."""
+    collect.passed(
+        site_id,
+        "distributed noise",
+        f"{len(eps.seqs)} distributed-noise reservation(s) (seq "
+        f"{', '.join(map(str, eps.seqs))}): {eps.distributed_label} {fmt(eps.distributed)}, "
+        f"{LOCAL_LABEL} {fmt(eps.local)} ({eps.accountant} at delta {eps.delta:g}); the "
+        f"budget is enforced on the {eps.enforced_on}",
+    )
 
 
 def _check_cap(site: SiteAudit, collect: Collector) -> None:

@@ -3,6 +3,9 @@
 The report of a large federation (:mod:`medfed.audit.overview`) names no site without a
 finding; this table has every site's verification, epsilon by library, cap and findings, for a
 spreadsheet or a script. The report's JSON holds each site's whole statement.
+
+A federation where some site took distributed-noise steps gets :data:`DISTRIBUTED_COLUMNS` at
+the end (empty for the sites without such steps); other tables stay as they were.
 """
 
 from __future__ import annotations
@@ -36,13 +39,21 @@ CSV_COLUMNS: Final = (
     "findings",
     "finding_checks",
 )
+DISTRIBUTED_COLUMNS: Final = (
+    "epsilon_distributed",
+    "distributed_sites",
+    "epsilon_local",
+    "budget_enforced_on",
+)
 
 
 def sites_csv(sites: Iterable[SiteStatement]) -> str:
     """One row per site: its verification, epsilon by library, cap, rounds and findings."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    sites = list(sites)
+    with_distributed = any(site.distributed is not None for site in sites)
+    writer.writerow(CSV_COLUMNS + (DISTRIBUTED_COLUMNS if with_distributed else ()))
     for site in sites:
         eps = site.epsilons
         share = share_of_cap(site)
@@ -66,9 +77,22 @@ def sites_csv(sites: Iterable[SiteStatement]) -> str:
                 " ".join(site.runs),
                 len(site.findings),
                 " ".join(sorted({f.check for f in site.findings})),
+                *(_distributed_cells(site) if with_distributed else ()),
             )
         )
     return buffer.getvalue()
+
+
+def _distributed_cells(site: SiteStatement) -> tuple[str, ...]:
+    d = site.distributed
+    if d is None:
+        return ("",) * len(DISTRIBUTED_COLUMNS)
+    return (
+        _csv_number(d.distributed),
+        " ".join(map(str, d.sites)),
+        _csv_number(d.local),
+        " ".join(d.budget),
+    )
 
 
 def _csv_number(value: float | None) -> str:

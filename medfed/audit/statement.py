@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from medfed.audit.accounting import Epsilons
+from medfed.audit.accounting import DistributedEpsilons, Epsilons
 from medfed.audit.findings import Finding
 from medfed.numbers import finite_or_none
 from medfed.privacy.accounting import conversion_of
@@ -108,6 +108,8 @@ class SiteStatement:
     models_source: str
     findings: tuple[Finding, ...]
     site_ledger_entries: int | None
+    # Only for a ledger with distributed-noise steps: the epsilon of each guarantee.
+    distributed: DistributedEpsilons | None = None
 
     @property
     def spent(self) -> float | None:
@@ -138,7 +140,7 @@ class SiteStatement:
         return values
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "site_id": self.site_id,
             "key_id": self.key_id,
             "ledger_verified": self.verified,
@@ -187,3 +189,6 @@ class SiteStatement:
             "site_ledger_entries": self.site_ledger_entries,
             "findings": [finding.to_json() for finding in self.findings],
         }
+        if self.distributed is not None:
+            data["distributed_epsilon"] = self.distributed.to_json()
+        return data

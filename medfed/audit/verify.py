@@ -11,7 +11,8 @@ For each site registered in the workspace:
    aggregator has not seen; a differing entry is a finding);
 3. epsilon is recomputed with Opacus and with Google's dp-accounting (see
    :mod:`medfed.audit.accounting`): the two RDP implementations agree at their shared integer
-   orders, and PLD stays at or below RDP;
+   orders, and PLD stays at or below RDP; a site with distributed-noise steps also gets the
+   epsilon of each guarantee (distributed and local) beside the one its budget is enforced on;
 4. each run's ``summary.json`` and MLflow report the epsilon of the copy at that run's end
    (see :mod:`medfed.audit.runs`);
 5. the epsilon spent is within the site's stored cap.

@@ -113,6 +113,17 @@ def run(
             "(fedavg, fedprox, fedadam).",
         ),
     ] = False,
+    distributed_noise: Annotated[
+        int | None,
+        typer.Option(
+            "--distributed-noise",
+            min=2,
+            metavar="SITES",
+            help="Each site adds 1/sqrt(SITES) of the noise and secure aggregation sums the "
+            "shares (needs --secure-aggregation, one local epoch, --learning-rate and "
+            "--max-grad-norm; each site's policy must allow it).",
+        ),
+    ] = None,
 ) -> None:
     """Submit a federation run to the running aggregator and stream its progress."""
     from medfed.aggregator.secure_round import check_settings
@@ -154,6 +165,11 @@ def run(
         data["project"] = project
     if secure_aggregation:
         data["secure_aggregation"] = True
+    if distributed_noise is not None:
+        data["distributed_noise"] = {
+            **data.get("distributed_noise", {}),
+            "sites": distributed_noise,
+        }
     settings = parse_run_settings(data, source="run settings")
     check_settings(settings)  # a robust strategy with secure aggregation is refused here
     loaded = load_workspace(workspace)

@@ -22,6 +22,28 @@ RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 RUN_CONFIG_KEY = "settings"
 
 
+class DistributedNoiseSettings(BaseModel):
+    """Distributed noise (Kairouz, Liu, Steinke 2021): each site adds a share of the noise.
+
+    Needs secure aggregation and one local epoch (one full-batch step per round). ``sites`` is
+    the number of shares the sum's noise is split into: each site adds ``1 / sqrt(sites)`` of it,
+    and a round whose sum holds fewer sites' inputs is abandoned by the sites themselves.
+    ``count_share`` weights the masked patient count against one patient's gradient bound.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sites: int = Field(ge=2, le=10_000)
+    count_share: float = Field(
+        default=0.25,
+        gt=0,
+        le=1,
+        description="The count coordinate's weight as a share of a patient's gradient bound: "
+        "the sensitivity grows by sqrt(1 + share^2), the count's noise is 1/share the "
+        "gradient's.",
+    )
+
+
 class RunSettings(BaseModel):
     """Everything a federation run is configured by.
 
@@ -77,6 +99,11 @@ class RunSettings(BaseModel):
         le=1_000_000,
         description="Secure aggregation: the largest patient count a site's update is weighted by.",
     )
+    distributed_noise: DistributedNoiseSettings | None = Field(
+        default=None,
+        description="Each site adds only its share of the noise, trusting secure aggregation "
+        "and the other sites (a site's policy must allow it); null: each site adds all of it.",
+    )
     resume: bool = Field(
         default=False, description="Continue the run of this name from its last checkpoint."
     )
@@ -96,7 +123,33 @@ class RunSettings(BaseModel):
             raise ValueError(f"strategy {self.strategy.name} needs min_sites of at least 3")
         if self.sites is not None and len(self.sites) < self.min_sites:
             raise ValueError(f"{len(self.sites)} sites listed but min_sites is {self.min_sites}")
+        if self.distributed_noise is not None:
+            self._check_distributed(self.distributed_noise)
         return self
+
+    def _check_distributed(self, noise: DistributedNoiseSettings) -> None:
+        if not self.secure_aggregation:
+            raise ValueError(
+                "distributed_noise needs secure_aggregation: without it the aggregator sees "
+                "each site's share of the noise alone"
+            )
+        if self.local_epochs != 1:
+            raise ValueError(
+                f"distributed_noise takes one full-batch step per round: set local_epochs to 1, "
+                f"not {self.local_epochs}"
+            )
+        if self.min_sites < noise.sites:
+            raise ValueError(
+                f"distributed_noise counts on {noise.sites} sites' shares but min_sites is "
+                f"{self.min_sites}: set min_sites to at least {noise.sites}"
+            )
+        if self.strategy.central_dp is not None:
+            raise ValueError("distributed_noise and strategy.central_dp cannot be combined")
+        if self.max_grad_norm is None or self.learning_rate is None:
+            raise ValueError(
+                "distributed_noise needs max_grad_norm and learning_rate set in the run: the "
+                "sites round to a grid sized by the clip, and the aggregator takes the step"
+            )
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

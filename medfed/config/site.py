@@ -282,6 +282,26 @@ class TransportSection(_Strict):
     )
 
 
+class DistributedNoisePolicy(_Strict):
+    """Whether a run may ask this site for only a share of the noise (distributed noise).
+
+    With distributed noise the site's guarantee against the aggregator rests on secure
+    aggregation and on at least ``min_sites`` sites adding their share; against all of them
+    colluding, only its own share protects it. The ledger records both epsilons, and ``budget``
+    names the one the site's cap is enforced on.
+    """
+
+    allowed: bool = Field(default=False, description="Accept runs with distributed noise.")
+    min_sites: int = Field(
+        default=3, ge=2, description="Refuse runs that count on fewer sites' noise shares."
+    )
+    budget: Literal["distributed", "local"] = Field(
+        default="distributed",
+        description="The epsilon the cap is enforced on: with the other sites' shares "
+        "(distributed) or with this site's share alone (local).",
+    )
+
+
 class PolicySection(_Strict):
     """What this site lets a federation run do with its data (checked before any data is read)."""
 
@@ -310,6 +330,7 @@ class PolicySection(_Strict):
     accepted_runs: list[str] = Field(
         default=["*"], min_length=1, description="Glob patterns of the run names accepted."
     )
+    distributed_noise: DistributedNoisePolicy = DistributedNoisePolicy()
     allowed_app_hashes: list[str] | None = Field(
         default=None,
         min_length=1,

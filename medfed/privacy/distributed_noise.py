@@ -28,19 +28,26 @@ least ``sites`` sites added their share and secure aggregation held) and the *lo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-
-import numpy as np
-import numpy.typing as npt
-from scipy import special
+from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 from medfed.errors import PrivacyError
+
+if TYPE_CHECKING:  # numpy and scipy load only when an RDP curve is computed: the ledger
+    # reads plans on every verification and must stay as fast to import as it was.
+    import numpy as np
+    import numpy.typing as npt
+
+    Floats = npt.NDArray[np.float64]
 
 #: Integer orders: Theorem 5 of Zhu and Wang holds at integer orders only.
 DEFAULT_ORDERS: tuple[int, ...] = (*range(2, 129), 256)
 
-Floats = npt.NDArray[np.float64]
+BudgetView = Literal["distributed", "local"]
+BUDGET_VIEWS: Final[tuple[str, ...]] = get_args(BudgetView)
+#: Accountants whose composition of Gaussian RDP curves can stand in for a DDG step's RDP.
+RDP_ACCOUNTANTS: Final[tuple[str, ...]] = ("rdp", "rdp-classic")
 
 
 def ddg_tau(*, local_stddev: float, sites: int) -> float:
@@ -102,6 +109,8 @@ def ddg_rdp(
     ``(alpha, min(a/2 L2^2 + tau d, a/2 (L2^2 + 2 L1 tau + tau^2 d), a/2 (L2 + sqrt(d) tau)^2))``
     -RDP; with ``tau = 0`` that is the continuous Gaussian's ``alpha L2^2 / 2``.
     """
+    import numpy as np
+
     if not 0.0 < sample_rate <= 1.0:
         raise PrivacyError(f"sample_rate is {sample_rate}", hint="a rate in (0, 1]")
     if steps < 0:
@@ -128,6 +137,8 @@ def ddg_rdp(
 
 def _subsampled(order: int, rate: float, per_step: Callable[[int], float]) -> float:
     """Zhu and Wang 2019, Theorem 5: Poisson subsampling of any mechanism at an integer order."""
+    from scipy import special
+
     log_terms = [0.0, per_step(2)]
     weights = [
         (1.0 - rate) ** (order - 1) * (order * rate - rate + 1.0),
@@ -152,7 +163,9 @@ class DistributedNoise:
 
     ``clip`` is the L2 clipping bound of one patient's gradient (before scaling), ``scale`` the
     factor to the grid, ``beta`` the conditional rounding's parameter, ``dim`` the number of
-    coordinates (after padding for the rotation), ``local_stddev`` one site's share.
+    coordinates of the rotated gradient (after padding for the rotation), ``local_stddev`` one
+    site's share. ``count_weight`` is the integer each patient adds to one more coordinate, so
+    that the sum also carries a noisy patient count; 0 means the vector has no such coordinate.
     """
 
     clip: float
@@ -160,16 +173,49 @@ class DistributedNoise:
     beta: float
     dim: int
     local_stddev: float
+    count_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _check_positive("clip", self.clip)
         _check_positive("scale", self.scale)
         _check_positive("local_stddev", self.local_stddev)
+        if not _is_number(self.beta) or not 0.0 <= self.beta < 1.0:
+            raise PrivacyError(
+                f"beta is {self.beta!r}", hint="beta is a probability in [0, 1); 0: unconditional"
+            )
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
+            raise PrivacyError(
+                f"dim is {self.dim!r}", hint="dim counts the rotated vector's coordinates, >= 1"
+            )
+        weight = self.count_weight
+        if not (_is_number(weight) and math.isfinite(weight) and weight >= 0.0):
+            raise PrivacyError(
+                f"count_weight is {weight!r}", hint="count_weight is >= 0 (0: no count)"
+            )
+        if not float(weight).is_integer():
+            # The L1 bound of Prop. 14 (||x||_1 <= ||x||_2^2) holds for integer vectors only,
+            # and the count coordinate is added unrounded.
+            raise PrivacyError(
+                f"count_weight is {weight!r}, not a whole number",
+                hint="each patient adds a whole number of grid units to the count",
+            )
+
+    @property
+    def coordinates(self) -> int:
+        """The coordinates that get noise: the rotated gradient's, and the count's if any."""
+        return self.dim + (1 if self.count_weight > 0 else 0)
 
     @property
     def l2_sensitivity(self) -> float:
-        """One patient's rounded contribution's L2 bound, in grid units."""
-        return rounded_l2_bound(l2_bound=self.clip * self.scale, beta=self.beta, dim=self.dim)
+        """One patient's rounded contribution's L2 bound, in grid units.
+
+        The gradient part is rounded (Proposition 22); the count is an exact integer, so its
+        weight adds in quadrature as it is.
+        """
+        rounded = rounded_l2_bound(l2_bound=self.clip * self.scale, beta=self.beta, dim=self.dim)
+        if self.count_weight == 0:
+            return rounded
+        return math.sqrt(rounded**2 + float(self.count_weight) ** 2)
 
     def rdp(
         self,
@@ -182,12 +228,12 @@ class DistributedNoise:
         """RDP when ``sites`` sites (this one included) each add their share."""
         summed = math.sqrt(sites) * self.local_stddev
         l2 = self.l2_sensitivity
-        l1 = rounded_l1_bound(l2_bound=l2, dim=self.dim)
+        l1 = rounded_l1_bound(l2_bound=l2, dim=self.coordinates)
         return ddg_rdp(
             l2_scale=l2 / summed,
             l1_scale=l1 / summed,
             tau=ddg_tau(local_stddev=self.local_stddev, sites=sites),
-            dim=self.dim,
+            dim=self.coordinates,
             sample_rate=sample_rate,
             steps=steps,
             orders=orders,
@@ -202,12 +248,160 @@ class DistributedNoise:
         )
 
 
+def gaussian_equivalent(*, noise: DistributedNoise, sites: int) -> float:
+    """The Gaussian noise multiplier ``z`` whose unsampled RDP dominates one DDG step's.
+
+    The first bound of Proposition 14 gives one step of ``sites`` shares
+    ``alpha/2 L2^2 + tau d`` at order ``alpha`` (``L2`` the sensitivity over the summed
+    noise's standard deviation ``sqrt(sites) local_stddev``, ``d`` the noised coordinates,
+    ``tau`` of Theorem 1). For ``alpha >= 1``, ``tau d <= alpha tau d``, so
+    ``alpha / (2 z^2)`` with ``1 / z^2 = L2^2 + 2 tau d`` is at least as large at every order,
+    fractional ones included (the DDG's RDP at ``alpha`` in (1, 2) is at most its first bound
+    there too). One site: ``tau = 0`` and ``z = local_stddev / l2_sensitivity``.
+
+    A DDG step can therefore be charged as one ``DPSteps(z, 1.0, 1)`` and composed with
+    DP-SGD steps by an RDP accountant (``rdp``, ``rdp-classic``): those add RDP curves and
+    convert the sum, and the curve they add for ``z`` is never below the DDG's. It is not valid
+    for PRV or PLD accountants: they compose the privacy loss distribution of a Gaussian, and
+    an RDP bound does not bound the DDG's privacy loss distribution, so their epsilon for ``z``
+    need not bound the DDG's.
+    """
+    if isinstance(sites, bool) or not isinstance(sites, int) or sites < 1:
+        raise PrivacyError(f"sites is {sites!r}", hint="at least one site adds noise")
+    l2 = noise.l2_sensitivity / (math.sqrt(sites) * noise.local_stddev)
+    tau = ddg_tau(local_stddev=noise.local_stddev, sites=sites)
+    return 1.0 / math.sqrt(l2**2 + 2.0 * tau * noise.coordinates)
+
+
+_NOISE_FIELDS: Final = ("clip", "scale", "beta", "dim", "count_weight", "local_stddev")
+_MULTIPLIER_FIELDS: Final = ("distributed_noise_multiplier", "local_noise_multiplier")
+PLAN_FIELDS: Final[tuple[str, ...]] = ("sites", "budget", *_NOISE_FIELDS, *_MULTIPLIER_FIELDS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributedPlan:
+    """A site's distributed-noise step, with both guarantees and the one its budget is kept on.
+
+    ``sites`` is how many shares the distributed guarantee counts on (the secure aggregation
+    threshold: at least that many sites added their share to any sum the aggregator can
+    open). ``budget`` names the guarantee the site's cap is enforced on: ``"distributed"``
+    trusts the other sites and secure aggregation, ``"local"`` only the site's own share.
+    """
+
+    noise: DistributedNoise
+    sites: int
+    budget: BudgetView
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.noise, DistributedNoise):
+            raise PrivacyError(
+                f"noise is a {type(self.noise).__name__}", hint="pass a DistributedNoise"
+            )
+        if isinstance(self.sites, bool) or not isinstance(self.sites, int) or self.sites < 1:
+            raise PrivacyError(
+                f"sites is {self.sites!r}",
+                hint="the distributed guarantee counts on at least one share (this site's)",
+            )
+        if self.budget not in BUDGET_VIEWS:
+            raise PrivacyError(
+                f"budget is {self.budget!r}", hint=f"use one of: {', '.join(BUDGET_VIEWS)}"
+            )
+
+    @property
+    def distributed_noise_multiplier(self) -> float:
+        """The Gaussian equivalent when ``sites`` shares were added and secure aggregation held."""
+        return gaussian_equivalent(noise=self.noise, sites=self.sites)
+
+    @property
+    def local_noise_multiplier(self) -> float:
+        """The Gaussian equivalent of this site's own share alone (the others colluding)."""
+        return gaussian_equivalent(noise=self.noise, sites=1)
+
+    def noise_multiplier(self, view: BudgetView) -> float:
+        """The Gaussian equivalent of one view."""
+        if view == "distributed":
+            return self.distributed_noise_multiplier
+        if view == "local":
+            return self.local_noise_multiplier
+        raise PrivacyError(f"view is {view!r}", hint=f"use one of: {', '.join(BUDGET_VIEWS)}")
+
+    @property
+    def enforced_noise_multiplier(self) -> float:
+        """The multiplier the site's budget is charged at: the one ``budget`` names."""
+        return self.noise_multiplier(self.budget)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ledger's ``distributed`` field: the parameters and both multipliers."""
+        noise = self.noise
+        return {
+            "sites": self.sites,
+            "budget": self.budget,
+            "clip": float(noise.clip),
+            "scale": float(noise.scale),
+            "beta": float(noise.beta),
+            "dim": noise.dim,
+            "count_weight": float(noise.count_weight),
+            "local_stddev": float(noise.local_stddev),
+            "distributed_noise_multiplier": self.distributed_noise_multiplier,
+            "local_noise_multiplier": self.local_noise_multiplier,
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> DistributedPlan:
+        """Read :meth:`to_json`'s object back, every field checked (PrivacyError names it).
+
+        The stored multipliers must be positive numbers; whether they match the parameters is
+        the ledger verifier's check (:mod:`medfed.privacy.ledger`), which names the entry.
+        """
+        if not isinstance(obj, Mapping):
+            raise PrivacyError(
+                f"a distributed plan is a JSON object, got {type(obj).__name__}",
+                hint=f"give the fields {', '.join(PLAN_FIELDS)}",
+            )
+        missing = [name for name in PLAN_FIELDS if name not in obj]
+        unknown = sorted(str(name) for name in obj if name not in PLAN_FIELDS)
+        if missing or unknown:
+            parts = [f"missing fields {', '.join(missing)}"] if missing else []
+            parts += [f"unknown fields {', '.join(unknown)}"] if unknown else []
+            raise PrivacyError(
+                f"distributed plan: {'; '.join(parts)}",
+                hint=f"a distributed plan has exactly {', '.join(PLAN_FIELDS)}",
+            )
+        for name in ("sites", "dim"):
+            value = obj[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PrivacyError(
+                    f"distributed plan field {name!r}: expected an integer >= 1, got {value!r}",
+                    hint=f"{name} is a whole number of at least 1",
+                )
+        for name in (*_NOISE_FIELDS, *_MULTIPLIER_FIELDS):
+            if name != "dim" and not _is_number(obj[name]):
+                raise PrivacyError(
+                    f"distributed plan field {name!r}: expected a number, got {obj[name]!r}",
+                    hint=f"{name} is a finite number",
+                )
+        for name in _MULTIPLIER_FIELDS:
+            if not 0.0 < obj[name] < math.inf:
+                raise PrivacyError(
+                    f"distributed plan field {name!r}: must be a finite number > 0, "
+                    f"got {obj[name]!r}",
+                    hint="a Gaussian equivalent is a positive noise multiplier",
+                )
+        try:
+            noise = DistributedNoise(**{name: obj[name] for name in _NOISE_FIELDS})
+            return cls(noise=noise, sites=obj["sites"], budget=obj["budget"])
+        except PrivacyError as exc:
+            raise PrivacyError(f"distributed plan: {exc.message}", hint=exc.hint) from None
+
+
 def epsilon_from_rdp(*, rdp: Floats, orders: Sequence[int], delta: float) -> float:
     """The smallest epsilon over ``orders``, by the conversion Opacus' RDP accountant uses.
 
     Balle et al. 2020 / Canonne, Kamath, Steinke 2020:
     ``eps = rdp - (log(delta) + log(alpha)) / (alpha - 1) + log((alpha - 1) / alpha)``.
     """
+    import numpy as np
+
     if not 0.0 < delta < 1.0:
         raise PrivacyError(f"delta is {delta}", hint="delta is a probability in (0, 1)")
     alphas = np.asarray(orders, dtype=np.float64)
@@ -233,12 +427,20 @@ def local_stddev_for_epsilon(
     scale: float,
     beta: float,
     dim: int,
+    count_weight: float = 0.0,
 ) -> float:
     """The smallest share (grid units, to 0.1%) that keeps ``sites`` shares within the target."""
     _check_positive("target_epsilon", target_epsilon)
 
     def spent(stddev: float) -> float:
-        noise = DistributedNoise(clip=clip, scale=scale, beta=beta, dim=dim, local_stddev=stddev)
+        noise = DistributedNoise(
+            clip=clip,
+            scale=scale,
+            beta=beta,
+            dim=dim,
+            local_stddev=stddev,
+            count_weight=count_weight,
+        )
         return noise.epsilon(sites=sites, sample_rate=sample_rate, steps=steps, delta=delta)
 
     low, high = 1e-3, 1.0
@@ -255,6 +457,10 @@ def local_stddev_for_epsilon(
     return high
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
 def _check_positive(name: str, value: float) -> None:
-    if not (math.isfinite(value) and value > 0):
+    if not (_is_number(value) and math.isfinite(value) and value > 0):
         raise PrivacyError(f"{name} is {value}", hint=f"{name} must be a positive finite number")

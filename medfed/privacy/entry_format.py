@@ -22,6 +22,7 @@ from medfed.privacy.accounting import (
     check_noise_multiplier,
     check_sample_rate,
 )
+from medfed.privacy.distributed_noise import DistributedPlan
 from medfed.privacy.events import (
     MECHANISMS,
     PRIVACY_UNIT,
@@ -97,7 +98,10 @@ def parse_entry(obj: object) -> LedgerEntry:
             legacy_dataset_size=values.pop("dataset_size"),
             **values,
         )
-    return ReserveEntry(**values, **{name: obj[name] for name in optional if name in obj})
+    extra = {name: obj[name] for name in optional if name in obj}
+    if "distributed" in extra:
+        extra["distributed"] = dict(extra["distributed"])
+    return ReserveEntry(**values, **extra)
 
 
 def _check_adaptive_clipping(obj: Mapping[str, Any]) -> None:
@@ -245,6 +249,15 @@ def _numbers(value: object) -> str | None:
     return "expected a mapping of names to finite numbers"
 
 
+def _distributed(value: object) -> str | None:
+    """A distributed plan: exactly its fields, each of the right type and range."""
+    try:
+        DistributedPlan.from_json(value)
+    except PrivacyError as exc:
+        return exc.message
+    return None
+
+
 def _versions(value: object) -> str | None:
     if isinstance(value, dict) and all(
         isinstance(key, str) and isinstance(item, str) for key, item in value.items()
@@ -292,7 +305,10 @@ _COMMIT: Final[dict[str, Callable[[object], str | None]]] = {
 _OPTIONAL: Final[dict[int, dict[str, dict[str, Callable[[object], str | None]]]]] = {
     1: {},
     2: {
-        "reserve": {"count_noise_multiplier": _privacy(check_noise_multiplier)},
+        "reserve": {
+            "count_noise_multiplier": _privacy(check_noise_multiplier),
+            "distributed": _distributed,
+        },
         "commit": {
             "model_sha256": _pattern(_HEX64, "64 lowercase hex digits"),
             "update_sha256": _pattern(_HEX64, "64 lowercase hex digits"),

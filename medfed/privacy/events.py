@@ -62,8 +62,10 @@ DECLARED_PUBLIC: Final[Mapping[str, str]] = {
     "encrypted for the other sites, and the shares and round keys that remove masks from a sum: "
     "random numbers from the operating system, independent of any patient",
     "masked update": "the change of the DP-SGD weights, the released training count and the "
-    "round's DP-SGD loss (each covered above or by the round's reservation), under masks that "
-    "cancel only in a sum over at least the threshold of sites",
+    "round's DP-SGD loss (each covered above or by the round's reservation), or with distributed "
+    "noise the site's integer sum of clipped per-patient gradients and its patient count under "
+    "its discrete Gaussian share (covered by the round's reservation, with both guarantees), "
+    "under masks that cancel only in a sum over at least the threshold of sites",
 }
 
 
@@ -113,6 +115,10 @@ class ReserveEntry:
     # Adaptive clipping's noise on the clipped count (``2 sigma_b``); ``noise_multiplier``
     # stays what the accountant charges for the pair (medfed.privacy.accounting).
     count_noise_multiplier: float | None = None
+    # A distributed discrete Gaussian step: the parameters and both Gaussian equivalents
+    # (medfed.privacy.distributed_noise.DistributedPlan.to_json); ``noise_multiplier`` is
+    # the one of the two the site's budget is enforced on.
+    distributed: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

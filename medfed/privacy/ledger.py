@@ -4,19 +4,33 @@ The ledger is append-only JSON Lines (see :mod:`medfed.privacy.events`), with a 
 file next to it (:mod:`medfed.privacy.ledger_head`) so that cutting entries off the end is
 detected. Epsilon is never stored: it is recomputed from the reserve entries, each counted with
 its committed steps, or in full while uncommitted, and from the Gaussian releases.
+
+A distributed-noise reservation (:mod:`medfed.privacy.distributed_noise`) stores its
+parameters and the Gaussian equivalents of both its guarantees; the verifier recomputes them,
+checks that the entry charges the one its budget names, and that the ledger's accountant is an
+RDP one, the only kind those equivalents bound.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from medfed.errors import PrivacyError
 from medfed.privacy.accounting import DPSteps
 from medfed.privacy.budget import PrivacyTerms
+from medfed.privacy.distributed_noise import (
+    BUDGET_VIEWS,
+    RDP_ACCOUNTANTS,
+    BudgetView,
+    DistributedPlan,
+)
 from medfed.privacy.entry_format import EntryFormatError, parse_entry
 from medfed.privacy.events import (
     GENESIS_HASH,
@@ -32,6 +46,9 @@ from medfed.privacy.events import (
 from medfed.privacy.keys import key_id
 from medfed.privacy.ledger_head import check_head, head_path, ledger_failure
 from medfed.storage import read_bytes, read_json_object
+
+# Stored Gaussian equivalents may differ from a recomputation by floating-point noise only.
+MULTIPLIER_TOLERANCE: Final = 1e-9
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +146,9 @@ class LedgerReport:
 
     ``terms`` are the latest terms entry's (None for a format-1 ledger that has none yet);
     ``history`` is what the accountant composes: every reservation (committed steps, or all
-    reserved while open) and every Gaussian release, in ledger order.
+    reserved while open) and every Gaussian release, in ledger order. A distributed-noise
+    reservation is charged there at the multiplier its site's budget is enforced on;
+    :meth:`history_of` charges it at the distributed or the local guarantee instead.
     """
 
     path: Path
@@ -170,6 +189,47 @@ class LedgerReport:
     def history(self) -> tuple[DPSteps, ...]:
         """DP steps to compose, in ledger order."""
         return tuple(charge.steps for charge in self.charges)
+
+    @property
+    def distributed_plans(self) -> Mapping[int, DistributedPlan]:
+        """Seq -> plan of every distributed-noise reservation (checked when verified)."""
+        return {
+            entry.seq: DistributedPlan.from_json(entry.distributed)
+            for entry in self.entries
+            if isinstance(entry, ReserveEntry) and entry.distributed is not None
+        }
+
+    @property
+    def has_distributed(self) -> bool:
+        """Whether any reservation is a distributed-noise step."""
+        return any(
+            isinstance(entry, ReserveEntry) and entry.distributed is not None
+            for entry in self.entries
+        )
+
+    def history_of(self, view: BudgetView) -> tuple[DPSteps, ...]:
+        """:attr:`history` with each distributed reservation charged at ``view``'s multiplier.
+
+        ``"distributed"``: at least the plan's sites added their share and secure aggregation
+        held; ``"local"``: the site's own share alone. The multipliers are the ones the entry
+        stores (verification has checked them against the parameters); other entries are
+        charged as in :attr:`history`.
+        """
+        if view not in BUDGET_VIEWS:
+            raise PrivacyError(
+                f"unknown privacy view {view!r}", hint=f"use one of: {', '.join(BUDGET_VIEWS)}"
+            )
+        stored = {
+            entry.seq: float(entry.distributed[f"{view}_noise_multiplier"])
+            for entry in self.entries
+            if isinstance(entry, ReserveEntry) and entry.distributed is not None
+        }
+        return tuple(
+            dataclasses.replace(charge.steps, noise_multiplier=stored[charge.seq])
+            if charge.kind == "reserve" and charge.seq in stored
+            else charge.steps
+            for charge in self.charges
+        )
 
     @property
     def open_reservations(self) -> tuple[ReservationState, ...]:
@@ -338,6 +398,7 @@ class _Chain:
         self.newest_version = version
         problem: str | None = None
         if isinstance(entry, TermsEntry):
+            problem = self._terms_problem(entry)
             before = self.terms[-1].after if self.terms else None
             after = PrivacyTerms(
                 accountant=entry.accountant,  # type: ignore[arg-type]
@@ -348,7 +409,7 @@ class _Chain:
                 TermsChange(seq=entry.seq, timestamp=entry.timestamp, before=before, after=after)
             )
         elif isinstance(entry, ReserveEntry):
-            problem = self._needs_terms(version, "reservation")
+            problem = self._needs_terms(version, "reservation") or self._distributed_problem(entry)
             self.reserves[entry.seq] = entry
         elif isinstance(entry, CommitEntry):
             problem = _commit_problem(entry, self.reserves, self.commits)
@@ -363,6 +424,60 @@ class _Chain:
         if version >= 2 and not self.terms:
             return f"a {what} before any terms entry: the ledger names no accountant, delta or cap"
         return None
+
+    def _distributed_problem(self, entry: ReserveEntry) -> str | None:
+        """A distributed-noise step: one full-batch step, charged at a multiplier that holds.
+
+        Its Gaussian equivalent bounds the step's RDP, nothing else: the step must be exactly
+        one unsampled step, the stored multipliers must be those of the stored parameters, the
+        charged one must be the one the budget names, and the ledger's accountant an RDP one.
+        """
+        if entry.distributed is None:
+            return None
+        stored = entry.distributed
+        plan = DistributedPlan.from_json(stored)  # its fields were checked when parsed
+        if entry.sample_rate != 1.0 or entry.steps != 1:
+            return (
+                f"a distributed-noise reservation with sample rate {entry.sample_rate!r} and "
+                f"{entry.steps} steps: it is one full-batch step (sample rate 1.0, 1 step)"
+            )
+        if entry.count_noise_multiplier is not None:
+            return "a distributed-noise reservation with adaptive clipping's count noise"
+        for view in ("distributed", "local"):
+            name = f"{view}_noise_multiplier"
+            recomputed = plan.noise_multiplier(view)
+            if abs(stored[name] - recomputed) > MULTIPLIER_TOLERANCE * recomputed:
+                return (
+                    f"{name} {stored[name]!r} is not the Gaussian equivalent of the stored "
+                    f"parameters ({recomputed!r}): the entry's noise was misstated"
+                )
+        enforced = stored[f"{plan.budget}_noise_multiplier"]
+        if entry.noise_multiplier != enforced:
+            return (
+                f"noise multiplier {entry.noise_multiplier!r} is not the {plan.budget} "
+                f"guarantee's {enforced!r}, which the entry names as the one its budget is "
+                "enforced on"
+            )
+        accountant = self.terms[-1].after.accountant if self.terms else None
+        if accountant not in RDP_ACCOUNTANTS:
+            return (
+                f"a distributed-noise reservation under the {accountant} accountant: its "
+                f"Gaussian equivalent bounds RDP only ({', '.join(RDP_ACCOUNTANTS)})"
+            )
+        return None
+
+    def _terms_problem(self, entry: TermsEntry) -> str | None:
+        """After a distributed-noise reservation the accountant must stay an RDP one."""
+        if entry.accountant in RDP_ACCOUNTANTS:
+            return None
+        earlier = [seq for seq, r in self.reserves.items() if r.distributed is not None]
+        if not earlier:
+            return None
+        return (
+            f"terms switch to the {entry.accountant} accountant after distributed-noise "
+            f"reservations (seq {', '.join(map(str, earlier))}), whose Gaussian equivalents "
+            f"bound RDP only ({', '.join(RDP_ACCOUNTANTS)})"
+        )
 
     def _release_problem(self, entry: ReleaseEntry) -> str | None:
         if entry.mechanism != "dp-sgd":

@@ -35,6 +35,7 @@ from medfed.privacy.budget import (
     budget_status,
     check_budget,
 )
+from medfed.privacy.distributed_noise import RDP_ACCOUNTANTS, BudgetView, DistributedPlan
 from medfed.privacy.events import (
     GENESIS_HASH,
     LEDGER_VERSION,
@@ -70,6 +71,9 @@ class RoundPlan:
     # With adaptive clipping: the clip count's noise multiplier (sensitivity 1/2); the steps
     # still spend ``noise_multiplier``, split between the sum and the count. None: fixed clip.
     count_noise_multiplier: float | None = None
+    # A distributed discrete Gaussian step (one full-batch step); ``noise_multiplier`` is then
+    # the Gaussian equivalent of the guarantee the plan's budget names.
+    distributed: DistributedPlan | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_id, str) or not 0 < len(self.run_id) <= 256:
@@ -97,6 +101,34 @@ class RoundPlan:
             adaptive_clipping_noise(  # refuses a count noise that leaves the sum none
                 noise_multiplier=self.noise_multiplier,
                 count_noise_multiplier=self.count_noise_multiplier,
+            )
+        if self.distributed is not None:
+            self._check_distributed(self.distributed)
+
+    def _check_distributed(self, plan: DistributedPlan) -> None:
+        """A distributed-noise round is one full-batch step charged at the plan's multiplier."""
+        if not isinstance(plan, DistributedPlan):
+            raise PrivacyError(
+                f"distributed must be a DistributedPlan, got {type(plan).__name__}",
+                hint="build it with medfed.privacy.distributed_noise.DistributedPlan",
+            )
+        if self.sample_rate != 1.0 or self.steps != 1:
+            raise PrivacyError(
+                f"a distributed-noise round takes one full-batch step, got sample rate "
+                f"{self.sample_rate!r} and {self.steps} steps",
+                hint="plan sample_rate=1.0 and steps=1 with distributed noise",
+            )
+        if self.count_noise_multiplier is not None:
+            raise PrivacyError(
+                "a distributed-noise round has no adaptive clipping count noise",
+                hint="leave count_noise_multiplier unset; the plan's count_weight adds the count",
+            )
+        enforced = plan.enforced_noise_multiplier
+        if self.noise_multiplier != enforced:
+            raise PrivacyError(
+                f"noise multiplier {self.noise_multiplier!r} is not the {plan.budget} "
+                f"guarantee's Gaussian equivalent {enforced!r}",
+                hint="set noise_multiplier to the plan's enforced_noise_multiplier",
             )
 
     @property
@@ -230,12 +262,18 @@ class SiteLedger:
         return list(self.verify().history)
 
     def spent(
-        self, *, delta: float | None = None, accountant: AccountantName | None = None
+        self,
+        *,
+        delta: float | None = None,
+        accountant: AccountantName | None = None,
+        view: BudgetView | None = None,
     ) -> float:
         """Epsilon spent so far, recomputed from the verified ledger at its own terms.
 
         ``delta`` and ``accountant`` default to the ledger's terms (RDP at the strictest delta
-        of a format-1 ledger that has no terms yet).
+        of a format-1 ledger that has no terms yet). ``view`` None: what the budget is
+        enforced on; ``"distributed"`` or ``"local"``: every distributed-noise reservation
+        charged at that guarantee (:meth:`LedgerReport.history_of`).
         """
         report = self.verify()
         terms = report.terms
@@ -243,7 +281,8 @@ class SiteLedger:
         if delta is None:
             return 0.0
         accountant = accountant or (terms.accountant if terms else "rdp")
-        return compute_epsilon(history=report.history, delta=delta, accountant=accountant)
+        history = report.history if view is None else report.history_of(view)
+        return compute_epsilon(history=history, delta=delta, accountant=accountant)
 
     def status(self, *, terms: PrivacyTerms) -> BudgetStatus:
         """Spent and remaining epsilon under ``terms``."""
@@ -269,6 +308,10 @@ class SiteLedger:
         if plan.count_noise_multiplier is not None:
             # Written only with adaptive clipping, so that other entries stay as they were.
             fields["count_noise_multiplier"] = float(plan.count_noise_multiplier)
+        if plan.distributed is not None:
+            # Likewise only with distributed noise.
+            _check_rdp_terms(terms)
+            fields["distributed"] = plan.distributed.to_json()
         seq, check = self._write(kind="reserve", cost=plan.dp_steps, terms=terms, fields=fields)
         assert check is not None
         return Reservation(
@@ -395,6 +438,8 @@ class SiteLedger:
         current = report.terms
         if current == terms:
             return report
+        if report.has_distributed:
+            _check_rdp_terms(terms)
         floor = current.delta if current is not None else report.legacy_delta
         if floor is not None and terms.delta > floor:
             raise LedgerError(
@@ -540,6 +585,17 @@ class SiteLedger:
         if public_key_path(self.key_path).exists():
             return load_public_key(public_key_path(self.key_path))
         return None
+
+
+def _check_rdp_terms(terms: PrivacyTerms) -> None:
+    """Distributed-noise steps are charged at Gaussian equivalents that bound RDP only."""
+    if terms.accountant not in RDP_ACCOUNTANTS:
+        raise PrivacyError(
+            f"the {terms.accountant} accountant cannot charge distributed-noise steps: their "
+            "Gaussian equivalent bounds the step's RDP, not its privacy loss distribution",
+            hint=f"set privacy.accountant to one of {', '.join(RDP_ACCOUNTANTS)} for a site "
+            "that uses distributed noise",
+        )
 
 
 def _float_or_none(value: float | None) -> float | None:

@@ -153,10 +153,7 @@ class DPComponents:
                     f"patients ({self.views} view(s) each)",
                     hint="the network or loss mixes examples across the batch (e.g. BatchNorm)",
                 )
-            if self.views > 1:
-                losses = _average_views(self.module, losses, views=self.views)
-            finite = _finite_rows(self.module) & torch.isfinite(losses)
-            _zero_rows(self.module, keep=finite)
+            losses, finite = patient_rows(self.module, losses, views=self.views)
             bounded = torch.where(finite, losses, torch.full_like(losses, self.loss.clip))
             bounded = bounded.clamp(0.0, self.loss.clip) * self.loss.scale
             rows = bounded.to(self.probe.dtype).reshape(-1, 1)
@@ -175,6 +172,19 @@ class DPComponents:
             self.optimizer.max_grad_norm = clip  # type: ignore[attr-defined]
             self.loss = dataclasses.replace(self.loss, max_grad_norm=clip)
         return estimate
+
+
+def patient_rows(
+    module: nn.Module, losses: torch.Tensor, *, views: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One gradient row per patient in every ``grad_sample``: views averaged, and the rows of a
+    patient whose gradient or loss is not finite set to zero. The patients' losses and which
+    of them were finite."""
+    if views > 1:
+        losses = _average_views(module, losses, views=views)
+    finite = _finite_rows(module) & torch.isfinite(losses)
+    _zero_rows(module, keep=finite)
+    return losses, finite
 
 
 def _average_views(module: nn.Module, losses: torch.Tensor, *, views: int) -> torch.Tensor:
@@ -267,18 +277,11 @@ def make_private(
             f"augmentation multiplicity must be at least 1, got {augmentation_multiplicity}",
             hint="set training.augmentation_multiplicity to 1 or more",
         )
-    from opacus.grad_sample.utils import prepare_module
-
     from medfed.site.noise import CsprngDPOptimizer
 
-    if grad_sample_mode == "vmap":
-        module: nn.Module = model
-        per_sample = _vmap_gradients(model, num_classes)
-    else:
-        module = prepare_module(
-            model, grad_sample_mode=grad_sample_mode, batch_first=True, loss_reduction="mean"
-        )
-        per_sample = _backward_gradients(module)
+    module, per_sample = per_sample_gradients(
+        model=model, num_classes=num_classes, grad_sample_mode=grad_sample_mode
+    )
     reference = next(p for p in model.parameters() if p.requires_grad)
     probe = nn.Parameter(torch.zeros(1, dtype=reference.dtype, device=reference.device))
     optimizer.add_param_group({"params": [probe], "lr": 0.0, "weight_decay": 0.0})
@@ -300,6 +303,24 @@ def make_private(
         views=augmentation_multiplicity,
         adaptive=adaptive,
     )
+
+
+def per_sample_gradients(
+    *, model: nn.Module, num_classes: int, grad_sample_mode: GradSampleMode
+) -> tuple[nn.Module, Gradients]:
+    """The module to run and the function that fills its per-sample gradients.
+
+    ``hooks`` and ``functorch`` wrap the model in Opacus' GradSampleModule; ``vmap`` leaves it
+    plain and differentiates one example's loss with ``torch.func``.
+    """
+    if grad_sample_mode == "vmap":
+        return model, _vmap_gradients(model, num_classes)
+    from opacus.grad_sample.utils import prepare_module
+
+    module = prepare_module(
+        model, grad_sample_mode=grad_sample_mode, batch_first=True, loss_reduction="mean"
+    )
+    return module, _backward_gradients(module)
 
 
 def _backward_gradients(module: nn.Module) -> Gradients:

@@ -14,7 +14,12 @@ Four stages per key epoch and two per round, each one message from the aggregato
             with its training loss, encoded and masked: one uint32 vector and its new ledger
             lines;
 ``unmask``  the site answers the shares and round keys that remove the masks of the sum, and
-            refuses anything that would unmask one site (:mod:`medfed.secagg.reveal`).
+            refuses anything that would unmask one site (:mod:`medfed.secagg.reveal`), or a
+            distributed-noise round's sum of fewer inputs than its noise share counted on.
+
+With distributed noise (the stage's ``distributed`` settings) the ``train`` stage takes one
+full-batch step instead (:mod:`medfed.site.distributed_round`): the masked vector is the site's
+integer sum of its patients' clipped gradients and its count, under its share of the noise.
 
 What is trusted: the ledger public keys of the provisioned workspace, as the aggregator
 forwards them at the first epoch a site joins; an aggregator that deviates from the protocol
@@ -62,6 +67,7 @@ from medfed.secagg import (
 from medfed.secagg.reveal import Revealed
 from medfed.secagg.update import flatten_change, loss_extras, run_encoding
 from medfed.site import federated
+from medfed.site.distributed_round import DistributedRequest, check_allowed, distributed_round
 from medfed.storage import locked, make_private_dirs, read_json_object, replace_file
 from medfed.types import weights_digest
 
@@ -83,6 +89,12 @@ def _payload(request: RoundRequest) -> dict[str, Any]:
     if request.secure_aggregation is None:
         raise ConfigError(f"run {request.run_name!r}: the request has no secure aggregation part")
     return dict(request.secure_aggregation)
+
+
+def _distributed(payload: dict[str, Any]) -> DistributedRequest | None:
+    """The run's distributed-noise settings, when the stage carries them."""
+    value = payload.get("distributed")
+    return None if value is None else DistributedRequest.from_payload(value)
 
 
 def _epoch(payload: dict[str, Any]) -> int:
@@ -155,6 +167,9 @@ def advertise(*, config: SiteConfig, request: RoundRequest) -> SecureReply:
 
     federated.check_policy(config, request)
     payload = _payload(request)
+    asked = _distributed(payload)
+    if asked is not None:
+        check_allowed(config, asked)
     epoch = _epoch(payload)
     rounds, forwarded = wire.read(
         "keys request",
@@ -251,7 +266,6 @@ def open_received(*, config: SiteConfig, request: RoundRequest) -> SecureReply:
 def masked_round(*, config: SiteConfig, request: RoundRequest) -> SecureReply:
     """The training stage: train, then answer the masked, weighted, clipped weight change."""
     from medfed.model_files import read_arrays, write_arrays
-    from medfed.site.trainer import train_local
 
     effective = federated.round_config(config, request)
     if request.weights is None or request.round < 1:
@@ -295,35 +309,22 @@ def masked_round(*, config: SiteConfig, request: RoundRequest) -> SecureReply:
                     f"round {request.round} is outside key epoch {epoch}",
                     hint="start a new key epoch for the rounds after this one",
                 )
-            point = run_encoding(sites=sites, max_weight=max_weight, bound=bound)
-            result = train_local(
-                config=effective,
-                run_id=request.run_name,
-                round_index=request.round,
-                planned_rounds=request.planned_rounds,
-                initial_weights=request.weights,
-                proximal_mu=request.proximal_mu,
-                requested_noise=request.noise_multiplier,
-                evaluate=False,
-            )
-            change, clipped = flatten_change(
-                weights=result.weights, reference=request.weights, bound=bound
-            )
-            if clipped:
-                log.info(
-                    "site %s round %d: %d coordinates of the weight change clipped to +-%g",
-                    config.site_id,
-                    request.round,
-                    clipped,
-                    bound,
+            asked = _distributed(payload)
+            if asked is not None:
+                encoded = distributed_round(
+                    config=effective,
+                    asked=asked,
+                    run_id=request.run_name,
+                    round_index=request.round,
+                    planned_rounds=request.planned_rounds,
+                    weights=request.weights,
+                    requested_noise=request.noise_multiplier,
+                    members=sites,
+                    max_weight=max_weight,
                 )
-            weight = min(result.released_train_patients, max_weight)
-            encoded = encode_weighted(
-                point=point,
-                weight=weight,
-                update=change,
-                extras=loss_extras(result.mean_loss, bound=bound),
-            )
+                state.setdefault("distributed", {})[str(request.round)] = asked.sites
+            else:
+                encoded = _encoded_training(effective, request, sites, max_weight, bound)
             masked = mask_input(
                 secrets=secrets, roster=roster, held=held, round_id=request.round, encoded=encoded
             )
@@ -341,6 +342,41 @@ def masked_round(*, config: SiteConfig, request: RoundRequest) -> SecureReply:
     )
 
 
+def _encoded_training(
+    config: SiteConfig, request: RoundRequest, sites: int, max_weight: int, bound: float
+) -> np.ndarray:
+    """Train as in a plain round; the weighted, clipped weight change and loss, encoded."""
+    from medfed.site.trainer import train_local
+
+    assert request.weights is not None
+    point = run_encoding(sites=sites, max_weight=max_weight, bound=bound)
+    result = train_local(
+        config=config,
+        run_id=request.run_name,
+        round_index=request.round,
+        planned_rounds=request.planned_rounds,
+        initial_weights=request.weights,
+        proximal_mu=request.proximal_mu,
+        requested_noise=request.noise_multiplier,
+        evaluate=False,
+    )
+    change, clipped = flatten_change(weights=result.weights, reference=request.weights, bound=bound)
+    if clipped:
+        log.info(
+            "site %s round %d: %d coordinates of the weight change clipped to +-%g",
+            config.site_id,
+            request.round,
+            clipped,
+            bound,
+        )
+    return encode_weighted(
+        point=point,
+        weight=min(result.released_train_patients, max_weight),
+        update=change,
+        extras=loss_extras(result.mean_loss, bound=bound),
+    )
+
+
 def unmask(*, config: SiteConfig, request: RoundRequest) -> SecureReply:
     """The unmask stage: the shares and round keys the aggregator may have, and no more."""
     payload = _payload(request)
@@ -354,6 +390,14 @@ def unmask(*, config: SiteConfig, request: RoundRequest) -> SecureReply:
     path = _state_path(config, request.run_name, epoch)
     with _locked(path):
         state = _load(config, request, epoch)
+        shares = state.get("distributed", {}).get(str(asked.round))
+        if shares is not None and len(asked.survivors) < shares:
+            raise SecureAggregationError(
+                f"site {config.site_id} will not unmask round {asked.round}: its noise share "
+                f"counts on {shares} sites' shares in the sum and only "
+                f"{len(asked.survivors)} sent an input",
+                hint="the round is abandoned; the next one starts a new key epoch",
+            )
         answer, revealed = answer_unmasking(
             secrets=wire.read("stored secrets", state["secrets"], wire.secrets_from_json),
             roster=wire.read("stored roster", state["roster"], wire.roster_from_json),

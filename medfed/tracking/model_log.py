@@ -86,11 +86,20 @@ def privacy_tags(*, summary: Mapping[str, Any], run_name: str) -> dict[str, str]
         **sites_tags(sites, limit=MAX_VERSION_SITES_LENGTH),
         "medfed.rounds": str(summary.get("rounds_completed", "")),
         "medfed.secure_aggregation": _flag(summary.get("secure_aggregation")),
+        "medfed.distributed_noise": _distributed(summary.get("distributed_noise")),
     }
     for site in sites:
         budget = dict(per_site[site])
         spent = budget.get("epsilon_spent")
         tags[f"medfed.epsilon.{site}"] = "inf" if spent is None else repr(float(spent))
+        if budget.get("budget_view") is not None:
+            # distributed noise: both guarantees, and the one the cap holds on
+            tags[f"medfed.epsilon_view.{site}"] = str(budget["budget_view"])
+            for view in ("distributed", "local"):
+                value = budget.get(f"epsilon_{view}")
+                tags[f"medfed.epsilon_{view}.{site}"] = (
+                    "inf" if value is None else repr(float(value))
+                )
         tags[f"medfed.delta.{site}"] = repr(float(budget.get("delta", float("nan"))))
         tags[f"medfed.accountant.{site}"] = str(budget.get("accountant", "unknown"))
         if budget.get("epsilon_cap") is not None:
@@ -102,6 +111,13 @@ def privacy_tags(*, summary: Mapping[str, Any], run_name: str) -> dict[str, str]
         tags["medfed.site_level_epsilon"] = "inf" if spent is None else repr(float(spent))
         tags["medfed.site_level_delta"] = repr(float(site_level.get("delta", float("nan"))))
     return tags
+
+
+def _distributed(value: object) -> str:
+    """Distributed noise as a tag: "false", or the shares the sites counted on ("3 sites")."""
+    if isinstance(value, Mapping):
+        return f"{value.get('sites')} sites"
+    return "false"
 
 
 def _flag(value: object) -> str:

@@ -440,5 +440,6 @@ def parent_tags(*, run_name: str, sites: list[str], settings: Mapping[str, Any])
         **sites_tags(sites),
         "medfed.strategy": strategy_name(settings),
         "medfed.secure_aggregation": str(bool(settings.get("secure_aggregation"))).lower(),
+        "medfed.distributed_noise": str(bool(settings.get("distributed_noise"))).lower(),
         "medfed.app_hash": app_hash(),
     }

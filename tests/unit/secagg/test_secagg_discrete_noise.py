@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from medfed.errors import PrivacyError
-from medfed.site.discrete_noise import (
+from medfed.secagg.discrete_noise import (
     conditional_round,
     decode_sum,
     discrete_gaussian,

@@ -163,3 +163,25 @@ def test_a_site_called_dropped_reveals_nothing(configs: dict[str, SiteConfig]) -
 def test_a_stage_before_the_keys_is_refused(configs: dict[str, SiteConfig]) -> None:
     with pytest.raises(SecureAggregationError, match="has no keys for key epoch 1"):
         share(config=configs["site-a"], request=_request({"epoch": 1, "bundles": []}))
+
+
+def test_a_distributed_noise_round_is_not_unmasked_with_fewer_shares_than_counted_on(
+    configs: dict[str, SiteConfig],
+) -> None:
+    _opened(configs)
+    # site-a masked round 1 with a noise share that counts on all three sites' shares
+    path = state_dir(configs["site-a"], "study") / "epoch-0001.json"
+    state = json.loads(path.read_text())
+    path.write_text(json.dumps({**state, "distributed": {"1": 3}}))
+    asked = UnmaskRequest(
+        run_id="study", epoch=1, round=1, survivors=("site-a", "site-b"), dropped=("site-c",)
+    )
+    payload = {"epoch": 1, "request": wire.request_to_json(asked)}
+    with pytest.raises(SecureAggregationError, match="counts on 3 sites' shares in the sum"):
+        unmask(config=configs["site-a"], request=_request(payload))
+    # the same request for a round without distributed noise is answered
+    other = UnmaskRequest(
+        run_id="study", epoch=1, round=2, survivors=("site-a", "site-b"), dropped=("site-c",)
+    )
+    payload = {"epoch": 1, "request": wire.request_to_json(other)}
+    assert unmask(config=configs["site-a"], request=_request(payload)).payload["answer"]

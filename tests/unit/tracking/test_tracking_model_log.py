@@ -31,6 +31,23 @@ def test_privacy_tags_state_each_sites_spend(fake_run: Callable[..., FakeRun]) -
     assert tags["medfed.secure_aggregation"] == "unknown"
     summary["secure_aggregation"] = True
     assert privacy_tags(summary=summary, run_name="trial")["medfed.secure_aggregation"] == "true"
+    assert tags["medfed.distributed_noise"] == "false"
+    assert not any(key.startswith("medfed.epsilon_view") for key in tags)
+
+
+def test_with_distributed_noise_both_epsilons_and_the_enforced_one_are_tagged(
+    fake_run: Callable[..., FakeRun],
+) -> None:
+    summary = fake_run().summary()
+    summary["distributed_noise"] = {"sites": 3, "count_share": 0.25}
+    budget = summary["budgets"]["sites"]["site-a"]
+    budget |= {"epsilon_distributed": 2.5, "epsilon_local": 7.25, "budget_view": "distributed"}
+    tags = privacy_tags(summary=summary, run_name="trial")
+    assert tags["medfed.distributed_noise"] == "3 sites"
+    assert tags["medfed.epsilon_view.site-a"] == "distributed"
+    assert tags["medfed.epsilon_distributed.site-a"] == "2.5"
+    assert tags["medfed.epsilon_local.site-a"] == "7.25"
+    assert "medfed.epsilon_view.site-b" not in tags
 
 
 def test_the_example_patch_fits_the_network() -> None:
