@@ -110,6 +110,7 @@ def build_document(
             if wide
             else []
         ),
+        *([_run_modes(result)] if result.run_modes else []),
         _summary(result, sites, canary_audits, full=full if wide else None),
         Section(
             heading="Findings",
@@ -178,6 +179,15 @@ def _summary(
     for site in sites if full is None else full:
         blocks += summary_paragraphs(site, canary_audits=_of(audits, site.site_id))
     return Section(heading=SUMMARY_HEADING, level=2, blocks=tuple(blocks), anchor="summary")
+
+
+def _run_modes(result: AuditResult) -> Table:
+    """Each run's aggregation and noise: which of a site's epsilons its guarantee rests on."""
+    return Table(
+        header=("run", "aggregation and noise"),
+        rows=tuple((mode.run_name, mode.describe()) for mode in result.run_modes),
+        nowrap=frozenset({0}),
+    )
 
 
 def _checks(result: AuditResult) -> Table:

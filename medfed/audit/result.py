@@ -91,6 +91,46 @@ class SiteAudit:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RunMode:
+    """Under which aggregation a run's guarantees were given, from its settings.
+
+    ``secure_aggregation``: the aggregator saw only the sum of the sites' updates;
+    ``distributed_sites``: with distributed noise, the noise shares each site counted on (None:
+    each site added all of its noise); ``site_level``: site-level DP at the aggregator on top.
+    None where the run's settings do not say (a run from before they did).
+    """
+
+    run_name: str
+    secure_aggregation: bool | None
+    distributed_sites: int | None
+    site_level: bool
+
+    def describe(self) -> str:
+        if self.secure_aggregation is None:
+            aggregation = "not recorded"
+        elif self.secure_aggregation:
+            aggregation = "secure aggregation (the aggregator saw only the sum)"
+        else:
+            aggregation = "plain (the aggregator saw each site's update)"
+        noise = (
+            "each site's own"
+            if self.distributed_sites is None
+            else f"distributed over {self.distributed_sites} sites' shares: the distributed "
+            "epsilon holds while secure aggregation and those sites hold, the local one otherwise"
+        )
+        extra = "; site-level DP at the aggregator" if self.site_level else ""
+        return f"aggregation {aggregation}; noise {noise}{extra}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_name": self.run_name,
+            "secure_aggregation": self.secure_aggregation,
+            "distributed_noise_sites": self.distributed_sites,
+            "site_level_dp": self.site_level,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AuditResult:
     """Everything ``medfed audit verify`` reports."""
 
@@ -99,6 +139,7 @@ class AuditResult:
     sites: tuple[SiteAudit, ...]
     findings: tuple[Finding, ...]
     checks: tuple[Check, ...]
+    run_modes: tuple[RunMode, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -118,6 +159,7 @@ class AuditResult:
     def lines(self, *, verbose: bool = False) -> list[str]:
         """The text report: one line per finding, the checks when ``verbose``, the verdict."""
         out = [finding.one_line() for finding in self.findings]
+        out += [f"run {mode.run_name}: {mode.describe()}" for mode in self.run_modes]
         out += [site.one_line() for site in self.sites]
         checks = self.checks if verbose else [c for c in self.checks if c.status != "pass"]
         out += [check.one_line() for check in checks]
@@ -136,6 +178,7 @@ class AuditResult:
             "verdict": self.verdict,
             "passed": self.passed,
             "runs": list(self.run_names),
+            "run_modes": [mode.to_json() for mode in self.run_modes],
             "findings": [f.to_json() for f in self.findings],
             "checks": [c.to_json() for c in self.checks],
             "sites": {s.site_id: s.to_json() for s in self.sites},

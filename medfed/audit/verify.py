@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from medfed.audit.findings import Collector, Finding
-from medfed.audit.result import AuditResult, SiteAudit
+from medfed.audit.result import AuditResult, RunMode, SiteAudit
 from medfed.audit.runs import RunEpsilon, VerifiedCopy, audit_run
 from medfed.audit.sites import audit_site, relative_source
 from medfed.audit.sources import RunRecord, read_runs
@@ -129,4 +129,19 @@ def verify_runs(
         sites=audited,
         findings=tuple(collect.findings),
         checks=tuple(collect.checks),
+        run_modes=tuple(run_mode(run) for run in runs),
+    )
+
+
+def run_mode(run: RunRecord) -> RunMode:
+    """The aggregation a run's guarantees were given under, from its settings."""
+    settings = run.settings or {}
+    secure = settings.get("secure_aggregation")
+    distributed = settings.get("distributed_noise")
+    strategy = settings.get("strategy")
+    return RunMode(
+        run_name=run.name,
+        secure_aggregation=None if secure is None else bool(secure),
+        distributed_sites=int(distributed["sites"]) if isinstance(distributed, Mapping) else None,
+        site_level=isinstance(strategy, Mapping) and strategy.get("central_dp") is not None,
     )

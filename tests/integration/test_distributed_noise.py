@@ -21,7 +21,7 @@ from test_secure_aggregation import SilentGrid
 from medfed.aggregator.federation import run_federation
 from medfed.api.demo import DEMO_MODEL
 from medfed.api.sites import SyntheticSites, make_synthetic_sites
-from medfed.audit import verify_workspace
+from medfed.audit import build_report, verify_workspace
 from medfed.config import load_site_config
 from medfed.config.run import RunSettings
 from medfed.envelope import TRAIN, read_secure
@@ -145,6 +145,13 @@ def test_sites_add_shares_and_the_aggregator_learns_only_the_noisy_sum(tmp_path:
     assert summary["distributed_noise"] == {"sites": 3, "count_share": 0.25}
     audit = verify_workspace(workspace=made.workspace.root, run_name=RUN)
     assert audit.passed, [f.one_line() for f in audit.findings]
+    (mode,) = audit.run_modes
+    assert (mode.secure_aggregation, mode.distributed_sites) == (True, 3)
+    html = build_report(workspace=made.workspace.root, run_name=RUN).to_html()
+    assert (
+        "distributed over 3 sites&#x27; shares" in html
+        or "distributed over 3 sites' shares" in html
+    )
     for site in made.site_configs:
         budget = summary["budgets"]["sites"][site]
         assert budget["budget_view"] == "distributed"
