@@ -19,6 +19,7 @@ from typing import Any
 
 from medfed.aggregator.context import RunContext
 from medfed.aggregator.outcome import FederationResult
+from medfed.aggregator.site_level_ledger import site_level_ledger_path
 from medfed.errors import MedfedError
 from medfed.run_events import RunFailed, RunFinished, RunStopped, read_events
 from medfed.storage import make_private_dirs, replace_file
@@ -106,6 +107,10 @@ def write_report(
         copy = layout.ledger_copy(site)
         if copy.is_file():
             shutil.copyfile(copy, report / "ledgers" / copy.name)
+    site_level = site_level_ledger_path(paths.directory)
+    if site_level.is_file():
+        # site-level DP's own ledger (its unit is a whole site), beside the sites' ledgers
+        shutil.copyfile(site_level, report / "ledgers" / site_level.name)
     replace_file(report / "budget_state.json", _json(budget_state))
     _write_plots(paths.events, report / "plots", title=run_name)
     _write_audit_report(layout.root, run_name, report / "audit")

@@ -30,6 +30,7 @@ from medfed.audit.sites_csv import sites_csv
 from medfed.audit.sources import RunRecord, read_runs
 from medfed.audit.statement import ReleaseRow, RoundRow, SiteStatement
 from medfed.audit.verify import AuditResult, SiteAudit, check_mlflow_run, verify_runs
+from medfed.model_average import EMA_MODEL_DIR
 from medfed.model_files import MANIFEST_NAME
 from medfed.privacy.events import ReserveEntry, TermsEntry
 from medfed.privacy.ledger import LedgerReport
@@ -327,7 +328,7 @@ def _checkpoints(run: RunRecord, site_id: str) -> list[dict[str, Any]]:
         direct = isinstance(sites, list) and site_id in sites
         rounds.append((directory, metadata.get("round"), direct, meta.get("weights") or {}))
     first = next((index for index, item in enumerate(rounds) if item[2]), None)
-    return [
+    found = [
         {
             "run_name": run.name,
             "round": round_,
@@ -338,3 +339,29 @@ def _checkpoints(run: RunRecord, site_id: str) -> list[dict[str, Any]]:
         }
         for directory, round_, direct, weights in ([] if first is None else rounds[first:])
     ]
+    average = _moving_average(run, trained={m["round"] for m in found}, final=final)
+    return found if average is None else [*found, average]
+
+
+def _moving_average(run: RunRecord, *, trained: set[Any], final: object) -> dict[str, Any] | None:
+    """The run's moving average of its global models (``ema: {decay}``), when it averages a
+    round trained on the site's data: named as what it is, with the rounds it averages."""
+    directory = run.directory / EMA_MODEL_DIR
+    try:
+        meta = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
+        ema = meta["metadata"]["ema"]
+        rounds = [int(r) for r in ema["rounds"]]
+        decay = float(ema["decay"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not trained.intersection(rounds):
+        return None
+    weights = meta.get("weights") or {}
+    return {
+        "run_name": run.name,
+        "round": f"moving average (EMA, decay {decay:g}) of rounds {rounds[0]}-{rounds[-1]}",
+        "path": str(directory),
+        "direct": False,
+        "final": final is not None and Path(str(final)) == directory,
+        "sha256": weights.get("sha256") if isinstance(weights, dict) else None,
+    }

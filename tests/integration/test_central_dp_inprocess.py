@@ -54,6 +54,9 @@ def test_central_dp_is_accounted_apart_and_the_average_is_the_final_model(
     # the site-level ledger: one Gaussian release per round, over the cohort of 3 sites
     lines = (run_dir / "site_level_ledger.jsonl").read_text().splitlines()
     entries = [json.loads(line) for line in lines]
+    # handed to an auditor with the run's report, beside the sites' ledgers
+    copied = run_dir / "report" / "ledgers" / "site_level_ledger.jsonl"
+    assert copied.read_text().splitlines() == lines
     assert [(e["round"], e["cohort"], e["unit"]) for e in entries] == [
         (1, 3, "site"),
         (2, 3, "site"),

@@ -94,6 +94,36 @@ def test_models_come_from_the_runs_checkpoints_without_mlflow(federation: Federa
     assert [(m["round"], m["direct"]) for m in b.models] == [(1, True), (2, True)]
 
 
+def test_a_runs_moving_average_is_listed_as_one_and_marked_final(federation: Federation) -> None:
+    run = federation.workspace_dir / "runs" / "run-1"
+    for round_ in (1, 2):
+        directory = run / "global" / f"round-{round_:04d}"
+        directory.mkdir(parents=True)
+        meta = {"metadata": {"round": round_, "sites": ["site-a"]}, "weights": {"sha256": "ab"}}
+        (directory / "model.json").write_text(json.dumps(meta))
+    ema = run / "ema-model"
+    ema.mkdir()
+    meta = {"metadata": {"ema": {"decay": 0.9, "rounds": [1, 2]}}, "weights": {"sha256": "cd"}}
+    (ema / "model.json").write_text(json.dumps(meta))
+    summary = json.loads((run / "summary.json").read_text())
+    summary["model"] = str(ema)
+    (run / "summary.json").write_text(json.dumps(summary))
+
+    models = build_report(workspace=federation.workspace_dir).site("site-a").models
+    assert [(m["round"], m["final"]) for m in models] == [
+        (1, False),
+        (2, False),
+        ("moving average (EMA, decay 0.9) of rounds 1-2", True),
+    ]
+    assert models[-1]["sha256"] == "cd"
+    # a site none of whose rounds the average holds is not listed under it
+    assert all("moving average" not in str(m["round"]) for m in _models_of(federation, "site-b"))
+
+
+def _models_of(federation: Federation, site: str) -> list[dict[str, object]]:
+    return list(build_report(workspace=federation.workspace_dir).site(site).models)
+
+
 def test_without_matplotlib_plots_are_left_out_with_a_note(
     federation: Federation, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
