@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Context, Message
+from scipy import stats
 from test_secure_aggregation import SilentGrid
 
 from medfed.aggregator.federation import run_federation
@@ -113,6 +114,8 @@ def test_sites_add_shares_and_the_aggregator_learns_only_the_noisy_sum(tmp_path:
             assert not reply.has_error(), reply.error
             received = read_secure(reply.content)
             assert received.masked is not None and received.masked.shape == (grid.length,)
+            # uniform on [0, 2^32) on its own: the integer sum and count are under the masks
+            assert stats.kstest(received.masked / 2.0**32, "uniform").pvalue > 1e-4
             lines = [json.loads(line) for line in received.ledger_lines]
             # This run crosses with its reservation and commit only: no count, loss or Dice.
             run_kinds = {x["kind"] for x in lines if x.get("run_id") == RUN}
