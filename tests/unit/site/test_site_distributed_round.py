@@ -11,7 +11,8 @@ import pytest
 from medfed.config.site import SiteConfig
 from medfed.errors import PolicyError
 from medfed.privacy import compute_epsilon
-from medfed.secagg.grid import grid_for
+from medfed.privacy.site_ledger import RoundPlan
+from medfed.secagg.grid import Grid, grid_for
 from medfed.site.distributed_round import DistributedRequest, check_allowed, plan_step
 
 
@@ -24,6 +25,19 @@ def _site(tmp_path: Path, **policy: Any) -> SiteConfig:
             "privacy": {"noise_multiplier": 1.0, "epsilon_cap": 8.0},
             "policy": {"max_epsilon_per_round": 8.0, "distributed_noise": policy},
         }
+    )
+
+
+def _plan(config: SiteConfig, grid: Grid, *, sites: int, noise: float) -> RoundPlan:
+    return plan_step(
+        config=config,
+        grid=grid,
+        asked=DistributedRequest(sites=sites, count_share=0.25),
+        requested_noise=noise,
+        patients=20,
+        run_id="run",
+        round_index=1,
+        planned_rounds=10,
     )
 
 
@@ -52,17 +66,7 @@ def test_only_an_rdp_accountant_may_account_for_it(tmp_path: Path) -> None:
 def test_each_share_is_the_sums_noise_over_sqrt_sites(tmp_path: Path, budget: str) -> None:
     config = _site(tmp_path, allowed=True, budget=budget)
     grid = grid_for(dim=5_527, clip=0.5, count_share=0.25, run_id="run", round_id=1)
-    asked = DistributedRequest(sites=4, count_share=0.25)
-    plan = plan_step(
-        config=config,
-        grid=grid,
-        asked=asked,
-        requested_noise=2.0,
-        patients=20,
-        run_id="run",
-        round_index=1,
-        planned_rounds=10,
-    )
+    plan = _plan(config, grid, sites=4, noise=2.0)
     share = plan.distributed
     assert share is not None and share.sites == 4 and share.budget == budget
     sensitivity = math.hypot(grid.l2_bound, grid.count_weight)
@@ -80,30 +84,12 @@ def test_a_run_asking_for_less_noise_than_the_sites_own_is_refused(tmp_path: Pat
     config = _site(tmp_path, allowed=True)
     grid = grid_for(dim=100, clip=1.0, count_share=0.25, run_id="run", round_id=1)
     with pytest.raises(PolicyError, match="less than the site's"):
-        plan_step(
-            config=config,
-            grid=grid,
-            asked=DistributedRequest(sites=3, count_share=0.25),
-            requested_noise=0.5,
-            patients=20,
-            run_id="run",
-            round_index=1,
-            planned_rounds=10,
-        )
+        _plan(config, grid, sites=3, noise=0.5)
 
 
 def test_the_per_round_limit_applies_to_the_enforced_epsilon(tmp_path: Path) -> None:
     grid = grid_for(dim=100, clip=1.0, count_share=0.25, run_id="run", round_id=1)
-    local = plan_step(
-        config=_site(tmp_path, allowed=True, budget="local"),
-        grid=grid,
-        asked=DistributedRequest(sites=9, count_share=0.25),
-        requested_noise=3.0,
-        patients=20,
-        run_id="run",
-        round_index=1,
-        planned_rounds=10,
-    )
+    local = _plan(_site(tmp_path, allowed=True, budget="local"), grid, sites=9, noise=3.0)
     # the local share alone is noise 1: one step spends what Gaussian noise 1 spends
     alone = compute_epsilon(history=[local.dp_steps], delta=1e-5, accountant="rdp")
     assert alone == pytest.approx(
@@ -114,16 +100,7 @@ def test_the_per_round_limit_applies_to_the_enforced_epsilon(tmp_path: Path) -> 
         update={"policy": strict.policy.model_copy(update={"max_epsilon_per_round": 1.0})}
     )
     with pytest.raises(PolicyError, match=r"above policy\.max_epsilon_per_round 1"):
-        plan_step(
-            config=strict,
-            grid=grid,
-            asked=DistributedRequest(sites=9, count_share=0.25),
-            requested_noise=3.0,
-            patients=20,
-            run_id="run",
-            round_index=1,
-            planned_rounds=10,
-        )
+        _plan(strict, grid, sites=9, noise=3.0)
 
 
 def _gaussian(noise: float) -> Any:
