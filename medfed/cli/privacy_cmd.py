@@ -154,6 +154,7 @@ def ledger(
     from medfed.config import load_site_config
     from medfed.privacy.accounting import compute_epsilon, conversion_of
     from medfed.privacy.budget import BudgetStatus
+    from medfed.privacy.distributed_noise import BUDGET_VIEWS, RDP_ACCOUNTANTS
     from medfed.site.ledger_of import ledger_of
 
     site = load_site_config(config)
@@ -163,6 +164,9 @@ def ledger(
     cap = terms.cap
     accountant: AccountantName = terms.accountant
     names = [accountant, *(name for name in _COMPARED if name != accountant)]
+    if report.has_distributed:
+        # distributed-noise steps are charged at Gaussian equivalents that bound RDP only
+        names = [name for name in names if name in RDP_ACCOUNTANTS]
     by_accountant = {
         name: compute_epsilon(history=report.history, delta=cap.delta, accountant=name)
         for name in names
@@ -191,10 +195,29 @@ def ledger(
             name: finite_or_none(value) for name, value in by_accountant.items()
         },
     }
+    plans = report.distributed_plans
+    if plans:
+        views = {
+            view: compute_epsilon(
+                history=report.history_of(view), delta=cap.delta, accountant=accountant
+            )
+            for view in BUDGET_VIEWS
+        }
+        summary["distributed_noise"] = {
+            "rounds": len(plans),
+            "sites": sorted({plan.sites for plan in plans.values()}),
+            "distributed": finite_or_none(views["distributed"]),
+            "local": finite_or_none(views["local"]),
+            "budget_enforced_on": plans[max(plans)].budget,
+        }
     if as_json:
         typer.echo(json.dumps(summary))
         return
     _print_summary(summary, by_accountant)
+
+
+def _number(value: float | None) -> str:
+    return "inf" if value is None else f"{value:.4f}"
 
 
 def _print_summary(summary: dict[str, Any], by_accountant: dict[AccountantName, float]) -> None:
@@ -223,6 +246,17 @@ def _print_summary(summary: dict[str, Any], by_accountant: dict[AccountantName, 
         ("released numbers", str(summary["releases"])),
         ("remaining", f"{summary['remaining']:.4f}"),
     ]
+    shared = summary.get("distributed_noise")
+    if shared is not None:
+        rows += [
+            (
+                f"distributed epsilon ({' or '.join(map(str, shared['sites']))} sites' shares "
+                "and secure aggregation hold)",
+                _number(shared["distributed"]),
+            ),
+            ("local epsilon (own noise alone)", _number(shared["local"])),
+            ("the cap holds on", f"the {shared['budget_enforced_on']} epsilon"),
+        ]
     rows += [
         (f"for comparison: {name}", f"{value:.4f}  ({conversion_of(name)})")
         for name, value in by_accountant.items()

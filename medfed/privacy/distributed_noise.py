@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # numpy and scipy load only when an RDP curve is computed: th
 DEFAULT_ORDERS: tuple[int, ...] = (*range(2, 129), 256)
 
 BudgetView = Literal["distributed", "local"]
-BUDGET_VIEWS: Final[tuple[str, ...]] = get_args(BudgetView)
+BUDGET_VIEWS: Final[tuple[BudgetView, ...]] = get_args(BudgetView)
 #: Accountants whose composition of Gaussian RDP curves can stand in for a DDG step's RDP.
 RDP_ACCOUNTANTS: Final[tuple[str, ...]] = ("rdp", "rdp-classic")
 

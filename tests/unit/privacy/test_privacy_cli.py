@@ -152,3 +152,54 @@ def _run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> int:
     finally:
         sys.argv = saved
     return int(exited.value.code or 0)
+
+
+def test_ledger_shows_both_guarantees_of_distributed_noise(tmp_path: Path) -> None:
+    import math
+
+    from medfed.privacy.distributed_noise import DistributedNoise, DistributedPlan
+
+    config = _site(tmp_path)
+    ledger = _site_ledger(tmp_path)
+    _spend(ledger)
+    shared = DistributedPlan(
+        noise=DistributedNoise(
+            clip=1.0,
+            scale=64.0,
+            beta=math.exp(-0.5),
+            dim=1 << 12,
+            local_stddev=60.0,
+            count_weight=16,
+        ),
+        sites=9,
+        budget="distributed",
+    )
+    plan = RoundPlan(
+        run_id="run-2",
+        round=1,
+        planned_rounds=1,
+        steps=1,
+        sample_rate=1.0,
+        noise_multiplier=shared.enforced_noise_multiplier,
+        max_grad_norm=1.0,
+        distributed=shared,
+    )
+    terms = PrivacyTerms(accountant="rdp", delta=DELTA, epsilon_cap=8.0)
+    ledger.commit(ledger.reserve(plan=plan, terms=terms), steps=1)
+    result = runner.invoke(app, ["privacy", "ledger", "--config", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    report = ledger.verify()
+    views = data["distributed_noise"]
+    for view in ("distributed", "local"):
+        history = report.history_of(view)  # type: ignore[arg-type]
+        assert views[view] == compute_epsilon(history=history, delta=DELTA, accountant="rdp")
+    assert data["spent"] == views["distributed"] < views["local"]
+    assert (views["rounds"], views["sites"], views["budget_enforced_on"]) == (1, [9], "distributed")
+    # PRV and PLD would bound the Gaussian equivalents, not the discrete mechanism: not shown
+    assert set(data["epsilon_by_accountant"]) == {"rdp", "rdp-classic"}
+    human = runner.invoke(
+        app, ["privacy", "ledger", "--config", str(config)], env={"COLUMNS": "200"}
+    )
+    assert "distributed epsilon (9 sites' shares and secure aggregation hold)" in human.stdout
+    assert "local epsilon (own noise alone)" in human.stdout
