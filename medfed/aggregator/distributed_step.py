@@ -26,11 +26,17 @@ def distributed_step(
     round_index: int,
     words: np.ndarray,
     reference: Mapping[str, np.ndarray],
+    counts: list[float],
 ) -> MeanUpdate:
-    """The global model after the round's noisy step, and the noisy patient count.
+    """The global model after the round's noisy step, and the patient count it divided by.
 
-    The count is floored at one patient per site in the sum, so that noise never turns the step
-    into a division by a count near zero (or below it).
+    Each round's noisy count is appended to ``counts`` (the run's, kept by the caller), and the
+    step divides by their mean: the sites' patients do not change from round to round, so the
+    mean's noise shrinks as the rounds go by (its standard deviation, ``1 / count_share`` times
+    the gradient's noise multiplier in patients for one round, falls with the square root of
+    the rounds), where one round's noisy count alone would scale each step at random. The
+    denominator is floored at one patient per share counted on, so that noise never turns the
+    step into a division by a count near zero (or below it).
 
     Raises:
         SecureAggregationError: The run is not a distributed-noise run with its clip and
@@ -51,7 +57,8 @@ def distributed_step(
         round_id=round_index,
     )
     noisy = decode(grid=grid, words=words)
-    patients = max(noisy.patients, float(noise.sites))
+    counts.append(noisy.patients)
+    patients = max(float(np.mean(counts)), float(noise.sites))
     step = noisy.gradient * (-settings.learning_rate / patients)
     weights: dict[str, np.ndarray] = {}
     offset = 0

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
@@ -89,6 +89,8 @@ class SecureRun:
     ctx: RunContext
     current: SecureEpoch | None = None
     renew: bool = False
+    # distributed noise: each round's noisy patient count (the steps divide by their mean)
+    counts: list[float] = field(default_factory=list)
 
     def train_round(
         self,
@@ -110,7 +112,9 @@ class SecureRun:
                 _abandon(ctx, round_index, round_index, f"no key epoch: {exc.message}")
                 return None
             self.current, self.renew = epoch, False
-        outcome, dropped = secure_round(ctx, epoch, round_index, selected, weights, aggregation)
+        outcome, dropped = secure_round(
+            ctx, epoch, round_index, selected, weights, aggregation, counts=self.counts
+        )
         self.renew = bool(dropped) or outcome is None
         if outcome is not None:
             outcome.seconds = time.monotonic() - started  # a new key epoch's stages included
@@ -124,8 +128,13 @@ def secure_round(
     selected: Mapping[str, int],
     weights: Mapping[str, np.ndarray],
     aggregation: RoundAggregation,
+    *,
+    counts: list[float],
 ) -> tuple[RoundOutcome | None, tuple[str, ...]]:
-    """One masked round: the outcome (None: abandoned) and the members that dropped out."""
+    """One masked round: the outcome (None: abandoned) and the members that dropped out.
+
+    ``counts``: the run's noisy patient counts of earlier distributed-noise rounds.
+    """
     settings = ctx.settings
     asked = {site: node for site, node in selected.items() if site in epoch.members}
     ctx.emit(RoundStarted(run_name=ctx.run_name, round=round_index, sites=tuple(sorted(asked))))
@@ -173,7 +182,11 @@ def secure_round(
         words = _unmask(ctx, epoch, round_index, masked, asked, dropped)
         if settings.distributed_noise is not None:
             mean = distributed_step(
-                settings=settings, round_index=round_index, words=words, reference=weights
+                settings=settings,
+                round_index=round_index,
+                words=words,
+                reference=weights,
+                counts=counts,
             )
         else:
             total = decode_weighted_sum(
