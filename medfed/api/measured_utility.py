@@ -48,6 +48,30 @@ MEASURED: Final[tuple[MeasuredRatio, ...]] = (
         source="benchmarks/README.md, Utility: 3 sites x 24 synthetic cases at 32^3 (19 "
         "training patients each), 80 one-step rounds, FedAdam 0.05, channels 8,16",
     ),
+    *(
+        MeasuredRatio(
+            task="shapes",
+            sites=3,
+            patients_per_site=train,
+            epsilon=epsilon,
+            delta=1e-5,
+            recipe="dp-fedadam-one-step",
+            ratio=ratio,
+            low=ratio,
+            high=ratio,
+            runs=1,
+            source=f"benchmarks/README.md, Utility as sites grow (utility_curve.py): 3 sites x "
+            f"{cases} synthetic cases at 32^3, the recipe at epsilon {epsilon:g}, one run",
+        )
+        # (cases per site, training patients, epsilon, ratio)
+        for cases, train, epsilon, ratio in (
+            (48, 38, 8.0, 0.791),
+            (96, 77, 8.0, 0.850),
+            (24, 19, 2.0, 0.638),
+            (48, 38, 2.0, 0.674),
+            (96, 77, 2.0, 0.799),
+        )
+    ),
 )
 
 
