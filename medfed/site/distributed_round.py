@@ -204,8 +204,9 @@ def distributed_round(
         round_index=round_index,
         planned_rounds=planned_rounds,
     )
-    assert plan.distributed is not None
-    summed_noise = math.sqrt(members) * plan.distributed.noise.local_stddev
+    share = plan.distributed
+    assert share is not None
+    summed_noise = math.sqrt(members) * share.noise.local_stddev
     wrap = wrap_problem(grid=grid, patients=members * max_weight, noise_std=summed_noise)
     if wrap is not None:
         raise PolicyError(
@@ -220,8 +221,6 @@ def distributed_round(
     datasets.train.set_random_state(config.training.seed + round_index)
     device = resolve_device(name=config.training.device, threads=config.training.threads)
     model, _spec = build_site_model(config=config, device=device, initial_weights=weights)
-    share = plan.distributed
-    assert share is not None
     reservation = ledger.reserve(plan=plan, terms=terms)
     words: np.ndarray | None = None
     try:
