@@ -26,15 +26,16 @@ alone, to check that its delta is below one over it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medfed.config.run import DistributedNoiseSettings
 from medfed.config.site import SiteConfig
 from medfed.errors import PolicyError
 from medfed.privacy.distributed_noise import RDP_ACCOUNTANTS, DistributedNoise, DistributedPlan
@@ -42,7 +43,7 @@ from medfed.privacy.sampling import plan_sampling
 from medfed.privacy.site_ledger import RoundPlan
 from medfed.secagg.discrete_noise import discrete_gaussian, patient_vector
 from medfed.secagg.grid import Grid, grid_for, to_words, wrap_problem
-from medfed.site import policy
+from medfed.site import policy, release
 from medfed.types import weights_digest
 
 if TYPE_CHECKING:
@@ -54,28 +55,7 @@ log = logging.getLogger("medfed.site")
 PATIENTS_PER_PASS = 8  # patients whose per-sample gradients are held at once
 
 
-@dataclass(frozen=True, kw_only=True)
-class DistributedRequest:
-    """What a run asks of a distributed-noise round: ``sites`` shares, the count's share."""
-
-    sites: int
-    count_share: float
-
-    @classmethod
-    def from_payload(cls, value: Any) -> DistributedRequest:
-        from medfed.secagg import wire
-
-        return wire.read(
-            "distributed noise settings",
-            value,
-            lambda p: cls(sites=wire.integer(p["sites"]), count_share=float(p["count_share"])),
-        )
-
-    def to_payload(self) -> dict[str, Any]:
-        return {"sites": self.sites, "count_share": self.count_share}
-
-
-def check_allowed(config: SiteConfig, asked: DistributedRequest) -> None:
+def check_allowed(config: SiteConfig, asked: DistributedNoiseSettings) -> None:
     """Refuse distributed noise the site's policy does not allow; every broken rule named."""
     rules = config.policy.distributed_noise
     problems = []
@@ -103,7 +83,7 @@ def plan_step(
     *,
     config: SiteConfig,
     grid: Grid,
-    asked: DistributedRequest,
+    asked: DistributedNoiseSettings,
     requested_noise: float | None,
     patients: int,
     run_id: str,
@@ -121,13 +101,9 @@ def plan_step(
         local_stddev=1.0,
         count_weight=float(grid.count_weight),
     )
-    noise = DistributedNoise(
-        clip=grid.clip,
-        scale=grid.scale,
-        beta=grid.beta,
-        dim=grid.padded,
-        local_stddev=total_noise * unit.l2_sensitivity / math.sqrt(asked.sites),
-        count_weight=float(grid.count_weight),
+    # the share: the sum's noise over the patient's sensitivity, split into ``sites`` parts
+    noise = dataclasses.replace(
+        unit, local_stddev=total_noise * unit.l2_sensitivity / math.sqrt(asked.sites)
     )
     distributed = DistributedPlan(
         noise=noise, sites=asked.sites, budget=config.policy.distributed_noise.budget
@@ -149,7 +125,7 @@ def plan_step(
 def distributed_round(
     *,
     config: SiteConfig,
-    asked: DistributedRequest,
+    asked: DistributedNoiseSettings,
     run_id: str,
     round_index: int,
     planned_rounds: int,
@@ -186,7 +162,8 @@ def distributed_round(
     )
     datasets = build_datasets(config)
     patients = len(datasets.train)
-    _check_delta(config, patients + len(datasets.val))
+    # the exact count, at the site alone: nothing of it is released in such a round
+    release.check_delta(config, patients + len(datasets.val), released=False)
     grid = grid_for(
         dim=sum(int(np.asarray(a).size) for a in weights.values()),
         clip=config.privacy.max_grad_norm,
@@ -246,17 +223,6 @@ def distributed_round(
     )
     assert words is not None
     return words
-
-
-def _check_delta(config: SiteConfig, patients: int) -> None:
-    """The site's delta must be below one over its patients (checked here, never released)."""
-    delta = config.privacy.delta
-    if delta * patients >= 1.0:
-        raise PolicyError(
-            f"privacy.delta {delta:g} is not below 1 / {patients} (one over the site's number "
-            "of patients): at that delta DP-SGD may disclose a patient outright",
-            hint="use a delta well below one over the number of patients, e.g. 1e-5",
-        )
 
 
 def _grid_sum(*, config: SiteConfig, model: nn.Module, dataset: Any, grid: Grid) -> np.ndarray:

@@ -188,13 +188,15 @@ def patient_counts(
     return counts
 
 
-def check_delta(config: SiteConfig, counts: PatientCounts) -> None:
-    """Refuse a delta that is not below one over the (released) number of patients."""
+def check_delta(config: SiteConfig, patients: int, *, released: bool = True) -> None:
+    """Refuse a delta that is not below one over the number of patients: the released one,
+    or with ``released`` False the exact one, where the round releases none."""
     delta = config.privacy.delta
-    if delta * counts.total >= 1.0:
+    if delta * patients >= 1.0:
+        which = "released number" if released else "number"
         raise PolicyError(
-            f"privacy.delta {delta:g} is not below 1 / {counts.total} (one over the site's "
-            "released number of patients): at that delta DP-SGD may disclose a patient outright",
+            f"privacy.delta {delta:g} is not below 1 / {patients} (one over the site's "
+            f"{which} of patients): at that delta DP-SGD may disclose a patient outright",
             hint="use a delta well below one over the number of patients, e.g. 1e-5",
         )
 

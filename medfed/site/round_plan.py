@@ -63,7 +63,7 @@ def plan_round(
         run_id=run_id,
         round_index=round_index,
     )
-    release.check_delta(config, counts)
+    release.check_delta(config, counts.total)
     sampling = plan_sampling(
         dataset_size=counts.train, batch_size=config.training.batch_size, epochs=epochs
     )

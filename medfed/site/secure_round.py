@@ -50,6 +50,7 @@ import numpy as np
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from medfed.config.run import DistributedNoiseSettings
 from medfed.config.site import SiteConfig
 from medfed.envelope import RoundRequest, SecureReply
 from medfed.errors import ConfigError, PolicyError, SecureAggregationError
@@ -67,7 +68,7 @@ from medfed.secagg import (
 from medfed.secagg.reveal import Revealed
 from medfed.secagg.update import flatten_change, loss_extras, run_encoding
 from medfed.site import federated
-from medfed.site.distributed_round import DistributedRequest, check_allowed, distributed_round
+from medfed.site.distributed_round import check_allowed, distributed_round
 from medfed.storage import locked, make_private_dirs, read_json_object, replace_file
 from medfed.types import weights_digest
 
@@ -91,10 +92,12 @@ def _payload(request: RoundRequest) -> dict[str, Any]:
     return dict(request.secure_aggregation)
 
 
-def _distributed(payload: dict[str, Any]) -> DistributedRequest | None:
+def _distributed(payload: dict[str, Any]) -> DistributedNoiseSettings | None:
     """The run's distributed-noise settings, when the stage carries them."""
     value = payload.get("distributed")
-    return None if value is None else DistributedRequest.from_payload(value)
+    if value is None:
+        return None
+    return wire.read("distributed noise settings", value, DistributedNoiseSettings.model_validate)
 
 
 def _epoch(payload: dict[str, Any]) -> int:

@@ -8,12 +8,13 @@ from typing import Any
 
 import pytest
 
+from medfed.config.run import DistributedNoiseSettings
 from medfed.config.site import SiteConfig
 from medfed.errors import PolicyError
 from medfed.privacy import compute_epsilon
 from medfed.privacy.site_ledger import RoundPlan
 from medfed.secagg.grid import Grid, grid_for
-from medfed.site.distributed_round import DistributedRequest, check_allowed, plan_step
+from medfed.site.distributed_round import check_allowed, plan_step
 
 
 def _site(tmp_path: Path, **policy: Any) -> SiteConfig:
@@ -32,7 +33,7 @@ def _plan(config: SiteConfig, grid: Grid, *, sites: int, noise: float) -> RoundP
     return plan_step(
         config=config,
         grid=grid,
-        asked=DistributedRequest(sites=sites, count_share=0.25),
+        asked=DistributedNoiseSettings(sites=sites, count_share=0.25),
         requested_noise=noise,
         patients=20,
         run_id="run",
@@ -46,11 +47,13 @@ def test_the_policy_refuses_distributed_noise_by_default_and_names_every_rule(
 ) -> None:
     config = _site(tmp_path)
     with pytest.raises(PolicyError) as caught:
-        check_allowed(config, DistributedRequest(sites=2, count_share=0.25))
+        check_allowed(config, DistributedNoiseSettings(sites=2, count_share=0.25))
     message = caught.value.message
     assert "policy.distributed_noise.allowed is false" in message
     assert "fewer than policy.distributed_noise.min_sites 3" in message
-    check_allowed(_site(tmp_path, allowed=True), DistributedRequest(sites=3, count_share=0.25))
+    check_allowed(
+        _site(tmp_path, allowed=True), DistributedNoiseSettings(sites=3, count_share=0.25)
+    )
 
 
 def test_only_an_rdp_accountant_may_account_for_it(tmp_path: Path) -> None:
@@ -59,7 +62,7 @@ def test_only_an_rdp_accountant_may_account_for_it(tmp_path: Path) -> None:
         update={"privacy": config.privacy.model_copy(update={"accountant": "prv"})}
     )
     with pytest.raises(PolicyError, match=r"privacy\.accountant 'prv' cannot account"):
-        check_allowed(config, DistributedRequest(sites=3, count_share=0.25))
+        check_allowed(config, DistributedNoiseSettings(sites=3, count_share=0.25))
 
 
 @pytest.mark.parametrize("budget", ["distributed", "local"])
