@@ -17,7 +17,7 @@ import numpy as np
 from medfed.config.run import RunSettings
 from medfed.errors import SecureAggregationError
 from medfed.secagg.grid import decode, grid_for
-from medfed.secagg.update import MeanUpdate
+from medfed.secagg.update import MeanUpdate, add_change
 
 
 def distributed_step(
@@ -48,9 +48,8 @@ def distributed_step(
             "a distributed-noise step needs the run's distributed_noise, max_grad_norm and "
             "learning_rate"
         )
-    names = sorted(reference)
     grid = grid_for(
-        dim=sum(int(reference[name].size) for name in names),
+        dim=sum(int(array.size) for array in reference.values()),
         clip=settings.max_grad_norm,
         count_share=noise.count_share,
         run_id=settings.run_name,
@@ -60,16 +59,9 @@ def distributed_step(
     counts.append(noisy.patients)
     patients = max(float(np.mean(counts)), float(noise.sites))
     step = noisy.gradient * (-settings.learning_rate / patients)
-    weights: dict[str, np.ndarray] = {}
-    offset = 0
-    for name in names:
-        array = reference[name]
-        part = step[offset : offset + array.size].reshape(array.shape)
-        weights[name] = (array.astype(np.float64) + part).astype(np.float32)
-        offset += array.size
     # Rounding to the grid moves each patient's coordinate by at most half a grid unit.
     return MeanUpdate(
-        weights={name: weights[name] for name in reference},
+        weights=add_change(reference=reference, change=step),
         total_weight=max(1, round(patients)),
         loss=None,
         max_error=settings.learning_rate * 0.5 / grid.scale,

@@ -47,6 +47,21 @@ def flatten_change(
     return change, outside
 
 
+def add_change(*, reference: Mapping[str, np.ndarray], change: np.ndarray) -> dict[str, np.ndarray]:
+    """``reference`` plus a flat ``change`` in :func:`flatten_change`'s layout (every array
+    sorted by name), in float64 and then float32, in ``reference``'s order."""
+    change = np.asarray(change, dtype=np.float64)
+    weights: dict[str, np.ndarray] = {}
+    offset = 0
+    for name in sorted(reference):
+        array = reference[name]
+        size = int(array.size)
+        part = change[offset : offset + size].reshape(array.shape)
+        weights[name] = (array.astype(np.float64) + part).astype(np.float32)
+        offset += size
+    return {name: weights[name] for name in reference}
+
+
 def loss_extras(loss: float | None, *, bound: float) -> tuple[float, float]:
     """The extras of a site's round: its scaled, clipped loss and whether it has one."""
     if loss is None or not math.isfinite(loss):
@@ -69,20 +84,12 @@ def mean_update(
 ) -> MeanUpdate:
     """``reference`` plus the weighted mean change; the weighted mean loss of the sites that
     had one."""
-    change = total.mean().astype(np.float64)
-    weights: dict[str, np.ndarray] = {}
-    offset = 0
-    for name in sorted(reference):
-        array = reference[name]
-        size = int(array.size)
-        part = change[offset : offset + size].reshape(array.shape)
-        weights[name] = (array.astype(np.float64) + part).astype(np.float32)
-        offset += size
+    weights = add_change(reference=reference, change=total.mean())
     loss_sum, has = total.extras
     with_loss = has / bound
     loss = None if with_loss < 0.5 else loss_sum * LOSS_RANGE / bound / with_loss
     return MeanUpdate(
-        weights={name: weights[name] for name in reference},
+        weights=weights,
         total_weight=total.weight,
         loss=loss,
         max_error=total.max_error / total.weight,
