@@ -250,17 +250,11 @@ class BudgetTracker:
         terms = self._terms(site_id)
         report = self._copies[site_id].report
         views: dict[str, Any] = {}
-        plans = report.distributed_plans if report.has_distributed else {}
-        if plans:
-            views = {
-                f"epsilon_{view}": compute_epsilon(
-                    history=report.history_of(view),
-                    delta=terms.delta,
-                    accountant=terms.accountant,
-                )
-                for view in ("distributed", "local")
-            }
-            views["budget_view"] = plans[max(plans)].budget
+        budget_view = report.budget_view
+        if budget_view is not None:
+            spent = report.view_epsilons(delta=terms.delta, accountant=terms.accountant)
+            views = {f"epsilon_{view}": value for view, value in spent.items()}
+            views["budget_view"] = budget_view
         return SiteBudget(
             site_id=site_id,
             entries=len(report.entries),

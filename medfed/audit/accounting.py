@@ -31,7 +31,7 @@ import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from medfed.numbers import finite_or_none
 from medfed.privacy.accounting import AccountantName, DPSteps, compute_epsilon, conversion_of
@@ -154,18 +154,12 @@ def distributed_epsilons(
         return None
     longest = max(holding, key=lambda report: len(report.entries))
     plans = longest.distributed_plans
-
-    def spent(view: Literal["distributed", "local"]) -> float:
-        return max(
-            compute_epsilon(history=report.history_of(view), delta=delta, accountant=accountant)
-            for report in reports
-        )
-
+    each = [report.view_epsilons(delta=delta, accountant=accountant) for report in reports]
     return DistributedEpsilons(
         accountant=accountant,
         delta=delta,
-        distributed=spent("distributed"),
-        local=spent("local"),
+        distributed=max(views["distributed"] for views in each),
+        local=max(views["local"] for views in each),
         budget=tuple(dict.fromkeys(plan.budget for plan in plans.values())),
         sites=tuple(sorted({plan.sites for plan in plans.values()})),
         seqs=tuple(plans),

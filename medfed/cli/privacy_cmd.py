@@ -154,7 +154,7 @@ def ledger(
     from medfed.config import load_site_config
     from medfed.privacy.accounting import compute_epsilon, conversion_of
     from medfed.privacy.budget import BudgetStatus
-    from medfed.privacy.distributed_noise import BUDGET_VIEWS, RDP_ACCOUNTANTS
+    from medfed.privacy.distributed_noise import RDP_ACCOUNTANTS
     from medfed.site.ledger_of import ledger_of
 
     site = load_site_config(config)
@@ -197,18 +197,13 @@ def ledger(
     }
     plans = report.distributed_plans
     if plans:
-        views = {
-            view: compute_epsilon(
-                history=report.history_of(view), delta=cap.delta, accountant=accountant
-            )
-            for view in BUDGET_VIEWS
-        }
+        views = report.view_epsilons(delta=cap.delta, accountant=accountant)
         summary["distributed_noise"] = {
             "rounds": len(plans),
             "sites": sorted({plan.sites for plan in plans.values()}),
             "distributed": finite_or_none(views["distributed"]),
             "local": finite_or_none(views["local"]),
-            "budget_enforced_on": plans[max(plans)].budget,
+            "budget_enforced_on": report.budget_view,
         }
     if as_json:
         typer.echo(json.dumps(summary))

@@ -23,7 +23,7 @@ from typing import Any, Final
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from medfed.errors import PrivacyError
-from medfed.privacy.accounting import DPSteps
+from medfed.privacy.accounting import AccountantName, DPSteps, compute_epsilon
 from medfed.privacy.budget import PrivacyTerms
 from medfed.privacy.distributed_noise import (
     BUDGET_VIEWS,
@@ -230,6 +230,20 @@ class LedgerReport:
             else charge.steps
             for charge in self.charges
         )
+
+    def view_epsilons(self, *, delta: float, accountant: AccountantName) -> dict[BudgetView, float]:
+        """Epsilon of each guarantee (:meth:`history_of`) at ``delta`` in ``accountant``."""
+        return {
+            view: compute_epsilon(history=self.history_of(view), delta=delta, accountant=accountant)
+            for view in BUDGET_VIEWS
+        }
+
+    @property
+    def budget_view(self) -> BudgetView | None:
+        """The guarantee the latest distributed-noise reservation holds the cap on (None
+        without one)."""
+        plans = self.distributed_plans
+        return plans[max(plans)].budget if plans else None
 
     @property
     def open_reservations(self) -> tuple[ReservationState, ...]:
