@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -37,6 +37,9 @@ from medfed.errors import (
 )
 from medfed.site import policy
 from medfed.types import weights_digest
+
+if TYPE_CHECKING:
+    from medfed.site.trainer import TrainResult
 
 log = logging.getLogger("medfed.site")
 
@@ -185,12 +188,13 @@ def train_round(*, config: SiteConfig, request: RoundRequest) -> RoundReply:
     return _reply(effective, request, weights)
 
 
-def _train(config: SiteConfig, request: RoundRequest, digest: str) -> Mapping[str, np.ndarray]:
-    from medfed.site import release
+def train_from_request(config: SiteConfig, request: RoundRequest) -> TrainResult:
+    """DP-SGD training for a round as the request asks it, from its global model (no Dice
+    computed: what the site releases about the round is the caller's to decide)."""
     from medfed.site.trainer import train_local
 
     assert request.weights is not None
-    result = train_local(
+    return train_local(
         config=config,
         run_id=request.run_name,
         round_index=request.round,
@@ -200,6 +204,13 @@ def _train(config: SiteConfig, request: RoundRequest, digest: str) -> Mapping[st
         requested_noise=request.noise_multiplier,
         evaluate=False,
     )
+
+
+def _train(config: SiteConfig, request: RoundRequest, digest: str) -> Mapping[str, np.ndarray]:
+    from medfed.site import release
+
+    assert request.weights is not None
+    result = train_from_request(config, request)
     ledger = _ledger(config)
     release.training_loss(
         config=config,

@@ -349,20 +349,9 @@ def _encoded_training(
     config: SiteConfig, request: RoundRequest, sites: int, max_weight: int, bound: float
 ) -> np.ndarray:
     """Train as in a plain round; the weighted, clipped weight change and loss, encoded."""
-    from medfed.site.trainer import train_local
-
     assert request.weights is not None
     point = run_encoding(sites=sites, max_weight=max_weight, bound=bound)
-    result = train_local(
-        config=config,
-        run_id=request.run_name,
-        round_index=request.round,
-        planned_rounds=request.planned_rounds,
-        initial_weights=request.weights,
-        proximal_mu=request.proximal_mu,
-        requested_noise=request.noise_multiplier,
-        evaluate=False,
-    )
+    result = federated.train_from_request(config, request)
     change, clipped = flatten_change(weights=result.weights, reference=request.weights, bound=bound)
     if clipped:
         log.info(
