@@ -214,7 +214,10 @@ def _run(ctx: RunContext, resume: ResumePoint | None) -> FederationResult:
             trace_head=record_sha256(record),
         )
         weights = average.weights()
-    dice_final = evaluate(ctx, completed, weights)
+    if secure is not None:
+        dice_final = secure.evaluate(completed, weights)
+    else:
+        dice_final = evaluate(ctx, completed, weights)
     return finish(
         ctx, "finished", "all rounds done", completed, model_dir, dice_initial, dice_final
     )

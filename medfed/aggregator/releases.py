@@ -25,8 +25,9 @@ class Released:
 
     @classmethod
     def of(cls, entry: ReleaseEntry, name: str) -> Released:
+        """The entry's value ``name``; NaN for a sealed release, whose values stayed at the site."""
         return cls(
-            value=float(entry.values[name]),
+            value=math.nan if entry.sealed is not None else float(entry.values[name]),
             note=ReleaseNote(mechanism=entry.mechanism, noise_std=entry.noise_std, seq=entry.seq),
         )
 

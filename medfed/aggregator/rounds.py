@@ -95,11 +95,17 @@ def train_round(
                 model_sha256=digest,
             )
             problems += coverage_problems(ledger, round_index)
+            weight = math.nan if ledger.patients is None else ledger.patients.value
+            if ledger.patients is not None and math.isnan(weight):
+                problems.append(
+                    "the site's patient count is sealed (released for secure aggregation): a "
+                    "plain round cannot weight its update"
+                )
             update = SiteUpdate(
                 site_id=site,
                 round=answer.round,
                 weights=answer.weights,
-                num_patients=0 if ledger.patients is None else int(ledger.patients.value),
+                num_patients=0 if math.isnan(weight) else int(weight),
             )
             problems += validate_update(
                 update=update, reference=weights, expected_round=round_index
@@ -253,7 +259,7 @@ def releases(ledger: RoundRecord) -> dict[str, ReleaseNote]:
 def validation_weight(ctx: RunContext, site: str) -> int:
     """The site's released validation count: what its Dice is averaged with."""
     entry = ctx.tracker.report(site).latest_release("patients")
-    return 0 if entry is None else int(entry.values["validation"])
+    return 0 if entry is None or entry.sealed is not None else int(entry.values["validation"])
 
 
 def evaluate(ctx: RunContext, round_index: int, weights: Mapping[str, np.ndarray]) -> float:

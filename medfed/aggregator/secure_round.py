@@ -7,8 +7,10 @@ removes the masks with the answers, and decodes the *sum* of the survivors' weig
 changes, their total weight and their summed loss. Only that sum reaches the round's
 aggregation, as one update: the weighted mean (:mod:`medfed.secagg.update`), or with
 distributed noise the step of the sites' noisy gradient sum
-(:mod:`medfed.aggregator.distributed_step`). No code here holds one site's unmasked update,
-count or metric.
+(:mod:`medfed.aggregator.distributed_step`). The final model's evaluation is one more masked
+sum, of the sites' validation counts and count-weighted Dice, under the epoch's last round id
+(:func:`medfed.secagg.update.evaluation_round`). No code here holds one site's unmasked update,
+count or metric, and the sites' ledgers hold their counts and Dice sealed.
 
 What is still checked per site: its signed ledger lines (budget, a committed reservation of the
 round, a commit naming the global model it trained from). A site that fails a check, declines
@@ -21,6 +23,7 @@ key epoch (a dropped site's masks of the epoch may have been revealed).
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +38,7 @@ from medfed.aggregator.releases import round_record
 from medfed.aggregator.rounds import RoundOutcome, coverage_problems, receive
 from medfed.aggregator.run_store import ReceivedUpdate
 from medfed.aggregator.secure_epoch import SecureEpoch, reject, stage, start_epoch
+from medfed.aggregator.selection import online
 from medfed.aggregator.strategies import RoundAggregation
 from medfed.aggregator.validation import validate_update
 from medfed.config.run import RunSettings
@@ -42,12 +46,15 @@ from medfed.envelope import (
     SECAGG_UNMASK,
     TRAIN,
     SecureReply,
+    read_decline,
     read_secure,
 )
 from medfed.errors import MedfedError, SecureAggregationError
 from medfed.numbers import finite_or_none
 from medfed.privacy import CommitEntry
 from medfed.run_events import (
+    Evaluation,
+    EvaluationFailed,
     RoundStarted,
     SecureRoundAbandoned,
     SiteUpdated,
@@ -61,11 +68,12 @@ from medfed.secagg import (
     unmask_sum,
     wire,
 )
-from medfed.secagg.update import EXTRAS, MeanUpdate, mean_update
+from medfed.secagg.update import EXTRAS, MeanUpdate, evaluation_round, mean_update
 from medfed.types import SiteUpdate, weights_digest
 
 WEIGHTED_MEANS: Final = ("fedavg", "fedprox", "fedadam")
 SUM_SITE: Final = "secure-sum"
+EVALUATION_EXTRAS: Final = 1  # the Dice, as dice x bound
 
 
 def check_settings(settings: RunSettings) -> None:
@@ -104,7 +112,8 @@ class SecureRun:
         started = time.monotonic()
         epoch = self.current
         if epoch is None or self.renew or round_index not in epoch.rounds:
-            rounds = tuple(range(round_index, ctx.settings.rounds + 1))
+            # the epoch's last round id is the run's secure evaluation
+            rounds = tuple(range(round_index, evaluation_round(ctx.settings.rounds) + 1))
             try:
                 epoch = start_epoch(ctx, selected, epoch=round_index, rounds=rounds)
             except MedfedError as exc:
@@ -119,6 +128,108 @@ class SecureRun:
         if outcome is not None:
             outcome.seconds = time.monotonic() - started  # a new key epoch's stages included
         return outcome
+
+    def evaluate(self, round_index: int, weights: Mapping[str, np.ndarray]) -> float:
+        """The final model's federated Dice as one masked sum (:func:`secure_evaluation`),
+        under the current key epoch or, after a dropout, a new one; NaN when there is none."""
+        ctx = self.ctx
+        nodes = {
+            site: node
+            for site, node in online(ctx).items()
+            if ctx.sites[site].status in ("active", "exhausted")
+        }
+        mask_round = evaluation_round(ctx.settings.rounds)
+        epoch = self.current
+        if epoch is None or self.renew or not set(epoch.members) <= set(nodes):
+            try:
+                epoch = start_epoch(ctx, nodes, epoch=mask_round, rounds=(mask_round,))
+            except MedfedError as exc:
+                _evaluation_failed(ctx, f"no key epoch: {exc.message}")
+                return math.nan
+        return secure_evaluation(ctx, epoch, round_index, nodes, weights)
+
+
+def secure_evaluation(
+    ctx: RunContext,
+    epoch: SecureEpoch,
+    round_index: int,
+    nodes: Mapping[str, int],
+    weights: Mapping[str, np.ndarray],
+) -> float:
+    """The Dice of the model of round ``round_index`` over the epoch's sites, as one masked sum.
+
+    Each site answers ``[c, c * dice * bound]`` masked, for its sealed validation count ``c``
+    and its sealed Dice release (``c`` = 0 when it releases none); the aggregator learns the
+    sum, so the count-weighted mean Dice, and no site's own Dice or count. The event names no
+    site.
+    """
+    settings = ctx.settings
+    mask_round = evaluation_round(settings.rounds)
+    asked = {site: node for site, node in nodes.items() if site in epoch.members}
+    payload: dict[str, Any] = {
+        "epoch": epoch.epoch,
+        "round": mask_round,
+        "sites": len(epoch.members),
+        "max_weight": settings.secure_aggregation_max_weight,
+        "bound": settings.secure_aggregation_bound,
+        "evaluate": True,
+    }
+    masked: dict[str, MaskedInput] = {}
+    secure = {site: payload for site in asked}
+    for site, reply in send_each(ctx, TRAIN, round_index, asked, weights, secure=secure):
+        if reply.has_error():
+            _evaluation_failed(ctx, read_decline(reply.error).reason, site=site)
+            continue
+        try:
+            answer = read_secure(reply.content)
+            problems = _evaluation_problems(ctx, site, answer, epoch, mask_round)
+        except MedfedError as exc:
+            problems = [exc.message]
+        if problems:
+            _evaluation_failed(ctx, "; ".join(problems), site=site)
+            continue
+        assert answer.masked is not None
+        masked[site] = MaskedInput(
+            site_id=site,
+            run_id=ctx.run_name,
+            epoch=epoch.epoch,
+            round=mask_round,
+            vector=answer.masked,
+        )
+    dropped = tuple(sorted(set(epoch.members) - set(masked)))
+    try:
+        words = _unmask(ctx, epoch, mask_round, masked, asked, dropped)
+        total = decode_weighted_sum(
+            point=epoch.point, total=words, sites=len(masked), extras=EVALUATION_EXTRAS
+        )
+    except MedfedError as exc:
+        _evaluation_failed(ctx, exc.message)
+        return math.nan
+    if total.update.size or total.weight < 1:
+        reason = "no site released a Dice" if total.weight < 1 else "the sum has an update"
+        _evaluation_failed(ctx, reason)
+        return math.nan
+    dice = total.extras[0] / settings.secure_aggregation_bound / total.weight
+    ctx.emit(Evaluation(run_name=ctx.run_name, round=round_index, dice=finite_or_none(dice)))
+    return dice
+
+
+def _evaluation_problems(
+    ctx: RunContext, site: str, answer: SecureReply, epoch: SecureEpoch, mask_round: int
+) -> list[str]:
+    problems = []
+    if answer.site_id != site:
+        problems.append(f"reply claims to be from site {answer.site_id!r}")
+    if answer.masked is None:
+        problems.append("the reply holds no masked evaluation")
+    if dict(answer.payload) != {"epoch": epoch.epoch, "round": mask_round}:
+        problems.append(f"the masked evaluation is for {dict(answer.payload)}")
+    receive(ctx, site, mask_round, answer.ledger_first_seq, answer.ledger_lines)
+    return problems
+
+
+def _evaluation_failed(ctx: RunContext, reason: str, *, site: str = SUM_SITE) -> None:
+    ctx.emit(EvaluationFailed(run_name=ctx.run_name, site=site, reason=reason))
 
 
 def secure_round(

@@ -104,7 +104,10 @@ def event_line(event: RunEvent) -> str | None:
             )
         case Evaluation():
             per_site = ", ".join(f"{k} {number_text(v)}" for k, v in sorted(event.sites.items()))
-            return f"final evaluation: Dice {number_text(event.dice)} ({per_site})"
+            # under secure aggregation the Dice is one masked sum: no site's own is known
+            return f"final evaluation: Dice {number_text(event.dice)}" + (
+                f" ({per_site})" if per_site else ""
+            )
         case EvaluationFailed():
             return f"  {event.site}: evaluation failed: {event.reason}"
         case RunFailed():

@@ -341,7 +341,9 @@ def statement_rows(site: SiteStatement) -> list[tuple[str, str]]:
         (
             "patients (released: training / validation)",
             ", ".join(
-                f"{c['train']:g} / {c['validation']:g} (seq {c['seq']})"
+                f"sealed at the site (seq {c['seq']})"
+                if "sealed" in c
+                else f"{c['train']:g} / {c['validation']:g} (seq {c['seq']})"
                 for c in data["released_patient_counts"]
             )
             or "none released (format-1 ledger)",
@@ -409,6 +411,8 @@ def release_cells(row: ReleaseRow) -> tuple[str, ...]:
     """One release as table cells: seq, run, round, quantity, values, unit, noise std, cover."""
     r = row.release
     values = ", ".join(f"{name} {fmt(value)}" for name, value in r.values.items())
+    if r.sealed is not None:
+        values = f"sealed at the site (commitment {r.sealed[:12]}...)"
     return (
         str(r.seq),
         r.run_id,

@@ -75,6 +75,7 @@ class ReleaseRow:
             "round": entry.round,
             "quantity": entry.quantity,
             "values": dict(entry.values),
+            "sealed": entry.sealed,
             "mechanism": entry.mechanism,
             "unit": entry.unit,
             "noise_multiplier": entry.noise_multiplier,
@@ -150,7 +151,7 @@ class SiteStatement:
             "sampling": SAMPLING,
             "sample_rates": self.distinct("sample_rate"),
             "released_patient_counts": [
-                {"seq": row.release.seq, **dict(row.release.values)}
+                {"seq": row.release.seq, **_shown(row.release)}
                 for row in self.releases
                 if row.release.quantity == "patients"
             ],
@@ -192,3 +193,8 @@ class SiteStatement:
         if self.distributed is not None:
             data["distributed_epsilon"] = self.distributed.to_json()
         return data
+
+
+def _shown(entry: ReleaseEntry) -> dict[str, Any]:
+    """A release's values, or the commitment that stands for them when they are sealed."""
+    return dict(entry.values) if entry.sealed is None else {"sealed": entry.sealed}

@@ -48,7 +48,8 @@ def summary_table(summary: Mapping[str, Any], *, notes: Mapping[str, str] | None
             site_id,
             site_state(site, run_status=str(summary["status"]), noted=noted[site_id]),
             str(site["rounds"]),
-            str(site["patients"]),
+            # under secure aggregation the counts are in the sums only
+            "n/a" if summary.get("secure_aggregation") else str(site["patients"]),
             number_text(site["dice"]),
             f"{number_text(site['epsilon_spent'], 2)} / {number_text(site['epsilon_cap'], 2)}",
             noted[site_id],

@@ -105,6 +105,14 @@ class TrainingSection(_Strict):
     batch_size: int = Field(
         default=4, ge=1, description="Expected patients per step; sample rate = batch_size / N."
     )
+    sample_rate: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Poisson sample rate of every step, 1 / rate steps per epoch; null = "
+        "batch_size / N with the released N, or 1 (full batch) where the counts are sealed "
+        "under secure aggregation, since a rate computed from N would show it.",
+    )
     learning_rate: float = Field(default=2e-2, gt=0)
     optimizer: Literal["adam", "sgd"] = "adam"
     device: DeviceName = "auto"

@@ -85,6 +85,7 @@ def parse_entry(obj: object) -> LedgerEntry:
     if kind == "commit":
         return CommitEntry(**values, **{name: obj[name] for name in optional if name in obj})
     if kind == "release":
+        values["sealed"] = obj.get("sealed")
         _check_release(values)
         values["values"] = {key: float(value) for key, value in values["values"].items()}
         return ReleaseEntry(**values)
@@ -125,7 +126,13 @@ def _check_release(values: Mapping[str, Any]) -> None:
     """The fields a release's mechanism needs, and only those."""
     quantity, mechanism = values["quantity"], values["mechanism"]
     names = QUANTITIES[quantity]
-    if set(values["values"]) != set(names):
+    if values["sealed"] is not None:
+        if mechanism != "gaussian" or values["values"]:
+            raise EntryFormatError(
+                "a sealed release is a Gaussian one whose values stay at the site: it holds no "
+                "values"
+            )
+    elif set(values["values"]) != set(names):
         raise EntryFormatError(f"a {quantity} release holds the values {', '.join(names)}")
     needs = {
         "gaussian": {"noise_multiplier", "sensitivity", "noise_std"},
@@ -313,6 +320,7 @@ _OPTIONAL: Final[dict[int, dict[str, dict[str, Callable[[object], str | None]]]]
             "model_sha256": _pattern(_HEX64, "64 lowercase hex digits"),
             "update_sha256": _pattern(_HEX64, "64 lowercase hex digits"),
         },
+        "release": {"sealed": _pattern(_HEX64, "64 lowercase hex digits")},
     },
 }
 

@@ -62,7 +62,8 @@ DECLARED_PUBLIC: Final[Mapping[str, str]] = {
     "encrypted for the other sites, and the shares and round keys that remove masks from a sum: "
     "random numbers from the operating system, independent of any patient",
     "masked update": "the change of the DP-SGD weights, the released training count and the "
-    "round's DP-SGD loss (each covered above or by the round's reservation), or with distributed "
+    "round's DP-SGD loss (each covered above or by the round's reservation), the final model's "
+    "released Dice and validation count (sealed releases), or with distributed "
     "noise the site's integer sum of clipped per-patient gradients and its patient count under "
     "its discrete Gaussian share (covered by the round's reservation, with both guarantees), "
     "under masks that cancel only in a sum over at least the threshold of sites",
@@ -154,6 +155,9 @@ class ReleaseEntry:
     vectors of reservation ``reservation_seq`` and got that reservation's noise, so it costs
     nothing more. ``public``: the site's policy declares it public, for ``reason``.
     ``model_sha256`` names the model the values were computed with, when there is one.
+    ``sealed``: a Gaussian release whose values stayed at the site (under secure aggregation they
+    cross only inside a masked sum); ``values`` is then empty and ``sealed`` is the commitment
+    to them (:mod:`medfed.privacy.sealed`). Its cost is the same as if they had been shown.
     """
 
     seq: int
@@ -174,6 +178,7 @@ class ReleaseEntry:
     reservation_seq: int | None
     model_sha256: str | None
     reason: str | None
+    sealed: str | None = None
 
 
 LedgerEntry = TermsEntry | ReserveEntry | CommitEntry | ReleaseEntry

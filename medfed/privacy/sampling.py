@@ -38,7 +38,18 @@ def plan_sampling(*, dataset_size: int, batch_size: int, epochs: int) -> Samplin
             f"and {epochs} epochs",
             hint="a site needs at least one training patient, and batch_size must be positive",
         )
-    sample_rate = min(1.0, batch_size / dataset_size)
+    return plan_at_rate(
+        dataset_size=dataset_size, sample_rate=min(1.0, batch_size / dataset_size), epochs=epochs
+    )
+
+
+def plan_at_rate(*, dataset_size: int, sample_rate: float, epochs: int) -> SamplingPlan:
+    """A given sample rate and ``1 / q`` steps per epoch: a plan that does not depend on N."""
+    if not 0 < sample_rate <= 1 or epochs < 0:
+        raise PrivacyError(
+            f"cannot plan DP-SGD at sample rate {sample_rate} over {epochs} epochs",
+            hint="a sample rate is in (0, 1], and epochs must not be negative",
+        )
     steps_per_epoch = max(1, math.floor(1.0 / sample_rate + 1e-9))
     return SamplingPlan(
         dataset_size=dataset_size,

@@ -164,6 +164,8 @@ class Release:
     reservation_seq: int | None = None
     model_sha256: str | None = None
     reason: str | None = None
+    # the commitment to values that stay at the site (medfed.privacy.sealed); values empty
+    sealed: str | None = None
 
     @property
     def dp_steps(self) -> DPSteps | None:
@@ -344,6 +346,7 @@ class SiteLedger:
                 "reservation_seq": release.reservation_seq,
                 "model_sha256": release.model_sha256,
                 "reason": release.reason,
+                **({} if release.sealed is None else {"sealed": release.sealed}),
             },
         )
         return seq

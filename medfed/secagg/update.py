@@ -31,6 +31,12 @@ def run_encoding(*, sites: int, max_weight: int, bound: float) -> FixedPoint:
     return choose_scale(sites=sites, max_weight=max_weight, max_abs=bound, max_error=bound)
 
 
+def evaluation_round(planned_rounds: int) -> int:
+    """The round id a run's secure evaluation is masked as: one past its training rounds, so
+    that no mask is used twice."""
+    return planned_rounds + 1
+
+
 def flatten_change(
     *, weights: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], bound: float
 ) -> tuple[np.ndarray, int]:

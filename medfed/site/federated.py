@@ -39,6 +39,7 @@ from medfed.site import policy
 from medfed.types import weights_digest
 
 if TYPE_CHECKING:
+    from medfed.site.release import DiceOutcome, PatientCounts
     from medfed.site.trainer import TrainResult
 
 log = logging.getLogger("medfed.site")
@@ -167,6 +168,7 @@ def train_round(*, config: SiteConfig, request: RoundRequest) -> RoundReply:
             f"numbered from 1, not {request.round}",
             hint="rounds 1 to planned_rounds train; round 0 is the initial model",
         )
+    refuse_plain_in_secure_run(effective, request)
     check_against_aggregator(effective, request)
     digest = weights_digest(request.weights)
     from medfed.storage import locked, make_private_dirs
@@ -188,9 +190,12 @@ def train_round(*, config: SiteConfig, request: RoundRequest) -> RoundReply:
     return _reply(effective, request, weights)
 
 
-def train_from_request(config: SiteConfig, request: RoundRequest) -> TrainResult:
+def train_from_request(
+    config: SiteConfig, request: RoundRequest, *, sealed_counts: bool = False
+) -> TrainResult:
     """DP-SGD training for a round as the request asks it, from its global model (no Dice
-    computed: what the site releases about the round is the caller's to decide)."""
+    computed: what the site releases about the round is the caller's to decide).
+    ``sealed_counts``: a secure round, whose released counts stay at the site."""
     from medfed.site.trainer import train_local
 
     assert request.weights is not None
@@ -203,6 +208,7 @@ def train_from_request(config: SiteConfig, request: RoundRequest) -> TrainResult
         proximal_mu=request.proximal_mu,
         requested_noise=request.noise_multiplier,
         evaluate=False,
+        sealed_counts=sealed_counts,
     )
 
 
@@ -223,7 +229,7 @@ def _train(config: SiteConfig, request: RoundRequest, digest: str) -> Mapping[st
         noise_multiplier=result.noise_multiplier,
         model_sha256=digest,
     )
-    _release_dice(config, request, request.weights, digest, final=False)
+    release_dice(config, request, request.weights, digest, final=False)
     return result.weights
 
 
@@ -236,53 +242,83 @@ def evaluate_round(*, config: SiteConfig, request: RoundRequest) -> EvaluationRe
     effective = round_config(config, request)
     if request.weights is None:
         raise ConfigError(f"evaluation of {request.run_name!r} came without a model")
+    refuse_plain_in_secure_run(effective, request)
     check_against_aggregator(effective, request)
-    if not _ledger(effective).verify().runs(request.run_name):
-        raise PolicyError(
-            f"site {config.site_id} evaluates models of the runs it trained in only, and has "
-            f"no round of run {request.run_name!r}",
-            hint="evaluate a run's final model after the site took part in its rounds",
-        )
-    _release_dice(effective, request, request.weights, weights_digest(request.weights), final=True)
+    require_trained_in(effective, request.run_name)
+    release_dice(effective, request, request.weights, weights_digest(request.weights), final=True)
     first, lines = ledger_lines_since(effective, request.ledger_known)
     return EvaluationReply(site_id=config.site_id, ledger_first_seq=first, ledger_lines=lines)
 
 
-def _release_dice(
+def require_trained_in(config: SiteConfig, run_id: str) -> None:
+    """Refuse to evaluate a model of a run the site's ledger holds no round of."""
+    if not _ledger(config).verify().runs(run_id):
+        raise PolicyError(
+            f"site {config.site_id} evaluates models of the runs it trained in only, and has "
+            f"no round of run {run_id!r}",
+            hint="evaluate a run's final model after the site took part in its rounds",
+        )
+
+
+def refuse_plain_in_secure_run(config: SiteConfig, request: RoundRequest) -> None:
+    """A run this site took part in under secure aggregation gets no plain round and no plain
+    evaluation: its updates, counts and Dice leave only inside masked sums."""
+    from medfed.site.secure_round import state_dir
+
+    if state_dir(config, request.run_name).is_dir():
+        raise PolicyError(
+            f"site {config.site_id} takes part in run {request.run_name!r} under secure "
+            "aggregation: it answers its rounds and its evaluation only as masked sums",
+            hint="keep secure_aggregation on for the whole run, or start a new run",
+        )
+
+
+def release_dice(
     config: SiteConfig,
     request: RoundRequest,
     weights: Mapping[str, np.ndarray],
     digest: str,
     *,
     final: bool,
-) -> None:
-    """The validation Dice of ``weights``, released as the site's release policy allows."""
+    round_index: int | None = None,
+    sealed: bool = False,
+) -> tuple[DiceOutcome, PatientCounts]:
+    """The validation Dice of ``weights``, released as the site's release policy allows (for
+    the request's round, or ``round_index``), and the released counts it is averaged with;
+    ``sealed``: under secure aggregation, both stay at the site."""
     from medfed.data import build_datasets
     from medfed.site import release
 
+    round_index = request.round if round_index is None else round_index
     datasets = build_datasets(config)
     counts = release.released_counts(
-        config=config, run_id=request.run_name, round_index=request.round, datasets=datasets
+        config=config,
+        run_id=request.run_name,
+        round_index=round_index,
+        datasets=datasets,
+        sealed=sealed,
     )
     outcome = release.validation_dice(
         config=config,
         ledger=_ledger(config),
         counts=counts,
         run_id=request.run_name,
-        round=request.round,
+        round=round_index,
         planned_rounds=request.planned_rounds,
         final=final,
         model_sha256=digest,
         per_patient=lambda: _per_patient_dice(config, weights, datasets.val),
+        sealed=sealed,
     )
     if outcome.withheld:
         log.info(
             "site %s releases no Dice for round %d of %s: %s",
             config.site_id,
-            request.round,
+            round_index,
             request.run_name,
             outcome.withheld,
         )
+    return outcome, counts
 
 
 def _per_patient_dice(

@@ -20,6 +20,10 @@ validation_dice     Gaussian noise on the sum of per-patient Dice (each in [0, 1
                     or public, when ``release.validation_dice`` says so with a reason
 ==================  ==============================================================================
 
+Under secure aggregation the Gaussian ``patients`` and ``validation_dice`` releases are
+*sealed* (:mod:`medfed.privacy.sealed`): the ledger entry holds their cost and a commitment,
+and their values, kept in the site's ``releases/sealed.json``, cross only inside masked sums.
+
 What else crosses is declared public, with the reason
 (:data:`medfed.privacy.events.DECLARED_PUBLIC`). A refusal
 carries its code and, for the codes in :data:`SHAREABLE_CODES`, its message (built only from
@@ -29,6 +33,7 @@ fixed sentence, and its details stay in the site's log.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -40,8 +45,10 @@ from typing import TYPE_CHECKING, Final
 
 from medfed.config.site import SiteConfig
 from medfed.errors import BudgetExceededError, DataError, MedfedError, PolicyError
-from medfed.privacy import LedgerReport, Release, SiteLedger
-from medfed.storage import make_private_dirs, read_json_object, replace_file
+from medfed.privacy import LedgerReport, Release, ReleaseEntry, SiteLedger
+from medfed.privacy.events import QUANTITIES
+from medfed.privacy.sealed import opens, seal
+from medfed.storage import locked, make_private_dirs, read_json_object, replace_file
 
 if TYPE_CHECKING:
     from medfed.data import SiteDatasets
@@ -60,6 +67,7 @@ _FIXED: Final[Mapping[str, str]] = {
     "device": "the site's compute device is not available",
 }
 _PATIENTS_FILE = "patients.json"
+_SEALED_FILE = "sealed.json"
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,8 @@ class PatientCounts:
     train: int
     validation: int
     seq: int
+    # released sealed (secure aggregation): the values stay at the site, only masked sums cross
+    sealed: bool = False
 
     @property
     def total(self) -> int:
@@ -112,6 +122,7 @@ def released_counts(
     run_id: str,
     round_index: int = 0,
     datasets: SiteDatasets | None = None,
+    sealed: bool = False,
 ) -> PatientCounts:
     """The released counts of the site's dataset as ``config`` describes it (see below)."""
     from medfed.data import build_datasets
@@ -127,6 +138,7 @@ def released_counts(
         validation_ids=[case.patient_id for case in datasets.val_cases],
         run_id=run_id,
         round_index=round_index,
+        sealed=sealed,
     )
 
 
@@ -139,15 +151,21 @@ def patient_counts(
     validation_ids: Sequence[str],
     run_id: str,
     round_index: int,
+    sealed: bool = False,
 ) -> PatientCounts:
     """The released patient counts of this dataset: the ones released before, or new ones.
 
     A dataset's counts are released once; as long as the same patients are on the same sides
     of the split, that release is reused and costs nothing more. A changed dataset gets a new
     release, budgeted like any other.
+
+    ``sealed`` (secure aggregation): noisy counts are released sealed (:mod:`medfed.privacy.
+    sealed`), their values kept at the site; a release made before in the clear is reused, as
+    its values are known already. A plain round cannot use a sealed release, whose values the
+    aggregator cannot read, and makes a new one in the clear.
     """
     fingerprint = dataset_fingerprint(train_ids=train_ids, validation_ids=validation_ids)
-    known = _known_counts(config, report, fingerprint)
+    known = _known_counts(config, report, fingerprint, sealed=sealed)
     if known is not None:
         return known
     policy = config.release
@@ -177,13 +195,22 @@ def patient_counts(
             sensitivity=1.0,
             noise_std=policy.count_noise_multiplier,
         )
+        if sealed:
+            release = sealed_release(config, release)
     seq = ledger.release(release=release, terms=config.terms)
     _write_known(config, fingerprint, seq)
     counts = PatientCounts(
-        train=int(values["train"]), validation=int(values["validation"]), seq=seq
+        train=int(values["train"]),
+        validation=int(values["validation"]),
+        seq=seq,
+        sealed=release.sealed is not None,
     )
     log.info(
-        "site %s released its patient counts (seq %d, %s)", config.site_id, seq, release.mechanism
+        "site %s released its patient counts (seq %d, %s%s)",
+        config.site_id,
+        seq,
+        release.mechanism,
+        ", sealed" if counts.sealed else "",
     )
     return counts
 
@@ -244,6 +271,7 @@ def validation_dice(
     final: bool,
     model_sha256: str,
     per_patient: Callable[[], Sequence[float]],
+    sealed: bool = False,
 ) -> DiceOutcome:
     """Release the validation Dice of one model of a run, if the release policy allows it.
 
@@ -253,15 +281,19 @@ def validation_dice(
     most ``release.max_evaluations_per_run`` of them: one is kept for the run's final model
     (``final``), the others go to training rounds spread evenly over the planned rounds (see
     :func:`dice_rounds`). ``per_patient`` computes each validation patient's Dice, only when
-    needed.
+    needed. ``sealed`` (secure aggregation): a Gaussian Dice is released sealed, its value
+    kept at the site for the masked sum.
     """
     policy = config.release
     report = ledger.verify()
     earlier = report.releases_of(quantity="validation_dice", run_id=run_id)
     for entry in earlier:
         if entry.model_sha256 == model_sha256:
+            values = opened(config, entry)
+            if values is None:
+                return _withheld(f"the value of sealed release seq {entry.seq} is lost")
             return DiceOutcome(
-                value=entry.values["dice"], noise_std=entry.noise_std, mechanism=entry.mechanism
+                value=values["dice"], noise_std=entry.noise_std, mechanism=entry.mechanism
             )
     if policy.validation_dice == "withheld":
         return _withheld("release.validation_dice is withheld")
@@ -313,11 +345,14 @@ def validation_dice(
             noise_std=std,
             model_sha256=model_sha256,
         )
+    value = release.values["dice"]
+    if sealed and release.mechanism == "gaussian":
+        release = sealed_release(config, release)
     try:
         ledger.release(release=release, terms=config.terms)
     except BudgetExceededError:
         return _withheld("the site's privacy budget cannot pay for it")
-    return DiceOutcome(value=release.values["dice"], noise_std=std, mechanism=release.mechanism)
+    return DiceOutcome(value=value, noise_std=std, mechanism=release.mechanism)
 
 
 def dice_rounds(*, planned_rounds: int, slots: int) -> frozenset[int]:
@@ -336,9 +371,10 @@ def _withheld(reason: str) -> DiceOutcome:
 
 
 def _known_counts(
-    config: SiteConfig, report: LedgerReport, fingerprint: str
+    config: SiteConfig, report: LedgerReport, fingerprint: str, *, sealed: bool
 ) -> PatientCounts | None:
-    """The release of these counts made earlier, if the ledger still holds it."""
+    """The release of these counts made earlier, if the ledger still holds it and the round
+    may use it (a sealed one only where counts are sealed, and only if its values open it)."""
     try:
         known = read_json_object(_patients_path(config))
     except MedfedError:
@@ -349,8 +385,16 @@ def _known_counts(
     entry = next((r for r in report.releases if r.seq == seq and r.quantity == "patients"), None)
     if entry is None:
         return None
+    if entry.sealed is not None and not sealed:
+        return None
+    values = opened(config, entry)
+    if values is None:
+        return None
     return PatientCounts(
-        train=int(entry.values["train"]), validation=int(entry.values["validation"]), seq=entry.seq
+        train=int(values["train"]),
+        validation=int(values["validation"]),
+        seq=entry.seq,
+        sealed=entry.sealed is not None,
     )
 
 
@@ -361,8 +405,51 @@ def _write_known(config: SiteConfig, fingerprint: str, seq: int) -> None:
     replace_file(path, data, mode=0o600)
 
 
+def sealed_release(config: SiteConfig, release: Release) -> Release:
+    """``release`` sealed: its values kept at the site (before its entry is written, so none is
+    lost), the commitment to them in their place."""
+    kept = seal(release.values)
+    path = _sealed_path(config)
+    make_private_dirs(path.parent)
+    with locked(path, exclusive=True):
+        known = read_json_object(path) or {}  # a damaged file stops here, never overwritten
+        known[kept.commitment] = {"values": dict(kept.values), "salt": kept.salt}
+        replace_file(path, json.dumps(known, sort_keys=True).encode("utf-8"), mode=0o600)
+    return dataclasses.replace(release, values={}, sealed=kept.commitment)
+
+
+def opened(config: SiteConfig, entry: ReleaseEntry) -> Mapping[str, float] | None:
+    """A release entry's values: in the entry, or for a sealed one as the site kept them, if
+    they open its commitment (None, with a warning, when they are lost or do not)."""
+    if entry.sealed is None:
+        return entry.values
+    try:
+        kept = (read_json_object(_sealed_path(config)) or {}).get(entry.sealed)
+    except MedfedError:
+        kept = None
+    values = kept.get("values") if isinstance(kept, dict) else None
+    salt = kept.get("salt") if isinstance(kept, dict) else None
+    if (
+        isinstance(values, dict)
+        and isinstance(salt, str)
+        and set(values) == set(QUANTITIES[entry.quantity])
+        and opens(commitment=entry.sealed, values=values, salt=salt)
+    ):
+        return {name: float(value) for name, value in values.items()}
+    log.warning(
+        "site %s: no kept values open the commitment of sealed release seq %d",
+        config.site_id,
+        entry.seq,
+    )
+    return None
+
+
 def _patients_path(config: SiteConfig) -> Path:
     return config.paths.workdir / "releases" / _PATIENTS_FILE
+
+
+def _sealed_path(config: SiteConfig) -> Path:
+    return config.paths.workdir / "releases" / _SEALED_FILE
 
 
 def _gaussian(count: int, std: float) -> list[float]:

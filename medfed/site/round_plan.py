@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from medfed.config.site import SiteConfig
 from medfed.privacy.accounting import DPSteps
 from medfed.privacy.budget import check_budget
-from medfed.privacy.sampling import SamplingPlan, plan_sampling
+from medfed.privacy.sampling import SamplingPlan, plan_at_rate, plan_sampling
 from medfed.privacy.site_ledger import RoundPlan, SiteLedger
 from medfed.site import policy, release
 from medfed.site.release import PatientCounts
@@ -42,12 +42,17 @@ def plan_round(
     planned_rounds: int | None,
     epochs: int,
     requested_noise: float | None,
+    sealed_counts: bool = False,
 ) -> RoundSetup:
     """Plan one round from the released patient counts and check it: run, policy, budget.
 
     The run's history is checked first (it needs the ledger only); the counts are released
     when this dataset has none yet (their own small cost); then the plan, the site's ceilings
     and the cap are checked, all before the first step is reserved.
+
+    ``sealed_counts`` (secure aggregation): the counts are released sealed, the delta is checked
+    against the exact count, and the sample rate is ``training.sample_rate`` or 1, never one
+    computed from a count the aggregator must not learn.
     """
     report = ledger.verify()  # a bad ledger stops the site before anything else
     if planned_rounds is not None:
@@ -62,11 +67,22 @@ def plan_round(
         validation_ids=[case.patient_id for case in datasets.val_cases],
         run_id=run_id,
         round_index=round_index,
+        sealed=sealed_counts,
     )
-    release.check_delta(config, counts.total)
-    sampling = plan_sampling(
-        dataset_size=counts.train, batch_size=config.training.batch_size, epochs=epochs
-    )
+    rate = config.training.sample_rate
+    if counts.sealed:
+        exact = len(datasets.train_cases) + len(datasets.val_cases)
+        release.check_delta(config, exact, released=False)
+        rate = 1.0 if rate is None else rate
+    else:
+        release.check_delta(config, counts.total)
+    if rate is None:
+        sampling = plan_sampling(
+            dataset_size=counts.train, batch_size=config.training.batch_size, epochs=epochs
+        )
+    else:
+        # the released count still scales the noisy mean (expected batch size q x N)
+        sampling = plan_at_rate(dataset_size=counts.train, sample_rate=rate, epochs=epochs)
     plan = RoundPlan(
         run_id=run_id,
         round=round_index,

@@ -30,12 +30,15 @@ a ClientApp started afresh for each message finds them, and a round asked for tw
 with the same masked vector, never with a second input for the same round.
 
 **Releases.** The masked vector holds the weight change (the DP-SGD output, covered by the
-round's reservation), the site's released training count (the ledger's ``patients`` release,
-which the reservation's sample rate is computed from, so it crosses no new number), and the
+round's reservation), the site's noisy training count (the ledger's ``patients`` release,
+sealed: its entry holds the cost and a commitment, the values stay at the site, and the
+sample rate is not computed from it; :func:`medfed.site.round_plan.plan_round`), and the
 round's loss (one more coordinate of the DP-SGD steps, covered by the same reservation). The
 site writes no ``train_loss`` and no per-round ``validation_dice`` release under secure
 aggregation: the aggregator learns the loss only as the weighted mean over at least
-``threshold`` sites, and no per-round Dice at all.
+``threshold`` sites, and no per-round Dice at all. The final model's Dice is released sealed
+and crosses as ``[validation count, count x Dice]`` in one more masked sum (the stage's
+``evaluate``), and a run that started secure gets no plain round or evaluation from the site.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ from medfed.secagg import (
     wire,
 )
 from medfed.secagg.reveal import Revealed
-from medfed.secagg.update import flatten_change, loss_extras, run_encoding
+from medfed.secagg.update import evaluation_round, flatten_change, loss_extras, run_encoding
 from medfed.site import federated
 from medfed.site.distributed_round import check_allowed, distributed_round
 from medfed.storage import locked, make_private_dirs, read_json_object, replace_file
@@ -98,6 +101,11 @@ def _distributed(payload: dict[str, Any]) -> DistributedNoiseSettings | None:
     if value is None:
         return None
     return wire.read("distributed noise settings", value, DistributedNoiseSettings.model_validate)
+
+
+def _evaluated(payload: dict[str, Any]) -> bool:
+    """Whether the stage is the run's secure evaluation."""
+    return wire.read("evaluation request", payload, lambda p: p.get("evaluate", False) is True)
 
 
 def _epoch(payload: dict[str, Any]) -> int:
@@ -267,7 +275,12 @@ def open_received(*, config: SiteConfig, request: RoundRequest) -> SecureReply:
 
 
 def masked_round(*, config: SiteConfig, request: RoundRequest) -> SecureReply:
-    """The training stage: train, then answer the masked, weighted, clipped weight change."""
+    """The training stage: train, then answer the masked, weighted, clipped weight change.
+
+    With ``evaluate`` in the stage, the same stage evaluates the model of round
+    ``request.round`` instead (the run's final model), masked as the epoch's round
+    :func:`medfed.secagg.update.evaluation_round`, which no training round uses.
+    """
     from medfed.model_files import read_arrays, write_arrays
 
     effective = federated.round_config(config, request)
@@ -285,8 +298,10 @@ def masked_round(*, config: SiteConfig, request: RoundRequest) -> SecureReply:
         lambda p: (wire.integer(p["sites"]), wire.integer(p["max_weight"]), float(p["bound"])),
     )
     digest = weights_digest(request.weights)
+    evaluated = _evaluated(payload)
+    mask_round = evaluation_round(request.planned_rounds) if evaluated else request.round
     path = _state_path(config, request.run_name, epoch)
-    vector_file = path.parent / f"masked-{request.round:04d}.safetensors"
+    vector_file = path.parent / f"masked-{mask_round:04d}.safetensors"
     with _locked(path):
         state = _load(config, request, epoch)
         if "held" not in state:
@@ -294,11 +309,11 @@ def masked_round(*, config: SiteConfig, request: RoundRequest) -> SecureReply:
                 f"site {config.site_id} holds no shares of key epoch {epoch}",
                 hint="the open stage comes before the epoch's rounds",
             )
-        done = state["masked"].get(str(request.round))
+        done = state["masked"].get(str(mask_round))
         if done is not None:
             if done != digest:
                 raise PolicyError(
-                    f"site {config.site_id} masked round {request.round} of run "
+                    f"site {config.site_id} masked round {mask_round} of run "
                     f"{request.run_name!r} already, for another global model",
                     hint="a round is masked once; start a new key epoch",
                 )
@@ -307,13 +322,15 @@ def masked_round(*, config: SiteConfig, request: RoundRequest) -> SecureReply:
             secrets = wire.read("stored secrets", state["secrets"], wire.secrets_from_json)
             roster = wire.read("stored roster", state["roster"], wire.roster_from_json)
             held = wire.read("stored shares", state["held"], wire.held_from_json)
-            if request.round not in held.rounds:
+            if mask_round not in held.rounds:
                 raise SecureAggregationError(
-                    f"round {request.round} is outside key epoch {epoch}",
+                    f"round {mask_round} is outside key epoch {epoch}",
                     hint="start a new key epoch for the rounds after this one",
                 )
             asked = _distributed(payload)
-            if asked is not None:
+            if evaluated:
+                encoded = _encoded_evaluation(effective, request, sites, max_weight, bound)
+            elif asked is not None:
                 encoded = distributed_round(
                     config=effective,
                     asked=asked,
@@ -329,16 +346,16 @@ def masked_round(*, config: SiteConfig, request: RoundRequest) -> SecureReply:
             else:
                 encoded = _encoded_training(effective, request, sites, max_weight, bound)
             masked = mask_input(
-                secrets=secrets, roster=roster, held=held, round_id=request.round, encoded=encoded
+                secrets=secrets, roster=roster, held=held, round_id=mask_round, encoded=encoded
             )
             vector = masked.vector
             write_arrays(vector_file, {"masked": vector}, mode=0o600)
-            state["masked"][str(request.round)] = digest
+            state["masked"][str(mask_round)] = digest
             _save(config, request, epoch, state)
     first, lines = federated.ledger_lines_since(effective, request.ledger_known)
     return SecureReply(
         site_id=config.site_id,
-        payload={"epoch": epoch, "round": request.round},
+        payload={"epoch": epoch, "round": mask_round},
         masked=np.asarray(vector, dtype=np.uint32),
         ledger_first_seq=first,
         ledger_lines=lines,
@@ -351,7 +368,7 @@ def _encoded_training(
     """Train as in a plain round; the weighted, clipped weight change and loss, encoded."""
     assert request.weights is not None
     point = run_encoding(sites=sites, max_weight=max_weight, bound=bound)
-    result = federated.train_from_request(config, request)
+    result = federated.train_from_request(config, request, sealed_counts=True)
     change, clipped = flatten_change(weights=result.weights, reference=request.weights, bound=bound)
     if clipped:
         log.info(
@@ -366,6 +383,37 @@ def _encoded_training(
         weight=min(result.released_train_patients, max_weight),
         update=change,
         extras=loss_extras(result.mean_loss, bound=bound),
+    )
+
+
+def _encoded_evaluation(
+    config: SiteConfig,
+    request: RoundRequest,
+    sites: int,
+    max_weight: int,
+    bound: float,
+) -> np.ndarray:
+    """The run's final model evaluated: its Dice (sealed), clipped to [0, 1] and carried as
+    ``dice x bound``, weighted by the sealed validation count; weight 0 when the site releases
+    no Dice, so that it adds nothing to the sum."""
+    assert request.weights is not None
+    federated.require_trained_in(config, request.run_name)
+    point = run_encoding(sites=sites, max_weight=max_weight, bound=bound)
+    outcome, counts = federated.release_dice(
+        config,
+        request,
+        request.weights,
+        weights_digest(request.weights),
+        final=True,
+        sealed=True,
+    )
+    if outcome.value is None or not np.isfinite(outcome.value):
+        return encode_weighted(point=point, weight=0, update=np.zeros(0), extras=(0.0,))
+    return encode_weighted(
+        point=point,
+        weight=min(max(counts.validation, 0), max_weight),
+        update=np.zeros(0),
+        extras=(min(max(outcome.value, 0.0), 1.0) * bound,),
     )
 
 

@@ -191,6 +191,7 @@ def train_local(
     requested_noise: float | None = None,
     evaluate: bool = True,
     on_step: Callable[[StepReport], None] | None = None,
+    sealed_counts: bool = False,
 ) -> TrainResult:
     """Train the site's network on its own data with DP-SGD and record the privacy spent.
 
@@ -200,6 +201,8 @@ def train_local(
     ``planned_rounds`` is the run's plan for a federated round (its rounds are then counted
     from the ledger); ``requested_noise`` the run's noise, which may only exceed the site's.
     ``evaluate`` computes the exact validation Dice before and after, for the site itself.
+    ``sealed_counts``: a secure-aggregation round, whose counts the aggregator must not read
+    (:func:`medfed.site.round_plan.plan_round`).
     """
     from medfed.data import build_datasets
     from medfed.models import resolve_device
@@ -218,6 +221,7 @@ def train_local(
         planned_rounds=planned_rounds,
         epochs=epochs,
         requested_noise=requested_noise,
+        sealed_counts=sealed_counts,
     )
     setup = with_adaptive_clipping(
         config=config, setup=setup, run_id=run_id, round_index=round_index

@@ -25,7 +25,7 @@ from medfed.api.sites import SyntheticSites, make_synthetic_sites
 from medfed.audit import build_report, verify_workspace
 from medfed.config import load_site_config
 from medfed.config.run import RunSettings
-from medfed.envelope import TRAIN, read_secure
+from medfed.envelope import TRAIN, read_request, read_secure
 from medfed.model_files import read_arrays
 from medfed.privacy import ReleaseEntry, ReserveEntry
 from medfed.secagg.grid import grid_for
@@ -85,9 +85,13 @@ def test_sites_add_shares_and_the_aggregator_learns_only_the_noisy_sum(tmp_path:
     def client_app(message: Message, context: Context) -> Message:
         reply = medfed_client_app(message, context)
         if message.metadata.message_type == TRAIN:
+            stage = read_request(message.content).secure_aggregation or {}
+            kind = "evaluation" if stage.get("evaluate") else "round"
             seen.setdefault(_site_of(context), []).append(reply)
+            stages.setdefault(_site_of(context), []).append(kind)
         return reply
 
+    stages: dict[str, list[str]] = {}
     result = run_in_process(
         workspace=made.workspace,
         site_configs=made.site_configs,
@@ -108,9 +112,12 @@ def test_sites_add_shares_and_the_aggregator_learns_only_the_noisy_sum(tmp_path:
         run_id=RUN,
         round_id=1,
     )
+    # two masked rounds, then the final model's evaluation as one more masked sum
+    assert all(kinds == ["round", "round", "evaluation"] for kinds in stages.values()), stages
+    evaluation = next(e for e in _events(made) if e["event"] == "evaluation")
+    assert evaluation["sites"] == {} and 0 <= evaluation["dice"] <= 1
     for site, replies in seen.items():
-        assert len(replies) == 2
-        for reply in replies:
+        for reply in replies[:2]:
             assert not reply.has_error(), reply.error
             received = read_secure(reply.content)
             assert received.masked is not None and received.masked.shape == (grid.length,)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from medfed.errors import DataError, LedgerError, PolicyError, PrivacyUnitError
 from medfed.privacy import ReleaseEntry, ReserveEntry, SiteLedger, compute_epsilon
 from medfed.privacy.entry_format import parse_entry
 from medfed.site import release
-from medfed.site.federated import evaluate_round, train_round
+from medfed.site.federated import evaluate_round, train_from_request, train_round
+from medfed.site.secure_round import state_dir
 
 pytestmark = pytest.mark.slow
 
@@ -242,6 +244,69 @@ def test_no_exact_patient_count_leaves_the_site(
     # The same patients again: the same release, nothing spent for it.
     train_round(config=config, request=_request(config, planned_rounds=5, round=2))
     assert len(_ledger(config).verify().releases_of(quantity="patients")) == 1
+
+
+def test_under_secure_aggregation_the_count_is_sealed_and_plans_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The count's release records its cost and a commitment; the values stay at the site, and
+    the sample rate is the full batch, not B / N (which would show N in the reservation)."""
+    monkeypatch.setattr(release, "_gaussian", lambda count, std: [3.2, -1.7][:count])
+    config = _write_site(
+        tmp_path / "s", train_lesions=[40] * 39, val_lesions=[30] * 3, training={"batch_size": 4}
+    )
+    train_from_request(config, _request(config, planned_rounds=5), sealed_counts=True)
+    report = _ledger(config).verify()
+    (counts,) = report.releases_of(quantity="patients")
+    assert counts.values == {} and counts.sealed is not None and counts.noise_std == 5.0
+    assert release.opened(config, counts) == {"train": 42.0, "validation": 1.0}
+    (reserve,) = [e for e in report.entries if isinstance(e, ReserveEntry)]
+    assert reserve.sample_rate == 1.0 and reserve.steps == 1
+    text = config.ledger_path.read_text(encoding="ascii")
+    assert '"train":' not in text and '"validation":' not in text
+    kept = config.paths.workdir / "releases" / "sealed.json"
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    # The same patients again: the same sealed release, nothing spent for it.
+    train_from_request(config, _request(config, planned_rounds=5, round=2), sealed_counts=True)
+    assert len(_ledger(config).verify().releases_of(quantity="patients")) == 1
+    # A plain run cannot weight an update by a sealed count: it releases one in the clear.
+    train_round(config=config, request=_request(config, run_name="plain", planned_rounds=5))
+    later = _ledger(config).verify().releases_of(quantity="patients")
+    assert len(later) == 2 and later[-1].sealed is None and later[-1].values["train"] == 42.0
+
+
+def test_a_sealed_count_whose_kept_values_do_not_open_it_is_released_anew(
+    tmp_path: Path,
+) -> None:
+    config = _write_site(
+        tmp_path / "s",
+        train_lesions=[40] * 8,
+        val_lesions=[30],
+        training={"sample_rate": 0.5},
+    )
+    train_from_request(config, _request(config), sealed_counts=True)
+    (reserve,) = [e for e in _ledger(config).verify().entries if isinstance(e, ReserveEntry)]
+    assert reserve.sample_rate == 0.5 and reserve.steps == 2  # the site's own rate
+    kept = config.paths.workdir / "releases" / "sealed.json"
+    values = json.loads(kept.read_text(encoding="utf-8"))
+    for entry in values.values():
+        entry["values"]["train"] += 1  # what an attacker at the site would like to change
+    kept.write_text(json.dumps(values), encoding="utf-8")
+    (counts,) = _releases(config, "patients")
+    assert release.opened(config, counts) is None
+    train_from_request(config, _request(config, round=2), sealed_counts=True)
+    assert len(_releases(config, "patients")) == 2
+
+
+def test_a_run_under_secure_aggregation_gets_no_plain_round_or_evaluation(
+    tmp_path: Path,
+) -> None:
+    config = _write_site(tmp_path / "s", train_lesions=[40] * 4, val_lesions=[30])
+    state_dir(config, "study").mkdir(parents=True)  # the site took part in its key exchange
+    for answer in (train_round, evaluate_round):
+        with pytest.raises(PolicyError, match="under secure aggregation"):
+            answer(config=config, request=_request(config))
+    assert not config.ledger_path.exists()
 
 
 def test_a_delta_not_below_one_over_the_count_is_refused(tmp_path: Path) -> None:

@@ -22,13 +22,16 @@ from medfed.aggregator.federation import run_federation
 from medfed.aggregator.outcome import FederationResult
 from medfed.aggregator.strategies import fedavg
 from medfed.api.demo import DemoSetup, prepare_federation
+from medfed.audit import build_report, verify_workspace
 from medfed.config import load_site_config
+from medfed.config.loading import dump_site_config
 from medfed.envelope import SECAGG_KEYS, TRAIN, read_secure
 from medfed.model_files import read_arrays
 from medfed.privacy import ReleaseEntry
 from medfed.secagg.update import run_encoding
 from medfed.site.clientapp import app as medfed_client_app
 from medfed.site.ledger_of import ledger_of
+from medfed.site.release import opened
 from medfed.transport.inprocess import (
     InProcessGrid,
     _task_identity,
@@ -40,10 +43,25 @@ from medfed.types import SiteUpdate, weights_digest
 pytestmark = pytest.mark.slow
 
 
-def _setup(tmp_path: Path) -> DemoSetup:
-    return prepare_federation(
+def _setup(tmp_path: Path, *, dp_releases: bool = False) -> DemoSetup:
+    setup = prepare_federation(
         root=tmp_path / "fed", sites=3, cases=12, size=32, rounds=1, local_epochs=1
     )
+    if dp_releases:
+        for path in setup.site_configs.values():
+            _release_with_dp(path)
+    return setup
+
+
+def _release_with_dp(path: Path) -> None:
+    """The site releases its counts and Dice through Gaussian noise, as a hospital would (the
+    synthetic sites declare theirs public), and has released no counts yet."""
+    config = load_site_config(path)
+    release = config.release.model_copy(
+        update={"patient_counts": "dp", "validation_dice": "dp", "min_validation_patients": 1}
+    )
+    dump_site_config(config.model_copy(update={"release": release}), path)
+    (config.paths.workdir / "releases" / "patients.json").unlink()
 
 
 def _secure(setup: DemoSetup, **changes: Any) -> Any:
@@ -71,7 +89,9 @@ def _plain_fedavg(setup: DemoSetup, sites: Iterable[str]) -> tuple[dict[str, np.
         )
         patients = ledger_of(config).verify().latest_release("patients")
         assert patients is not None
-        count = int(patients.values["train"])
+        kept = opened(config, patients)  # sealed ones as the site keeps them
+        assert kept is not None
+        count = int(kept["train"])
         updates.append(SiteUpdate(site_id=site, round=1, weights=weights, num_patients=count))
     return fedavg(updates=updates), sum(u.num_patients for u in updates)
 
@@ -102,13 +122,13 @@ def _site_of(context: Context) -> str:
 
 
 def test_the_aggregator_sees_a_uniform_vector_and_the_sum_is_fedavg(tmp_path: Path) -> None:
-    setup = _setup(tmp_path)
+    setup = _setup(tmp_path, dp_releases=True)
     seen: dict[str, Message] = {}
 
     def client_app(message: Message, context: Context) -> Message:
         reply = medfed_client_app(message, context)
         if message.metadata.message_type == TRAIN:
-            seen[_site_of(context)] = reply
+            seen.setdefault(_site_of(context), reply)  # the round; the evaluation comes after
         return reply
 
     result = run_in_process(
@@ -134,13 +154,20 @@ def test_the_aggregator_sees_a_uniform_vector_and_the_sum_is_fedavg(tmp_path: Pa
         assert stats.chisquare(top).pvalue > 1e-4
         config = load_site_config(setup.site_configs[site])
         count = ledger_of(config).verify().latest_release("patients")
-        assert count is not None and int(vector[0]) != int(count.values["train"])
-        # The ledger lines hold no loss or Dice of the round, only its reservation and commit.
+        assert count is not None and count.sealed is not None
+        kept = opened(config, count)
+        assert kept is not None and int(vector[0]) != int(kept["train"])
+        # The ledger lines hold no loss or Dice of the round, only its reservation and commit,
+        # and the counts' release is sealed: its cost, not its values.
         lines = [json.loads(line) for line in received.ledger_lines]
         run_lines = [x for x in lines if x.get("run_id") == setup.settings.run_name]
-        assert {x["kind"] for x in run_lines} <= {"reserve"}
-        releases = [x for x in lines if x["kind"] == "release"]
-        assert all(x["quantity"] == "patients" for x in releases)
+        assert {x["kind"] for x in run_lines} <= {"reserve", "release"}
+        releases = [x for x in run_lines if x["kind"] == "release"]
+        assert releases and all(x["quantity"] == "patients" for x in releases)
+        assert all(x["values"] == {} and len(x["sealed"]) == 64 for x in releases)
+        # the sample rate is the site's full batch, not one computed from its count
+        reserve = next(x for x in run_lines if x["kind"] == "reserve")
+        assert reserve["sample_rate"] == 1.0
         assert isinstance(reply.content["site"], ConfigRecord)
         text = json.dumps(dict(received.payload))
         assert "dice" not in text and "loss" not in text
@@ -152,17 +179,39 @@ def test_the_aggregator_sees_a_uniform_vector_and_the_sum_is_fedavg(tmp_path: Pa
     assert all(e["patients"] == 0 and e["loss"] is None for e in updates)
     done = next(e for e in events if e["event"] == "round_done")
     assert done["loss"] is not None and done["sites_answered"] == 3
-    # No release of this run holds a training round's loss or Dice; the one Dice is the final
-    # model's evaluation, which each site releases as without secure aggregation.
+    # No release of this run holds a training round's loss or Dice; the final model's Dice
+    # is released sealed at each site, and the aggregator learns only the count-weighted mean.
     final = weights_digest(_global(setup, 1))
+    dice_sum = weight = 0.0
     for site in setup.site_configs:
-        report = ledger_of(load_site_config(setup.site_configs[site])).verify()
+        config = load_site_config(setup.site_configs[site])
+        report = ledger_of(config).verify()
         released = [
             e
             for e in report.entries
-            if isinstance(e, ReleaseEntry) and e.run_id == setup.settings.run_name
+            if isinstance(e, ReleaseEntry)
+            and e.run_id == setup.settings.run_name
+            and e.quantity != "patients"
         ]
+        if not released:  # its noisy validation count is below its minimum: no Dice
+            continue
         assert [(e.quantity, e.model_sha256) for e in released] == [("validation_dice", final)]
+        assert released[0].sealed is not None and not released[0].values
+        latest = report.latest_release("patients")
+        assert latest is not None
+        dice, counts = opened(config, released[0]), opened(config, latest)
+        assert dice is not None and counts is not None
+        dice_sum += min(max(dice["dice"], 0.0), 1.0) * counts["validation"]
+        weight += counts["validation"]
+    evaluation = next(e for e in events if e["event"] == "evaluation")
+    assert evaluation["sites"] == {} and evaluation["releases"] == {}
+    assert evaluation["dice"] == pytest.approx(dice_sum / weight, abs=1e-6)
+    assert summary["dice_final"] == pytest.approx(dice_sum / weight, abs=1e-6)
+    # the auditor recomputes the sealed releases' cost and shows them as sealed
+    audit = verify_workspace(workspace=setup.workspace.root, run_name=setup.settings.run_name)
+    assert audit.passed, [f.one_line() for f in audit.findings]
+    html = build_report(workspace=setup.workspace.root, run_name=setup.settings.run_name).to_html()
+    assert "sealed at the site" in html
 
 
 class SilentGrid(InProcessGrid):
