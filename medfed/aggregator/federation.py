@@ -132,7 +132,10 @@ def _run(ctx: RunContext, resume: ResumePoint | None) -> FederationResult:
     dice_initial = math.nan
     completed = first_round - 1
     model_dir: Path | None = None
-    secure = SecureRun(ctx) if settings.secure_aggregation else None
+    secure = None
+    if settings.secure_aggregation:
+        counts = [] if resume is None else resume.record.get("distributed_counts", [])
+        secure = SecureRun(ctx, counts=[float(c) for c in counts])
     for round_index in range(first_round, settings.rounds + 1):
         selected = select(ctx, online(ctx))
         if len(selected) < settings.min_sites:
@@ -170,6 +173,9 @@ def _run(ctx: RunContext, resume: ResumePoint | None) -> FederationResult:
             start_sha256=outcome.start_sha256,
             global_sha256=weights_digest(weights),
             updates=outcome.updates,
+            distributed_counts=None
+            if secure is None or settings.distributed_noise is None
+            else secure.counts,
         )
         model_dir = ctx.store.save_round(
             round=round_index,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,13 +75,17 @@ def round_record(
     start_sha256: str | None,
     global_sha256: str,
     updates: Mapping[str, ReceivedUpdate],
+    distributed_counts: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """The record stored beside a round's global model, chained to the round before.
 
     ``previous`` is the previous round's record (None for round 0, the initial model, which
     starts the chain); the chain's head is :func:`record_sha256` of the final record.
+    ``distributed_counts``: with distributed noise, the run's noisy patient counts so far
+    (sums over the sites, which the steps divide by the mean of), so that a resumed run
+    continues that mean.
     """
-    return {
+    record = {
         "round": round,
         "run_name": run_name,
         "previous_record_sha256": GENESIS_HASH if previous is None else record_sha256(previous),
@@ -90,6 +94,9 @@ def round_record(
         "sites": sorted(updates),
         "updates": {site: updates[site].to_json() for site in sorted(updates)},
     }
+    if distributed_counts is not None:
+        record["distributed_counts"] = [float(count) for count in distributed_counts]
+    return record
 
 
 def record_sha256(record: Mapping[str, Any]) -> str:

@@ -97,7 +97,8 @@ class SecureRun:
     ctx: RunContext
     current: SecureEpoch | None = None
     renew: bool = False
-    # distributed noise: each round's noisy patient count (the steps divide by their mean)
+    # distributed noise: each round's noisy patient count (the steps divide by their mean),
+    # carried in the round records so that a resumed run continues the mean
     counts: list[float] = field(default_factory=list)
 
     def train_round(

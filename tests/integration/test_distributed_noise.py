@@ -26,8 +26,9 @@ from medfed.audit import build_report, verify_workspace
 from medfed.config import load_site_config
 from medfed.config.run import RunSettings
 from medfed.envelope import TRAIN, read_request, read_secure
-from medfed.model_files import read_arrays
+from medfed.model_files import read_arrays, read_model
 from medfed.privacy import ReleaseEntry, ReserveEntry
+from medfed.run_events import RoundDone, RunEvent
 from medfed.secagg.grid import grid_for
 from medfed.site.clientapp import app as medfed_client_app
 from medfed.site.ledger_of import ledger_of
@@ -212,3 +213,37 @@ def test_a_site_whose_policy_does_not_allow_it_declines_before_any_key(tmp_path:
     for site in made.site_configs:
         report = ledger_of(load_site_config(made.site_configs[site])).verify()
         assert not [e for e in report.entries if getattr(e, "run_id", None) == RUN]
+
+
+def test_a_resumed_run_continues_the_mean_of_its_noisy_counts(tmp_path: Path) -> None:
+    """The step divides by the mean of the rounds' noisy counts; the round records carry them,
+    so an aggregator restarted after round 1 divides round 2's step by the mean of both."""
+    made = _sites(tmp_path / "fed")
+
+    class Stopped(Exception):
+        """The aggregator stops after round 1 (its process was killed, say)."""
+
+    def stop_after_round_one(event: RunEvent) -> None:
+        if isinstance(event, RoundDone) and event.round == 1:
+            raise Stopped
+
+    with pytest.raises(Stopped):
+        run_in_process(
+            workspace=made.workspace,
+            site_configs=made.site_configs,
+            settings=_settings(made),
+            on_event=stop_after_round_one,
+        )
+    resumed = run_in_process(
+        workspace=made.workspace,
+        site_configs=made.site_configs,
+        settings=_settings(made, resume=True),
+    )
+
+    assert resumed.status == "finished" and resumed.rounds_completed == 2, resumed.reason
+    global_dir = made.workspace.root / "runs" / RUN / "global"
+    first = read_model(global_dir / "round-0001").metadata["distributed_counts"]
+    second = read_model(global_dir / "round-0002").metadata["distributed_counts"]
+    assert len(first) == 1 and len(second) == 2 and second[0] == first[0]
+    # noisy sums over the three sites' 10 training patients each (noise std 8 patients)
+    assert all(abs(count - 30) < 60 for count in second)
