@@ -13,10 +13,12 @@ is wrapped in :mod:`medfed.transport.flwr_cli`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import socket
+import stat
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -407,13 +409,31 @@ def app_guard_env(*, site: SiteConfig, bin_dir: Path, warm: bool = False) -> dic
 
 
 def warm_socket_path(workdir: Path) -> Path:
-    """The warm worker's socket, in a private directory under ``workdir`` when its path fits."""
+    """The warm worker's socket, in a private directory under ``workdir`` when its path fits.
 
+    Otherwise (AF_UNIX paths are short) in the temporary directory named after the workdir:
+    the same one at every start, so a node killed outright leaves at most one behind, which its
+    next start takes over. One that is not this user's private directory is never used.
+    """
     path = Path(workdir) / "warm" / "worker.sock"
-    if len(os.fsencode(path)) >= _MAX_SOCKET_PATH:
-        path = Path(tempfile.mkdtemp(prefix=WARM_TEMP_DIR_PREFIX)) / "worker.sock"
-    make_private_dirs(path.parent)
-    return path
+    if len(os.fsencode(path)) < _MAX_SOCKET_PATH:
+        make_private_dirs(path.parent)
+        return path
+    digest = hashlib.sha256(os.fsencode(Path(workdir).absolute())).hexdigest()[:24]
+    directory = Path(tempfile.gettempdir()) / f"{WARM_TEMP_DIR_PREFIX}{digest}"
+    try:
+        directory.mkdir(mode=0o700)
+        os.chmod(directory, 0o700)  # mkdir's mode is masked by the umask
+    except FileExistsError:
+        info = directory.lstat()
+        if (
+            not stat.S_ISDIR(info.st_mode)
+            or info.st_uid != os.getuid()
+            or stat.S_IMODE(info.st_mode) != 0o700
+        ):
+            # someone else's, or not private: a fresh one of random name instead
+            directory = Path(tempfile.mkdtemp(prefix=WARM_TEMP_DIR_PREFIX))
+    return directory / "worker.sock"
 
 
 # --- helpers -----------------------------------------------------------------------------------

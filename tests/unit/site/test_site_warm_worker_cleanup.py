@@ -1,4 +1,5 @@
-"""The warm worker's socket directory for a long path is temporary, and removed when it stops."""
+"""The warm worker's socket directory for a long path is temporary, removed when it stops, and
+the same one for the same workdir, so that a node killed outright leaves at most one behind."""
 
 from __future__ import annotations
 
@@ -32,3 +33,21 @@ def test_only_an_empty_temporary_directory_of_the_worker_is_removed(tmp_path: Pa
     assert held.is_dir()
     (held / "other").unlink()
     held.rmdir()
+
+
+def test_a_killed_nodes_directory_is_taken_over_and_a_foreign_one_never_used(
+    tmp_path: Path,
+) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    first = warm_socket_path(deep)
+    first.touch()  # a node killed outright left its socket behind
+    again = warm_socket_path(deep)
+    assert again == first  # its next start takes the directory over
+    other = warm_socket_path(tmp_path / ("f" * 60) / ("g" * 60))
+    assert other.parent != first.parent
+    first.unlink()
+    first.parent.chmod(0o755)  # not private any more: not used
+    fresh = warm_socket_path(deep)
+    assert fresh.parent != first.parent and fresh.parent.stat().st_mode & 0o777 == 0o700
+    for directory in (first.parent, other.parent, fresh.parent):
+        directory.rmdir()
