@@ -156,6 +156,7 @@ def ledger(
     from medfed.privacy.budget import BudgetStatus
     from medfed.privacy.distributed_noise import RDP_ACCOUNTANTS
     from medfed.site.ledger_of import ledger_of
+    from medfed.site.release import opened
 
     site = load_site_config(config)
     report = ledger_of(site).verify()
@@ -172,6 +173,7 @@ def ledger(
         for name in names
     }
     status = BudgetStatus(spent=by_accountant[accountant], cap=cap, accountant=accountant)
+    sealed = [entry for entry in report.releases if entry.sealed is not None]
     summary: dict[str, Any] = {
         "site_id": site.site_id,
         "ledger": str(report.path),
@@ -181,6 +183,9 @@ def ledger(
         "entries": len(report.entries),
         "rounds": len(report.reservations),
         "releases": len(report.releases),
+        # sealed releases (secure aggregation): their kept values must open their commitments
+        "sealed_releases": len(sealed),
+        "sealed_opened": sum(opened(site, entry) is not None for entry in sealed),
         "terms_in_ledger": report.terms is not None,
         "open_reservations": len(report.open_reservations),
         "key_id": report.key_id,
@@ -211,6 +216,17 @@ def ledger(
     _print_summary(summary, by_accountant)
 
 
+def _released(summary: dict[str, Any]) -> str:
+    text = str(summary["releases"])
+    sealed, kept = summary["sealed_releases"], summary["sealed_opened"]
+    if sealed:
+        text += f" ({sealed} sealed, {kept} opened by the values kept at the site"
+        if kept < sealed:
+            text += ": restore workdir/releases/sealed.json from backup"
+        text += ")"
+    return text
+
+
 def _number(value: float | None) -> str:
     return "inf" if value is None else f"{value:.4f}"
 
@@ -238,7 +254,7 @@ def _print_summary(summary: dict[str, Any], by_accountant: dict[AccountantName, 
             f"{summary['cap']:g} at delta {summary['delta']:g}"
             + ("" if summary["terms_in_ledger"] else " (from the config: no terms entry yet)"),
         ),
-        ("released numbers", str(summary["releases"])),
+        ("released numbers", _released(summary)),
         ("remaining", f"{summary['remaining']:.4f}"),
     ]
     shared = summary.get("distributed_noise")

@@ -122,6 +122,34 @@ def test_ledger_reports_spent_epsilon(tmp_path: Path) -> None:
     assert "remaining" in human.stdout and f"{spent:.4f}" in human.stdout
 
 
+def test_ledger_says_whether_the_kept_values_open_its_sealed_releases(tmp_path: Path) -> None:
+    from medfed.config import load_site_config
+    from medfed.privacy import Release
+    from medfed.site.release import sealed_release
+
+    config = _site(tmp_path)
+    site = load_site_config(config)
+    counts = Release(
+        run_id="run-1",
+        round=1,
+        quantity="patients",
+        values={"train": 42.0, "validation": 3.0},
+        mechanism="gaussian",
+        noise_multiplier=5.0,
+        sensitivity=1.0,
+        noise_std=5.0,
+    )
+    _site_ledger(tmp_path).release(release=sealed_release(site, counts), terms=site.terms)
+    data = json.loads(
+        runner.invoke(app, ["privacy", "ledger", "--config", str(config), "--json"]).stdout
+    )
+    assert (data["releases"], data["sealed_releases"], data["sealed_opened"]) == (1, 1, 1)
+    (site.paths.workdir / "releases" / "sealed.json").write_text("{}", encoding="utf-8")
+    human = runner.invoke(app, ["privacy", "ledger", "--config", str(config)])
+    assert human.exit_code == 0, human.output
+    assert "1 sealed, 0 opened" in human.stdout and "sealed.json" in human.stdout
+
+
 def test_tampered_ledger_exits_non_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = _site(tmp_path)
     ledger = _site_ledger(tmp_path)
