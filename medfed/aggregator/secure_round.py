@@ -183,20 +183,13 @@ def secure_evaluation(
             continue
         try:
             answer = read_secure(reply.content)
-            problems = _evaluation_problems(ctx, site, answer, epoch, mask_round)
+            problems = _reply_problems(ctx, site, answer, epoch, mask_round, "evaluation")
         except MedfedError as exc:
             problems = [exc.message]
         if problems:
             _evaluation_failed(ctx, "; ".join(problems), site=site)
             continue
-        assert answer.masked is not None
-        masked[site] = MaskedInput(
-            site_id=site,
-            run_id=ctx.run_name,
-            epoch=epoch.epoch,
-            round=mask_round,
-            vector=answer.masked,
-        )
+        masked[site] = _masked_input(ctx, site, answer, epoch, mask_round)
     dropped = tuple(sorted(set(epoch.members) - set(masked)))
     try:
         words = _unmask(ctx, epoch, mask_round, masked, asked, dropped)
@@ -215,18 +208,29 @@ def secure_evaluation(
     return dice
 
 
-def _evaluation_problems(
-    ctx: RunContext, site: str, answer: SecureReply, epoch: SecureEpoch, mask_round: int
+def _reply_problems(
+    ctx: RunContext, site: str, answer: SecureReply, epoch: SecureEpoch, round_id: int, what: str
 ) -> list[str]:
+    """What any masked reply must be (from the site asked, masked, for this epoch's round);
+    its ledger lines are received on the way (a bad line raises)."""
     problems = []
     if answer.site_id != site:
         problems.append(f"reply claims to be from site {answer.site_id!r}")
     if answer.masked is None:
-        problems.append("the reply holds no masked evaluation")
-    if dict(answer.payload) != {"epoch": epoch.epoch, "round": mask_round}:
-        problems.append(f"the masked evaluation is for {dict(answer.payload)}")
-    receive(ctx, site, mask_round, answer.ledger_first_seq, answer.ledger_lines)
+        problems.append(f"the reply holds no masked {what}")
+    if dict(answer.payload) != {"epoch": epoch.epoch, "round": round_id}:
+        problems.append(f"the masked {what} is for {dict(answer.payload)}")
+    receive(ctx, site, round_id, answer.ledger_first_seq, answer.ledger_lines)
     return problems
+
+
+def _masked_input(
+    ctx: RunContext, site: str, answer: SecureReply, epoch: SecureEpoch, round_id: int
+) -> MaskedInput:
+    assert answer.masked is not None  # checked by _reply_problems
+    return MaskedInput(
+        site_id=site, run_id=ctx.run_name, epoch=epoch.epoch, round=round_id, vector=answer.masked
+    )
 
 
 def _evaluation_failed(ctx: RunContext, reason: str, *, site: str = SUM_SITE) -> None:
@@ -275,14 +279,7 @@ def secure_round(
         if problems:
             reject(ctx, site, round_index, problems)
             continue
-        assert answer.masked is not None
-        masked[site] = MaskedInput(
-            site_id=site,
-            run_id=ctx.run_name,
-            epoch=epoch.epoch,
-            round=round_index,
-            vector=answer.masked,
-        )
+        masked[site] = _masked_input(ctx, site, answer, epoch, round_index)
         received[site] = _received(ctx, site, answer, round_index)
         # the round's plan, for the check that the site can afford the next one
         report = ctx.tracker.report(site)
@@ -401,14 +398,7 @@ def _upload_problems(
     digest: str,
 ) -> list[str]:
     """Why a site's masked upload cannot be summed: its ledger must cover the round."""
-    problems = []
-    if answer.site_id != site:
-        problems.append(f"reply claims to be from site {answer.site_id!r}")
-    if answer.masked is None:
-        problems.append("the reply holds no masked update")
-    if dict(answer.payload) != {"epoch": epoch.epoch, "round": round_index}:
-        problems.append(f"the masked update is for {dict(answer.payload)}")
-    receive(ctx, site, round_index, answer.ledger_first_seq, answer.ledger_lines)
+    problems = _reply_problems(ctx, site, answer, epoch, round_index, "update")
     report = ctx.tracker.report(site)
     ledger = round_record(report, run_id=ctx.run_name, round=round_index, model_sha256=digest)
     problems += coverage_problems(ledger, round_index)

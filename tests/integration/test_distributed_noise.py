@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from event_support import Stopped, stop_after_round
 from flwr.app import Context, Message
 from scipy import stats
 from test_secure_aggregation import SilentGrid
@@ -28,7 +29,6 @@ from medfed.config.run import RunSettings
 from medfed.envelope import TRAIN, read_request, read_secure
 from medfed.model_files import read_arrays, read_model
 from medfed.privacy import ReleaseEntry, ReserveEntry
-from medfed.run_events import RoundDone, RunEvent
 from medfed.secagg.grid import grid_for
 from medfed.site.clientapp import app as medfed_client_app
 from medfed.site.ledger_of import ledger_of
@@ -220,19 +220,12 @@ def test_a_resumed_run_continues_the_mean_of_its_noisy_counts(tmp_path: Path) ->
     so an aggregator restarted after round 1 divides round 2's step by the mean of both."""
     made = _sites(tmp_path / "fed")
 
-    class Stopped(Exception):
-        """The aggregator stops after round 1 (its process was killed, say)."""
-
-    def stop_after_round_one(event: RunEvent) -> None:
-        if isinstance(event, RoundDone) and event.round == 1:
-            raise Stopped
-
     with pytest.raises(Stopped):
         run_in_process(
             workspace=made.workspace,
             site_configs=made.site_configs,
             settings=_settings(made),
-            on_event=stop_after_round_one,
+            on_event=stop_after_round(1),
         )
     resumed = run_in_process(
         workspace=made.workspace,

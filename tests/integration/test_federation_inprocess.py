@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from event_support import Stopped, stop_after_round
 from flwr.app import Array, ArrayRecord, Context, Message
 
 from medfed.api.demo import DemoSetup, prepare_federation
 from medfed.config import load_site_config
 from medfed.config.loading import dump_site_config
 from medfed.privacy import DPSteps, SiteLedger, compute_epsilon, plan_sampling
-from medfed.run_events import RoundDone, RunEvent
 from medfed.site.clientapp import app as medfed_client_app
 from medfed.site.ledger_of import ledger_of
 from medfed.transport.inprocess import run_in_process
@@ -211,19 +211,12 @@ def test_a_run_that_breaks_site_policy_is_declined_before_any_data_is_read(
 def test_resume_continues_from_the_last_round_without_spending_twice(tmp_path: Path) -> None:
     setup = _setup(tmp_path, sites=2, rounds=3, local_epochs=1)
 
-    class Stopped(Exception):
-        """The aggregator stops after round 1 (its process was killed, say)."""
-
-    def stop_after_round_one(event: RunEvent) -> None:
-        if isinstance(event, RoundDone) and event.round == 1:
-            raise Stopped
-
     with pytest.raises(Stopped):
         run_in_process(
             workspace=setup.workspace,
             site_configs=setup.site_configs,
             settings=setup.settings,
-            on_event=stop_after_round_one,
+            on_event=stop_after_round(1),
         )
     spent_after_one = {
         s: _ledger(setup, s).spent(delta=1e-5, accountant="rdp") for s in setup.site_configs
