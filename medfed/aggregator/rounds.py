@@ -262,13 +262,18 @@ def validation_weight(ctx: RunContext, site: str) -> int:
     return 0 if entry is None or entry.sealed is not None else int(entry.values["validation"])
 
 
-def evaluate(ctx: RunContext, round_index: int, weights: Mapping[str, np.ndarray]) -> float:
-    """Federated evaluation of the final model: the Dice each online site releases for it."""
-    nodes = {
+def evaluation_nodes(ctx: RunContext) -> dict[str, int]:
+    """The sites asked to evaluate the final model: online, and active or out of budget."""
+    return {
         site: node
         for site, node in online(ctx).items()
         if ctx.sites[site].status in ("active", "exhausted")
     }
+
+
+def evaluate(ctx: RunContext, round_index: int, weights: Mapping[str, np.ndarray]) -> float:
+    """Federated evaluation of the final model: the Dice each online site releases for it."""
+    nodes = evaluation_nodes(ctx)
     if not nodes:
         return math.nan
     digest = weights_digest(weights)

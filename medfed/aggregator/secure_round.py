@@ -35,10 +35,9 @@ from medfed.aggregator.context import RunContext
 from medfed.aggregator.distributed_step import distributed_step
 from medfed.aggregator.messages import declined, send_each
 from medfed.aggregator.releases import round_record
-from medfed.aggregator.rounds import RoundOutcome, coverage_problems, receive
+from medfed.aggregator.rounds import RoundOutcome, coverage_problems, evaluation_nodes, receive
 from medfed.aggregator.run_store import ReceivedUpdate
 from medfed.aggregator.secure_epoch import SecureEpoch, reject, stage, start_epoch
-from medfed.aggregator.selection import online
 from medfed.aggregator.strategies import RoundAggregation
 from medfed.aggregator.validation import validate_update
 from medfed.config.run import RunSettings
@@ -134,11 +133,7 @@ class SecureRun:
         """The final model's federated Dice as one masked sum (:func:`secure_evaluation`),
         under the current key epoch or, after a dropout, a new one; NaN when there is none."""
         ctx = self.ctx
-        nodes = {
-            site: node
-            for site, node in online(ctx).items()
-            if ctx.sites[site].status in ("active", "exhausted")
-        }
+        nodes = evaluation_nodes(ctx)
         mask_round = evaluation_round(ctx.settings.rounds)
         epoch = self.current
         if epoch is None or self.renew or not set(epoch.members) <= set(nodes):
@@ -167,14 +162,7 @@ def secure_evaluation(
     settings = ctx.settings
     mask_round = evaluation_round(settings.rounds)
     asked = {site: node for site, node in nodes.items() if site in epoch.members}
-    payload: dict[str, Any] = {
-        "epoch": epoch.epoch,
-        "round": mask_round,
-        "sites": len(epoch.members),
-        "max_weight": settings.secure_aggregation_max_weight,
-        "bound": settings.secure_aggregation_bound,
-        "evaluate": True,
-    }
+    payload = {**_stage_payload(settings, epoch, mask_round), "evaluate": True}
     masked: dict[str, MaskedInput] = {}
     secure = {site: payload for site in asked}
     for site, reply in send_each(ctx, TRAIN, round_index, asked, weights, secure=secure):
@@ -206,6 +194,17 @@ def secure_evaluation(
     dice = total.extras[0] / settings.secure_aggregation_bound / total.weight
     ctx.emit(Evaluation(run_name=ctx.run_name, round=round_index, dice=finite_or_none(dice)))
     return dice
+
+
+def _stage_payload(settings: RunSettings, epoch: SecureEpoch, round_id: int) -> dict[str, Any]:
+    """What a masked stage tells each site: the epoch's round and the encoding's parameters."""
+    return {
+        "epoch": epoch.epoch,
+        "round": round_id,
+        "sites": len(epoch.members),
+        "max_weight": settings.secure_aggregation_max_weight,
+        "bound": settings.secure_aggregation_bound,
+    }
 
 
 def _reply_problems(
@@ -256,13 +255,7 @@ def secure_round(
     ctx.emit(RoundStarted(run_name=ctx.run_name, round=round_index, sites=tuple(sorted(asked))))
     started = time.monotonic()
     digest = weights_digest(weights)
-    payload: dict[str, Any] = {
-        "epoch": epoch.epoch,
-        "round": round_index,
-        "sites": len(epoch.members),
-        "max_weight": settings.secure_aggregation_max_weight,
-        "bound": settings.secure_aggregation_bound,
-    }
+    payload = _stage_payload(settings, epoch, round_index)
     if settings.distributed_noise is not None:
         payload["distributed"] = settings.distributed_noise.model_dump(mode="json")
     masked: dict[str, MaskedInput] = {}

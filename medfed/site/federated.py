@@ -280,21 +280,19 @@ def release_dice(
     digest: str,
     *,
     final: bool,
-    round_index: int | None = None,
     sealed: bool = False,
 ) -> tuple[DiceOutcome, PatientCounts]:
-    """The validation Dice of ``weights``, released as the site's release policy allows (for
-    the request's round, or ``round_index``), and the released counts it is averaged with;
-    ``sealed``: under secure aggregation, both stay at the site."""
+    """The validation Dice of ``weights``, released as the site's release policy allows, and
+    the released counts it is averaged with; ``sealed``: under secure aggregation, both stay at
+    the site."""
     from medfed.data import build_datasets
     from medfed.site import release
 
-    round_index = request.round if round_index is None else round_index
     datasets = build_datasets(config)
     counts = release.released_counts(
         config=config,
         run_id=request.run_name,
-        round_index=round_index,
+        round_index=request.round,
         datasets=datasets,
         sealed=sealed,
     )
@@ -303,7 +301,7 @@ def release_dice(
         ledger=_ledger(config),
         counts=counts,
         run_id=request.run_name,
-        round=round_index,
+        round=request.round,
         planned_rounds=request.planned_rounds,
         final=final,
         model_sha256=digest,
@@ -314,7 +312,7 @@ def release_dice(
         log.info(
             "site %s releases no Dice for round %d of %s: %s",
             config.site_id,
-            round_index,
+            request.round,
             request.run_name,
             outcome.withheld,
         )

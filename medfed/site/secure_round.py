@@ -411,7 +411,7 @@ def _encoded_evaluation(
         return encode_weighted(point=point, weight=0, update=np.zeros(0), extras=(0.0,))
     return encode_weighted(
         point=point,
-        weight=min(max(counts.validation, 0), max_weight),
+        weight=min(counts.validation, max_weight),
         update=np.zeros(0),
         extras=(min(max(outcome.value, 0.0), 1.0) * bound,),
     )
