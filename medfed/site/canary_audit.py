@@ -21,8 +21,9 @@ trainer's own code (DP wrapping, Poisson sampling over patients, the DP step and
 reserve and commit); the gradient score replaces only each sampled canary's per-sample gradient
 and crop (:mod:`medfed.site.canary_scores`). Only the noise multiplier is the audit's: it is
 planned so that the run's claim is ``epsilon`` (default 2, small enough that an honest run stays
-far below any bound a broken run reaches), over a sample rate fixed before the inclusion draw
-(the site's batch size over half the canaries).
+far below any bound a broken run reaches), over a sample rate fixed before the inclusion draw:
+the site's ``training.sample_rate`` where it sets one, else its batch size over half the
+canaries.
 
 The result is written to ``WORKDIR/audit/canary-<stamp>.json`` (see
 :meth:`CanaryAuditResult.to_json`).
@@ -53,7 +54,7 @@ from medfed.privacy.one_run_audit import (
     epsilon_lower_bound,
     guess_counts_for,
 )
-from medfed.privacy.sampling import SamplingPlan, plan_sampling
+from medfed.privacy.sampling import SamplingPlan, plan_at_rate, plan_sampling
 from medfed.privacy.site_ledger import RoundPlan, SiteLedger
 from medfed.site.canary_options import (
     DEFAULT_CANARIES,
@@ -195,9 +196,17 @@ def run_canary_audit(
     run_id = f"canary-audit-{stamp}"
 
     nominal = math.ceil(canaries / 2)
-    sampling = plan_sampling(
-        dataset_size=nominal, batch_size=config.training.batch_size, epochs=config.training.epochs
-    )
+    rate = config.training.sample_rate
+    if rate is None:
+        sampling = plan_sampling(
+            dataset_size=nominal,
+            batch_size=config.training.batch_size,
+            epochs=config.training.epochs,
+        )
+    else:  # the rate the site's rounds draw at, as its round plan does
+        sampling = plan_at_rate(
+            dataset_size=nominal, sample_rate=rate, epochs=config.training.epochs
+        )
     plan = RoundPlan(
         run_id=run_id,
         round=0,

@@ -212,6 +212,20 @@ def test_the_black_box_loss_score_trains_the_canaries_and_stays_honest(
     assert result.result_file.is_file()
 
 
+def test_the_audit_draws_at_the_sample_rate_the_site_sets(tmp_path: Path, entropy: None) -> None:
+    # training.sample_rate is the rate of the site's every round, so the audit's too
+    config = _site(tmp_path, epochs=2, sample_rate=0.1)
+    result = _audit(config, canaries=100, score="loss", epsilon=1.5)
+    assert (result.plan.sample_rate, result.steps) == (0.1, 2 * 10)
+    history = SiteLedger(
+        path=result.ledger,
+        key_path=result.ledger.parent / "keys" / "audit_ed25519.pem",
+        site_id="site-a",
+    ).history()
+    assert [(entry.sample_rate, entry.steps) for entry in history] == [(0.1, 20)]
+    assert 1.4 < result.claimed_epsilon <= 1.5
+
+
 def test_an_audit_that_could_not_flag_anything_is_refused_before_training(
     tmp_path: Path,
 ) -> None:
