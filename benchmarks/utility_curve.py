@@ -12,8 +12,11 @@ DP federation once per epsilon, each as its own process (``--jobs`` at a time), 
 data seeds. The ratio is federated DP Dice over centralised non-private Dice, each the mean of
 ``--runs`` seeds. The table says from how many patients per site the ratio reaches
 ``--target`` (0.95) at each epsilon, when it does within the measured range; ``--plot`` draws
-the curve (matplotlib), and ``--json`` writes ``{"rows": [{"patients_per_site", "epsilon",
-"dp_dice", "central_dice", "ratio", "runs"}], "passes": {"<epsilon>": patients or null}}``.
+the curve (matplotlib), and ``--json`` writes ``{"rows": [{"task", "patients_per_site",
+"epsilon", "recipe", "dp_dice", "central_dice", "ratio", "runs"}], "passes": {"<epsilon>":
+patients or null}}``. ``--previous`` adds the rows of an earlier run's ``--json`` for the points
+this run does not measure, so that a curve can grow one size at a time
+(``benchmarks/utility_curve.json`` holds the one in ``benchmarks/README.md``).
 Every other option goes to utility.py unchanged (``--size``, ``--rounds``,
 ``--distributed-noise``...).
 """
@@ -46,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--plot", type=Path, help="draw the curve here (PNG)")
+    parser.add_argument(
+        "--previous",
+        type=Path,
+        help="the --json of an earlier run: its rows join the table, the file and the plot "
+        "wherever this run does not measure the same point",
+    )
     args, rest = parser.parse_known_args(argv)
     if args.runs < 1 or args.jobs < 1:
         parser.error("--runs and --jobs must be at least 1")
@@ -69,6 +78,18 @@ def run_one(command: list[str], out: Path) -> dict[str, Any]:
     print(f"  done in {time.monotonic() - started:.0f} s: {' '.join(command)}", flush=True)
     row: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))["rows"][0]
     return row
+
+
+def with_previous(
+    rows: list[dict[str, Any]], previous: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``rows`` and the earlier rows of the points (task, patients, epsilon) they do not cover."""
+
+    def point(row: dict[str, Any]) -> tuple[str, int, float]:
+        return row.get("task", "shapes"), row["patients_per_site"], row["epsilon"]
+
+    measured = {point(row) for row in rows}
+    return [row for row in previous if point(row) not in measured] + rows
 
 
 def passes(rows: list[dict[str, Any]], epsilon: float, target: float) -> int | None:
@@ -139,17 +160,21 @@ def main(argv: list[str] | None = None) -> int:
     for count in patients:
         central = results[(count, None)]["central_dice"]
         for epsilon in epsilons:
-            dp = results[(count, epsilon)]["dp_dice"]
+            dp = results[(count, epsilon)]
             rows.append(
                 {
+                    "task": dp["task"],
                     "patients_per_site": count,
                     "epsilon": epsilon,
-                    "dp_dice": dp,
+                    "recipe": dp["recipe"],
+                    "dp_dice": dp["dp_dice"],
                     "central_dice": central,
-                    "ratio": dp / central if central else None,
+                    "ratio": dp["dp_dice"] / central if central else None,
                     "runs": args.runs,
                 }
             )
+    if args.previous is not None:
+        rows = with_previous(rows, json.loads(args.previous.read_text(encoding="utf-8"))["rows"])
     print()
     print(table(rows))
     reached = {f"{e:g}": passes(rows, e, args.target) for e in epsilons}

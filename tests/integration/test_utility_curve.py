@@ -35,6 +35,17 @@ def test_the_size_from_which_every_ratio_reaches_the_target() -> None:
     assert passes(rows, 2.0, 0.95) is None
 
 
+def test_an_earlier_run_fills_the_points_this_one_does_not_measure() -> None:
+    with_previous = _module().with_previous
+    earlier = [
+        {"task": "shapes", "patients_per_site": 24, "epsilon": 8.0, "ratio": 0.79},
+        {"task": "shapes", "patients_per_site": 96, "epsilon": 8.0, "ratio": 0.85},
+        {"task": "brain", "patients_per_site": 96, "epsilon": 8.0, "ratio": 0.9},
+    ]
+    now = [{"task": "shapes", "patients_per_site": 96, "epsilon": 8.0, "ratio": 0.88}]
+    assert with_previous(now, earlier) == [earlier[0], earlier[2], now[0]]
+
+
 @pytest.mark.slow
 def test_a_small_curve_runs_every_point_and_writes_its_rows_and_plot(tmp_path: Path) -> None:
     out, plot = tmp_path / "curve.json", tmp_path / "curve.png"
@@ -56,6 +67,7 @@ def test_a_small_curve_runs_every_point_and_writes_its_rows_and_plot(tmp_path: P
     rows = {(r["patients_per_site"], r["epsilon"]): r for r in data["rows"]}
     assert set(rows) == {(12, 8.0), (12, 2.0)}
     for row in rows.values():
+        assert (row["task"], row["recipe"]) == ("shapes", "dp-sgd")
         assert row["ratio"] == pytest.approx(row["dp_dice"] / row["central_dice"])
     # both epsilons were trained against the one centralised baseline of their data
     assert rows[(12, 8.0)]["central_dice"] == rows[(12, 2.0)]["central_dice"]
