@@ -10,13 +10,14 @@ For each number of patients per site, ``utility.py --only baselines`` trains the
 non-private model once (it does not depend on epsilon) and ``utility.py --only dp`` runs the
 DP federation once per epsilon, each as its own process (``--jobs`` at a time), with the same
 data seeds. The ratio is federated DP Dice over centralised non-private Dice, each the mean of
-``--runs`` seeds. The table says from how many patients per site the ratio reaches
-``--target`` (0.95) at each epsilon, when it does within the measured range; ``--plot`` draws
-the curve (matplotlib), and ``--json`` writes ``{"rows": [{"task", "patients_per_site",
-"epsilon", "recipe", "dp_dice", "central_dice", "ratio", "runs"}], "passes": {"<epsilon>":
-patients or null}}``. ``--previous`` adds the rows of an earlier run's ``--json`` for the points
-this run does not measure, so that a curve can grow one size at a time
-(``benchmarks/utility_curve.json`` holds the one in ``benchmarks/README.md``).
+``--runs`` seeds; its range is the lowest and highest of the seeds' own ratios. The table says
+from how many patients per site the ratio reaches ``--target`` (0.95) at each epsilon, when it
+does within the measured range; ``--plot`` draws the curve (matplotlib), and ``--json`` writes
+``{"rows": [{"task", "patients_per_site", "epsilon", "recipe", "dp_dice", "central_dice",
+"ratio", "runs", "ratio_low", "ratio_high"}], "passes": {"<epsilon>": patients or null}}``.
+``--previous`` adds the rows of an earlier run's ``--json`` for the points this run does not
+measure, so that a curve can grow one size at a time (``benchmarks/utility_curve.json`` holds
+the one in ``benchmarks/README.md``).
 Every other option goes to utility.py unchanged (``--size``, ``--rounds``,
 ``--distributed-noise``...).
 """
@@ -76,8 +77,20 @@ def run_one(command: list[str], out: Path) -> dict[str, Any]:
         tail = log.read_text(encoding="utf-8").splitlines()[-5:]
         raise SystemExit(f"utility.py {' '.join(command)} failed:\n" + "\n".join(tail))
     print(f"  done in {time.monotonic() - started:.0f} s: {' '.join(command)}", flush=True)
-    row: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))["rows"][0]
+    summary = json.loads(out.read_text(encoding="utf-8"))
+    row: dict[str, Any] = summary["rows"][0]
+    row["per_seed"] = per_seed(summary)
     return row
+
+
+def per_seed(summary: dict[str, Any]) -> dict[str, float]:
+    """Each seed's Dice of the one model the run trained (DP or centralised), by seed."""
+    found: dict[str, float] = {}
+    for run in summary.get("runs", [summary]):
+        for outcome in run["outcomes"]:
+            if outcome["name"] in ("federated DP", "centralised non-private"):
+                found[str(run["args"]["seed"])] = outcome["dice"]
+    return found
 
 
 def with_previous(
@@ -103,13 +116,15 @@ def passes(rows: list[dict[str, Any]], epsilon: float, target: float) -> int | N
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| patients per site | epsilon | federated DP Dice | centralised Dice | ratio | runs |",
-        "|---|---|---|---|---|---|",
+        "| patients per site | epsilon | federated DP Dice | centralised Dice | ratio | "
+        "ratio range | runs |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in sorted(rows, key=lambda r: (-r["epsilon"], r["patients_per_site"])):
+        spread = f"{row['ratio_low']:.3f}-{row['ratio_high']:.3f}" if row["runs"] > 1 else "-"
         lines.append(
             f"| {row['patients_per_site']} | {row['epsilon']:g} | {row['dp_dice']:.3f} | "
-            f"{row['central_dice']:.3f} | {row['ratio']:.3f} | {row['runs']} |"
+            f"{row['central_dice']:.3f} | {row['ratio']:.3f} | {spread} | {row['runs']} |"
         )
     return "\n".join(lines)
 
@@ -123,9 +138,24 @@ def plot(rows: list[dict[str, Any]], path: Path, target: float) -> None:
     figure, axes = pyplot.subplots(figsize=(5.5, 3.5))
     for epsilon in sorted({r["epsilon"] for r in rows}, reverse=True):
         points = sorted(
-            (r["patients_per_site"], r["ratio"]) for r in rows if r["epsilon"] == epsilon
+            (
+                r["patients_per_site"],
+                r["ratio"],
+                r["ratio"] - r.get("ratio_low", r["ratio"]),
+                r.get("ratio_high", r["ratio"]) - r["ratio"],
+            )
+            for r in rows
+            if r["epsilon"] == epsilon
         )
-        axes.plot(*zip(*points, strict=True), marker="o", label=f"epsilon {epsilon:g}")
+        patients, ratios, below, above = zip(*points, strict=True)
+        axes.errorbar(
+            patients,
+            ratios,
+            yerr=[below, above],
+            marker="o",
+            capsize=3,
+            label=f"epsilon {epsilon:g}",
+        )
     axes.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"{target:g}")
     axes.set_xscale("log", base=2)
     patients = sorted({r["patients_per_site"] for r in rows})
@@ -161,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         central = results[(count, None)]["central_dice"]
         for epsilon in epsilons:
             dp = results[(count, epsilon)]
+            centrals = results[(count, None)]["per_seed"]
+            ratios = [value / centrals[seed] for seed, value in dp["per_seed"].items()]
             rows.append(
                 {
                     "task": dp["task"],
@@ -171,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                     "central_dice": central,
                     "ratio": dp["dp_dice"] / central if central else None,
                     "runs": args.runs,
+                    # each seed's DP Dice over the centralised Dice of the same data
+                    "ratio_low": min(ratios),
+                    "ratio_high": max(ratios),
                 }
             )
     if args.previous is not None:

@@ -46,6 +46,17 @@ def test_an_earlier_run_fills_the_points_this_one_does_not_measure() -> None:
     assert with_previous(now, earlier) == [earlier[0], earlier[2], now[0]]
 
 
+def test_each_seed_s_dice_is_read_from_one_run_or_several() -> None:
+    per_seed = _module().per_seed
+
+    def run(seed: int, dice: float) -> dict[str, object]:
+        outcomes = [{"name": "federated DP", "dice": dice}, {"name": "other", "dice": 0.0}]
+        return {"args": {"seed": seed}, "outcomes": outcomes}
+
+    assert per_seed(run(0, 0.7)) == {"0": 0.7}
+    assert per_seed({"runs": [run(3, 0.6), run(4, 0.8)]}) == {"3": 0.6, "4": 0.8}
+
+
 @pytest.mark.slow
 def test_a_small_curve_runs_every_point_and_writes_its_rows_and_plot(tmp_path: Path) -> None:
     out, plot = tmp_path / "curve.json", tmp_path / "curve.png"
@@ -68,6 +79,8 @@ def test_a_small_curve_runs_every_point_and_writes_its_rows_and_plot(tmp_path: P
     assert set(rows) == {(12, 8.0), (12, 2.0)}
     for row in rows.values():
         assert (row["task"], row["recipe"]) == ("shapes", "dp-sgd")
+        # one seed: its own ratio is the mean's, the range a point
+        assert row["ratio_low"] == pytest.approx(row["ratio"]) == row["ratio_high"]
         assert row["ratio"] == pytest.approx(row["dp_dice"] / row["central_dice"])
     # both epsilons were trained against the one centralised baseline of their data
     assert rows[(12, 8.0)]["central_dice"] == rows[(12, 2.0)]["central_dice"]
