@@ -121,7 +121,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in sorted(rows, key=lambda r: (-r["epsilon"], r["patients_per_site"])):
-        spread = f"{row['ratio_low']:.3f}-{row['ratio_high']:.3f}" if row["runs"] > 1 else "-"
+        low, high = row.get("ratio_low"), row.get("ratio_high")
+        # an earlier run's row may not have its seeds' ratios
+        spread = "-" if low is None or high is None or row["runs"] == 1 else f"{low:.3f}-{high:.3f}"
         lines.append(
             f"| {row['patients_per_site']} | {row['epsilon']:g} | {row['dp_dice']:.3f} | "
             f"{row['central_dice']:.3f} | {row['ratio']:.3f} | {spread} | {row['runs']} |"
@@ -141,8 +143,8 @@ def plot(rows: list[dict[str, Any]], path: Path, target: float) -> None:
             (
                 r["patients_per_site"],
                 r["ratio"],
-                r["ratio"] - r.get("ratio_low", r["ratio"]),
-                r.get("ratio_high", r["ratio"]) - r["ratio"],
+                r["ratio"] - (r.get("ratio_low") or r["ratio"]),
+                (r.get("ratio_high") or r["ratio"]) - r["ratio"],
             )
             for r in rows
             if r["epsilon"] == epsilon
