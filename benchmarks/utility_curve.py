@@ -143,8 +143,9 @@ def plot(rows: list[dict[str, Any]], path: Path, target: float) -> None:
             (
                 r["patients_per_site"],
                 r["ratio"],
-                r["ratio"] - (r.get("ratio_low") or r["ratio"]),
-                (r.get("ratio_high") or r["ratio"]) - r["ratio"],
+                # at least 0: the mean's ratio can pass a seed's by a rounding error
+                max(0.0, r["ratio"] - (r.get("ratio_low") or r["ratio"])),
+                max(0.0, (r.get("ratio_high") or r["ratio"]) - r["ratio"]),
             )
             for r in rows
             if r["epsilon"] == epsilon
