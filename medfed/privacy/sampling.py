@@ -57,3 +57,12 @@ def plan_at_rate(*, dataset_size: int, sample_rate: float, epochs: int) -> Sampl
         steps_per_epoch=steps_per_epoch,
         epochs=epochs,
     )
+
+
+def plan_site_sampling(
+    *, dataset_size: int, batch_size: int, sample_rate: float | None, epochs: int
+) -> SamplingPlan:
+    """A site's plan: at its ``training.sample_rate`` where it sets one, else ``B / N``."""
+    if sample_rate is None:
+        return plan_sampling(dataset_size=dataset_size, batch_size=batch_size, epochs=epochs)
+    return plan_at_rate(dataset_size=dataset_size, sample_rate=sample_rate, epochs=epochs)

@@ -54,7 +54,7 @@ from medfed.privacy.one_run_audit import (
     epsilon_lower_bound,
     guess_counts_for,
 )
-from medfed.privacy.sampling import SamplingPlan, plan_at_rate, plan_sampling
+from medfed.privacy.sampling import SamplingPlan, plan_site_sampling
 from medfed.privacy.site_ledger import RoundPlan, SiteLedger
 from medfed.site.canary_options import (
     DEFAULT_CANARIES,
@@ -196,17 +196,12 @@ def run_canary_audit(
     run_id = f"canary-audit-{stamp}"
 
     nominal = math.ceil(canaries / 2)
-    rate = config.training.sample_rate
-    if rate is None:
-        sampling = plan_sampling(
-            dataset_size=nominal,
-            batch_size=config.training.batch_size,
-            epochs=config.training.epochs,
-        )
-    else:  # the rate the site's rounds draw at, as its round plan does
-        sampling = plan_at_rate(
-            dataset_size=nominal, sample_rate=rate, epochs=config.training.epochs
-        )
+    sampling = plan_site_sampling(  # the rate the site's rounds draw at
+        dataset_size=nominal,
+        batch_size=config.training.batch_size,
+        sample_rate=config.training.sample_rate,
+        epochs=config.training.epochs,
+    )
     plan = RoundPlan(
         run_id=run_id,
         round=0,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from medfed.config.site import SiteConfig
 from medfed.privacy.accounting import DPSteps
 from medfed.privacy.budget import check_budget
-from medfed.privacy.sampling import SamplingPlan, plan_at_rate, plan_sampling
+from medfed.privacy.sampling import SamplingPlan, plan_site_sampling
 from medfed.privacy.site_ledger import RoundPlan, SiteLedger
 from medfed.site import policy, release
 from medfed.site.release import PatientCounts
@@ -76,13 +76,13 @@ def plan_round(
         rate = 1.0 if rate is None else rate
     else:
         release.check_delta(config, counts.total)
-    if rate is None:
-        sampling = plan_sampling(
-            dataset_size=counts.train, batch_size=config.training.batch_size, epochs=epochs
-        )
-    else:
-        # the released count still scales the noisy mean (expected batch size q x N)
-        sampling = plan_at_rate(dataset_size=counts.train, sample_rate=rate, epochs=epochs)
+    # at a set rate the released count still scales the noisy mean (expected batch size q x N)
+    sampling = plan_site_sampling(
+        dataset_size=counts.train,
+        batch_size=config.training.batch_size,
+        sample_rate=rate,
+        epochs=epochs,
+    )
     plan = RoundPlan(
         run_id=run_id,
         round=round_index,
