@@ -123,6 +123,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--norm", choices=("instance", "group"), default="instance")
     train.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam"), default="fedadam")
     train.add_argument("--server-lr", type=float, default=5e-2, help="FedAdam's server rate")
+    train.add_argument(
+        "--server-lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="FedAdam's server rate over the rounds",
+    )
+    train.add_argument(
+        "--server-lr-final",
+        type=float,
+        default=0.1,
+        help="cosine: the last round's server rate, as a share of --server-lr",
+    )
     train.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx's mu")
     base = parser.add_argument_group("non-private baselines (their own, standard settings)")
     base.add_argument("--central-epochs", type=int, default=100)
@@ -158,6 +170,8 @@ def recipe(args: argparse.Namespace) -> str:
         parts.append("adaptive-clip")
     if args.distributed_noise:
         parts.append(f"distributed-noise-{args.sites}")
+    if args.strategy == "fedadam" and args.server_lr_schedule != "constant":
+        parts.append(f"{args.server_lr_schedule}-server-lr-{args.server_lr_final:g}")
     return "+".join(parts)
 
 
@@ -172,6 +186,8 @@ def run_settings(args: argparse.Namespace, base: RunSettings, noise: float) -> R
         strategy["proximal_mu"] = args.proximal_mu
     if args.strategy == "fedadam":
         strategy["server_lr"] = args.server_lr
+        strategy["server_lr_schedule"] = args.server_lr_schedule
+        strategy["server_lr_final"] = args.server_lr_final
     return RunSettings.model_validate(
         {
             **base.model_dump(),
@@ -402,6 +418,11 @@ def report(
         f"lr {args.lr} ({args.optimizer}), clip {args.clip}, noise {noise}, "
         f"channels {args.channels}, {args.strategy}"
         + (f" (server lr {args.server_lr})" if args.strategy == "fedadam" else "")
+        + (
+            f", {args.server_lr_schedule} to {args.server_lr_final:g} of it"
+            if args.strategy == "fedadam" and args.server_lr_schedule != "constant"
+            else ""
+        )
     )
     if args.task != "shapes" or recipe(args) != "dp-sgd":
         print(f"task {args.task}, recipe {recipe(args)}, seed {args.seed}")

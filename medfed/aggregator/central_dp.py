@@ -154,6 +154,7 @@ class CentralDPAggregation(RoundAggregation):
         ledger: SiteLevelLedger,
         run_name: str,
         round: int,
+        rounds: int = 1,
         noise: NoiseSource = csprng_normals,
     ) -> None:
         if settings.central_dp is None or settings.name not in MEAN_STRATEGIES:
@@ -169,7 +170,12 @@ class CentralDPAggregation(RoundAggregation):
             for name, array in global_weights.items()
             if np.issubdtype(array.dtype, np.floating)
         }
-        super().__init__(settings=StrategySettings(name="fedavg"), global_weights=floating)
+        super().__init__(
+            settings=StrategySettings(name="fedavg"),
+            global_weights=floating,
+            round=round,
+            rounds=rounds,
+        )
         self.dp: CentralDPSettings = settings.central_dp
         self.cohort = cohort
         self.entry: SiteLevelEntry | None = None
@@ -179,7 +185,6 @@ class CentralDPAggregation(RoundAggregation):
         self._full_layout = {name: tuple(array.shape) for name, array in global_weights.items()}
         self._ledger = ledger
         self._run_name = run_name
-        self._round = round
         self._noise = noise
 
     def add(self, *, update: SiteUpdate) -> None:
@@ -258,7 +263,8 @@ class CentralDPAggregation(RoundAggregation):
         if self._strategy.name != "fedadam":
             return AggregationResult(weights=average, state=state)
         # the server step moves the aggregated (floating) arrays only; counters stay as kept
-        stepped, new_state = FedAdam.from_settings(self._strategy).step_to(
+        server = FedAdam.from_settings(self._strategy, round=self._round, rounds=self._rounds)
+        stepped, new_state = server.step_to(
             state=state,
             global_weights={name: self._full[name] for name in mean},
             average={name: average[name] for name in mean},
@@ -274,14 +280,18 @@ def round_aggregation(
     ledger: SiteLevelLedger | None,
     run_name: str,
     round: int,
+    rounds: int,
 ) -> RoundAggregation:
-    """The round's aggregation: plain, or wrapped in central DP when ``settings`` asks for it.
+    """The round's aggregation: plain, or wrapped in central DP when ``settings`` asks for it;
+    ``round`` of ``rounds`` places it in the run (FedAdam's server rate schedule).
 
     Raises:
         ConfigError: central DP is asked for but no site-level ledger is given.
     """
     if settings.central_dp is None:
-        return RoundAggregation(settings=settings, global_weights=global_weights)
+        return RoundAggregation(
+            settings=settings, global_weights=global_weights, round=round, rounds=rounds
+        )
     if ledger is None:
         raise ConfigError(
             "central DP needs the run's site-level ledger to record each release",
@@ -294,6 +304,7 @@ def round_aggregation(
         ledger=ledger,
         run_name=run_name,
         round=round,
+        rounds=rounds,
     )
 
 

@@ -148,6 +148,7 @@ def _run(ctx: RunContext, resume: ResumePoint | None) -> FederationResult:
             ledger=ctx.site_level,
             run_name=ctx.run_name,
             round=round_index,
+            rounds=settings.rounds,
         )
         if secure is None:
             outcome = train_round(ctx, round_index, selected, weights, aggregation)

@@ -234,10 +234,16 @@ class FedAdam:
     tau: float = 1e-3
 
     @classmethod
-    def from_settings(cls, settings: StrategySettings) -> FedAdam:
-        """The FedAdam optimiser a run's strategy settings describe."""
+    def from_settings(
+        cls, settings: StrategySettings, *, round: int = 1, rounds: int = 1
+    ) -> FedAdam:
+        """The FedAdam optimiser a run's strategy settings describe, at ``round`` of ``rounds``
+        (the server rate follows ``settings.server_lr_schedule``)."""
         return cls(
-            eta=settings.server_lr, beta1=settings.beta1, beta2=settings.beta2, tau=settings.tau
+            eta=settings.server_lr_at(round=round, rounds=rounds),
+            beta1=settings.beta1,
+            beta2=settings.beta2,
+            tau=settings.tau,
         )
 
     def __post_init__(self) -> None:
@@ -353,12 +359,20 @@ class RoundAggregation:
     strategy state. FedAvg, FedProx and FedAdam fold each update into a float32 weighted sum
     and keep no reference to it: one model's worth of memory for any number of sites. The
     median and the trimmed mean hold every update until ``finish`` (n models' worth).
+    ``round`` of ``rounds`` places the round in its run, for FedAdam's server rate schedule.
     """
 
     def __init__(
-        self, *, settings: StrategySettings, global_weights: Mapping[str, np.ndarray]
+        self,
+        *,
+        settings: StrategySettings,
+        global_weights: Mapping[str, np.ndarray],
+        round: int = 1,
+        rounds: int = 1,
     ) -> None:
         self._settings = settings
+        self._round = round
+        self._rounds = rounds
         self._global = global_weights
         self._layout = {name: tuple(array.shape) for name, array in global_weights.items()}
         streams = settings.name in ("fedavg", "fedprox", "fedadam")
@@ -413,7 +427,8 @@ class RoundAggregation:
             average = self._sum.result()
             if settings.name != "fedadam":
                 return AggregationResult(weights=average, state=state)
-            weights, new_state = FedAdam.from_settings(settings).step_to(
+            server = FedAdam.from_settings(settings, round=self._round, rounds=self._rounds)
+            weights, new_state = server.step_to(
                 state=state, global_weights=self._global, average=average
             )
             return AggregationResult(weights=weights, state=new_state)
@@ -429,12 +444,14 @@ def aggregate(
     state: FedAdamState | None,
     global_weights: Mapping[str, np.ndarray],
     updates: Sequence[SiteUpdate],
+    round: int = 1,
+    rounds: int = 1,
 ) -> AggregationResult:
     """Run the strategy ``settings.name`` names on one round's (already validated) updates.
 
     The list form of :class:`RoundAggregation`: ``state`` is FedAdam's state from the previous
     round (``None`` at the start, and for the stateless strategies, which pass it through
-    unchanged).
+    unchanged); ``round`` of ``rounds`` sets FedAdam's scheduled server rate.
 
     Raises:
         AggregationError: ``updates`` is empty.
@@ -442,7 +459,9 @@ def aggregate(
         ConfigError: ``trim_fraction`` leaves nothing to average for this many updates.
     """
     check_aggregatable(updates=updates, reference=global_weights)
-    aggregation = RoundAggregation(settings=settings, global_weights=global_weights)
+    aggregation = RoundAggregation(
+        settings=settings, global_weights=global_weights, round=round, rounds=rounds
+    )
     for update in updates:
         aggregation.add(update=update)
     return aggregation.finish(state=state)

@@ -23,7 +23,10 @@ from medfed.errors import PrivacyError
 from medfed.privacy.accounting import AccountantName, DPSteps
 
 #: The recipe :func:`recommend_recipe` recommends: the best measured so far.
-RECOMMENDED_PRESET = "dp-fedadam-one-step"
+RECOMMENDED_PRESET = "dp-fedadam-cosine"
+#: The recipe it improves on, measured at more settings: where the recommended one has no
+#: measurement near a setting and this one has a nearer one, the estimate is this one's.
+EARLIER_PRESET = "dp-fedadam-one-step"
 #: Beyond this distance from every measurement (log2 units of patients and epsilon: 1 is a
 #: factor of two in either) the expected ratio is called a guess from the nearest one.
 NEAR = 0.5
@@ -126,6 +129,7 @@ class DiceEstimate:
     measured_at: str  # the measured setting it comes from
     source: str
     distance: float  # from the measured setting (log2 of patients and epsilon)
+    recipe: str = RECOMMENDED_PRESET  # the recipe that was measured
 
     @property
     def note(self) -> str:
@@ -136,6 +140,11 @@ class DiceEstimate:
             where = (
                 "no measurement near this setting: the nearest one's ratio; more patients per "
                 "site or a larger epsilon usually raise it, fewer or a smaller one lower it"
+            )
+        if self.recipe != RECOMMENDED_PRESET:
+            where += (
+                f"; measured with the earlier recipe {self.recipe}, which measured lower than "
+                f"{RECOMMENDED_PRESET} where both were measured"
             )
         return f"an estimate on synthetic data, {where}"
 
@@ -186,6 +195,7 @@ class Recipe:
                 "low": estimate.low,
                 "high": estimate.high,
                 "measured_at": estimate.measured_at,
+                "recipe": estimate.recipe,
                 "source": estimate.source,
                 "note": estimate.note,
             },
@@ -203,14 +213,14 @@ def recommend_recipe(
 ) -> Recipe:
     """The recipe that measured best, planned for these sizes and this per-site cap.
 
-    The ``dp-fedadam-one-step`` preset: every round one full-batch DP-SGD step at each site
-    (sample rate 1, batch = the site's training patients), FedAdam on the aggregate, and the
-    noise planned so that ``rounds`` rounds (the preset's 80 by default) spend at most
-    ``target_epsilon`` at a site with ``patients_per_site`` training patients (plan for the
-    smallest site). The expected Dice ratio is the nearest measurement of
-    :data:`medfed.api.measured_utility.MEASURED`, an estimate.
+    The ``dp-fedadam-cosine`` preset: every round one full-batch DP-SGD step at each site
+    (sample rate 1, batch = the site's training patients), FedAdam on the aggregate with its
+    rate decaying along a cosine, and the noise planned so that ``rounds`` rounds (the preset's
+    160 by default) spend at most ``target_epsilon`` at a site with ``patients_per_site``
+    training patients (plan for the smallest site). The expected Dice ratio is the nearest
+    measurement of :data:`medfed.api.measured_utility.MEASURED` (:func:`expected_ratio`), an
+    estimate.
     """
-    from medfed.api.measured_utility import nearest_measurement
     from medfed.config.strategy import PRESETS
 
     _check_count("patients_per_site", patients_per_site, "the smallest site's training patients")
@@ -238,21 +248,6 @@ def recommend_recipe(
         delta=delta,
         accountant=accountant,
     )
-    found = nearest_measurement(
-        patients_per_site=patients_per_site, epsilon=target_epsilon, recipe=RECOMMENDED_PRESET
-    )
-    estimate = None
-    if found is not None:
-        row, distance = found
-        estimate = DiceEstimate(
-            ratio=row.ratio,
-            low=row.low,
-            high=row.high,
-            measured_at=f"{row.sites} sites x {row.patients_per_site} training patients, "
-            f"epsilon {row.epsilon:g} at delta {row.delta:g}, {row.runs} runs ({row.task})",
-            source=row.source,
-            distance=distance,
-        )
     return Recipe(
         preset=RECOMMENDED_PRESET,
         patients_per_site=patients_per_site,
@@ -281,5 +276,36 @@ def recommend_recipe(
             # the policy's default (50) refuses longer runs
             "policy.max_rounds_per_run": max(rounds, 50),
         },
-        expected_dice_ratio=estimate,
+        expected_dice_ratio=expected_ratio(
+            patients_per_site=patients_per_site, epsilon=target_epsilon
+        ),
+    )
+
+
+def expected_ratio(*, patients_per_site: int, epsilon: float) -> DiceEstimate | None:
+    """The recommended recipe's nearest measurement, or the earlier recipe's where that one is
+    measured nearer to the setting and the recommended one has nothing near it."""
+    from medfed.api.measured_utility import nearest_measurement
+
+    found = nearest_measurement(
+        patients_per_site=patients_per_site, epsilon=epsilon, recipe=RECOMMENDED_PRESET
+    )
+    if found is None or found[1] > NEAR:
+        earlier = nearest_measurement(
+            patients_per_site=patients_per_site, epsilon=epsilon, recipe=EARLIER_PRESET
+        )
+        if earlier is not None and (found is None or earlier[1] < found[1]):
+            found = earlier
+    if found is None:
+        return None
+    row, distance = found
+    return DiceEstimate(
+        ratio=row.ratio,
+        low=row.low,
+        high=row.high,
+        measured_at=f"{row.sites} sites x {row.patients_per_site} training patients, "
+        f"epsilon {row.epsilon:g} at delta {row.delta:g}, {row.runs} runs ({row.task})",
+        source=row.source,
+        distance=distance,
+        recipe=row.recipe,
     )

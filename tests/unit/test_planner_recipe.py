@@ -1,4 +1,4 @@
-"""The planner's recipe: the one-step preset planned for a federation's sizes and cap."""
+"""The planner's recipe: the cosine one-step preset planned for a federation's sizes and cap."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from medfed.api.measured_utility import MEASURED, nearest_measurement
+from medfed.api.measured_utility import MEASURED, MeasuredRatio, nearest_measurement
 from medfed.api.planner import plan_epsilon, recommend_recipe
 from medfed.cli.app import app
 from medfed.config.run import RunSettings, parse_run_settings
@@ -20,18 +20,19 @@ runner = CliRunner()
 
 def test_the_recipe_plans_full_batch_one_step_rounds_within_the_cap() -> None:
     recipe = recommend_recipe(patients_per_site=19, sites=3, target_epsilon=8.0)
-    assert (recipe.preset, recipe.rounds, recipe.local_epochs) == ("dp-fedadam-one-step", 80, 1)
+    assert (recipe.preset, recipe.rounds, recipe.local_epochs) == ("dp-fedadam-cosine", 160, 1)
     assert (recipe.sample_rate, recipe.batch_size, recipe.steps_per_round) == (1.0, 19, 1)
-    # 80 unsampled Gaussian steps, as the sites' ledgers will record them
-    history = [DPSteps(noise_multiplier=recipe.noise_multiplier, sample_rate=1.0, steps=80)]
+    # 160 unsampled Gaussian steps, as the sites' ledgers will record them
+    history = [DPSteps(noise_multiplier=recipe.noise_multiplier, sample_rate=1.0, steps=160)]
     spent = compute_epsilon(history=history, delta=1e-5, accountant="rdp")
     assert spent == pytest.approx(recipe.epsilon, rel=1e-12)
     assert 8.0 - 0.01 <= spent <= 8.0
-    # benchmarks/README.md planned 5.71 (rounded up) for the same run
-    assert recipe.noise_multiplier == pytest.approx(5.70, abs=0.01)
+    # benchmarks/README.md planned 8.07 (rounded up) for the same run
+    assert recipe.noise_multiplier == pytest.approx(8.07, abs=0.01)
     # the run settings it prints are valid and expand to the preset
     settings = parse_run_settings({"run_name": "study", **recipe.run_settings})
-    assert settings.strategy.name == "fedadam" and settings.rounds == 80
+    assert settings.strategy.name == "fedadam" and settings.rounds == 160
+    assert settings.strategy.server_lr_schedule == "cosine"
     assert settings.noise_multiplier == recipe.noise_multiplier
     assert recipe.site_settings["training.optimizer"] == "sgd"
 
@@ -54,9 +55,17 @@ def test_fewer_rounds_need_less_noise_for_the_same_cap() -> None:
 def test_the_expected_ratio_is_the_nearest_measurement_and_says_how_near() -> None:
     near = recommend_recipe(patients_per_site=19, sites=3, target_epsilon=8.0)
     far = recommend_recipe(patients_per_site=1000, sites=10, target_epsilon=2.0)
+
+    def row(recipe: str, patients: int, epsilon: float) -> MeasuredRatio:
+        return next(
+            m
+            for m in MEASURED
+            if (m.recipe, m.patients_per_site, m.epsilon) == (recipe, patients, epsilon)
+        )
+
     nearest = [
-        (near, next(m for m in MEASURED if (m.patients_per_site, m.epsilon) == (19, 8.0))),
-        (far, next(m for m in MEASURED if (m.patients_per_site, m.epsilon) == (154, 2.0))),
+        (near, row("dp-fedadam-cosine", 19, 8.0)),
+        (far, row("dp-fedadam-one-step", 154, 2.0)),
     ]
     for recipe, measured in nearest:
         estimate = recipe.expected_dice_ratio
@@ -70,7 +79,11 @@ def test_the_expected_ratio_is_the_nearest_measurement_and_says_how_near() -> No
         assert estimate.note.startswith("an estimate")
     assert near.expected_dice_ratio is not None and far.expected_dice_ratio is not None
     assert near.expected_dice_ratio.distance == 0
+    assert near.expected_dice_ratio.recipe == "dp-fedadam-cosine"
     assert "no measurement near" in far.expected_dice_ratio.note
+    # measured with the constant-rate recipe only: the estimate says so
+    assert far.expected_dice_ratio.recipe == "dp-fedadam-one-step"
+    assert "earlier recipe dp-fedadam-one-step" in far.expected_dice_ratio.note
     assert nearest_measurement(patients_per_site=19, epsilon=8, recipe="other") is None
 
 
@@ -88,13 +101,13 @@ def test_privacy_plan_prints_the_recipe_labelled_as_an_estimate() -> None:
     assert result.exit_code == 0, result.output
     out = result.output
     for text in (
-        "dp-fedadam-one-step",
-        "noise multiplier  5.70",
+        "dp-fedadam-cosine",
+        "noise multiplier  8.06",
         "sample rate       1",
-        "rounds            80",
+        "rounds            160",
         "local steps       1 per round",
         "expected Dice ratio (ESTIMATE",
-        "0.79",
+        "0.84 (measured 0.73-0.89)",
         "source: benchmarks/README.md",
     ):
         assert text in out, text
@@ -119,6 +132,7 @@ def test_privacy_plan_prints_the_recipe_labelled_as_an_estimate() -> None:
     assert (data["rounds"], data["sample_rate"], data["batch_size"]) == (30, 1.0, 40)
     # the nearest measurement: 38 training patients per site at epsilon 2
     assert data["epsilon"] <= 3.0 and data["expected_dice_ratio"]["estimate"] == 0.721
+    assert data["expected_dice_ratio"]["recipe"] == "dp-fedadam-one-step"
 
 
 def test_medfed_run_keeps_a_settings_file_preset_unless_a_flag_overrides_it(

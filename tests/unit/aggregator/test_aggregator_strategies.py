@@ -85,6 +85,10 @@ def test_fedprox_settings_carry_mu_to_sites() -> None:
         {"name": "fedadam", "beta1": 1.0},
         {"name": "fedadam", "tau": 0.0},
         {"name": "trimmed_mean", "trim_fraction": 0.5},
+        {"name": "fedavg", "server_lr_schedule": "cosine"},  # fedavg has no server rate
+        {"name": "fedadam", "server_lr_schedule": "step"},
+        {"name": "fedadam", "server_lr_schedule": "cosine", "server_lr_final": 0.0},
+        {"name": "fedadam", "server_lr_schedule": "cosine", "server_lr_final": 1.5},
     ],
 )
 def test_bad_settings_refused(raw: dict[str, object]) -> None:
@@ -119,6 +123,37 @@ def test_fedadam_first_step_by_hand() -> None:
     # The earlier state is a value: stepping did not change it.
     assert state.step == 1
     np.testing.assert_allclose(state.m["w"], [0.05, -0.05], rtol=1e-12)
+
+
+def test_cosine_server_rate_by_hand() -> None:
+    # eta_t = eta * (f + (1 - f) * (1 + cos(pi * (t - 1) / (T - 1))) / 2), f = 0.1, T = 5
+    settings = StrategySettings(
+        name="fedadam", server_lr=0.05, server_lr_schedule="cosine", server_lr_final=0.1
+    )
+    rates = [settings.server_lr_at(round=t, rounds=5) for t in range(1, 6)]
+    expected = [0.05, 0.05 * (0.1 + 0.9 * (1 + 0.5**0.5) / 2), 0.0275, None, 0.005]
+    expected[3] = 0.05 * (0.1 + 0.9 * (1 - 0.5**0.5) / 2)
+    np.testing.assert_allclose(rates, expected, rtol=1e-12)
+    # rounds past the planned end (a run extended) stay at the final rate
+    assert settings.server_lr_at(round=9, rounds=5) == pytest.approx(0.005)
+    constant = StrategySettings(name="fedadam", server_lr=0.05)
+    assert {constant.server_lr_at(round=t, rounds=5) for t in range(1, 6)} == {0.05}
+
+
+def test_a_scheduled_round_steps_at_its_rate() -> None:
+    settings = StrategySettings(
+        name="fedadam", server_lr=0.1, server_lr_schedule="cosine", server_lr_final=0.2
+    )
+    updates = [update("a", 1, w=[0.0, 3.0]), update("b", 1, w=[1.0, 2.0])]
+    first = aggregate(settings=settings, state=None, global_weights=GLOBAL, updates=updates)
+    last = aggregate(
+        settings=settings, state=None, global_weights=GLOBAL, updates=updates, round=4, rounds=4
+    )
+    # the hand-worked step of test_fedadam_first_step_by_hand (tau 1e-3 here): 0.1 * 0.05 /
+    # (0.05 + 0.001) at round 1, a fifth of it at the last round
+    step = 0.1 * 0.05 / (0.05 + 1e-3)
+    np.testing.assert_allclose(first.weights["w"], [1 - step, 2 + step], rtol=1e-6)
+    np.testing.assert_allclose(last.weights["w"], [1 - step / 5, 2 + step / 5], rtol=1e-6)
 
 
 def test_fedadam_no_change_when_sites_agree_with_global() -> None:

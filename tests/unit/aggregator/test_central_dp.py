@@ -135,6 +135,36 @@ def test_fedadam_steps_on_the_noisy_mean(tmp_path: Path) -> None:
     assert result.state is not None and result.state.step == state.step == 1
 
 
+@pytest.mark.parametrize("central_dp", [None, DP])
+def test_a_rounds_aggregation_steps_at_its_scheduled_server_rate(
+    tmp_path: Path, central_dp: dict[str, float] | None
+) -> None:
+    base = _global()
+    settings = StrategySettings(
+        name="fedadam", server_lr=0.05, server_lr_schedule="cosine", central_dp=central_dp
+    )
+    floating = ("conv.weight", "conv.bias")
+    moves = []
+    for round_index in (1, 10):
+        aggregation = round_aggregation(
+            settings=settings,
+            global_weights=base,
+            cohort=2,
+            ledger=SiteLevelLedger(path=tmp_path / f"ledger-{round_index}.jsonl"),
+            run_name="study",
+            round=round_index,
+            rounds=10,
+        )
+        if central_dp is not None:
+            aggregation._noise = _zeros  # the step's size, not the noise, is under test
+        for update in (_update("a", base, 0.2, 1), _update("b", base, 0.2, 2)):
+            aggregation.add(update=update)
+        weights = aggregation.finish(state=None).weights
+        moves.append(np.concatenate([(weights[k] - base[k]).ravel() for k in floating]))
+    # the same first step, at a tenth of the rate in the run's last round
+    np.testing.assert_allclose(moves[1], moves[0] / 10, rtol=1e-4, atol=1e-7)
+
+
 def test_the_noise_has_the_standard_deviation_of_the_mechanism(tmp_path: Path) -> None:
     # Every site returns the global model: what the aggregate moves is the noise alone, whose
     # standard deviation must be z * C / cohort on every coordinate.
@@ -270,6 +300,7 @@ def test_round_aggregation_wraps_only_when_central_dp_is_asked(tmp_path: Path) -
         ledger=None,
         run_name="study",
         round=1,
+        rounds=1,
     )
     assert type(plain) is RoundAggregation
     with pytest.raises(ConfigError, match="site-level ledger"):
@@ -280,6 +311,7 @@ def test_round_aggregation_wraps_only_when_central_dp_is_asked(tmp_path: Path) -
             ledger=None,
             run_name="study",
             round=1,
+            rounds=1,
         )
     aggregation = _aggregation(tmp_path, StrategySettings(central_dp=DP), cohort=1)
     aggregation.add(update=_update("a", base, 0.1, 1))

@@ -27,6 +27,22 @@ def test_the_one_step_preset_expands_to_the_measured_settings() -> None:
     assert RunSettings.from_json(settings.to_json()) == settings
 
 
+def test_the_cosine_preset_expands_to_its_schedule_over_its_rounds() -> None:
+    settings = RunSettings(run_name="study", strategy={"preset": "dp-fedadam-cosine"})
+    strategy = settings.strategy
+    assert (strategy.name, strategy.server_lr, strategy.server_lr_schedule) == (
+        "fedadam",
+        0.05,
+        "cosine",
+    )
+    assert (settings.rounds, settings.local_epochs, settings.max_grad_norm) == (160, 1, 0.5)
+    # from 0.05 at the first round to a tenth of it at the last
+    rates = [strategy.server_lr_at(round=r, rounds=settings.rounds) for r in (1, 80, 160)]
+    assert rates[0] == 0.05 and rates[2] == pytest.approx(0.005)
+    assert 0.005 < rates[1] < 0.05
+    assert RunSettings.from_json(settings.to_json()) == settings
+
+
 def test_what_a_run_names_beside_the_preset_wins() -> None:
     settings = parse_run_settings(
         {
