@@ -156,17 +156,27 @@ class Preset(BaseModel):
     source: str
 
 
+#: What each site of a one-step recipe sets: one full-batch plain SGD step per round.
+_ONE_FULL_BATCH_SGD_STEP: Final = {
+    "training.optimizer": "sgd",
+    "training.batch_size": "at least the site's training patients (sample rate 1)",
+}
+_ONE_STEP_FEDADAM: Final = {
+    "name": "fedadam",
+    "server_lr": 0.05,
+    "beta1": 0.9,
+    "beta2": 0.99,
+    "tau": 1e-3,
+}
+
 PRESETS: Final[Mapping[str, Preset]] = {
     "dp-fedadam-one-step": Preset(
         # benchmarks/README.md, "Utility", row 16 of "How the settings were found" (the
         # benchmark's defaults): 80 rounds of one full-batch DP-SGD step with plain SGD at
         # rate 1.0 and clip 0.5 at each site, FedAdam at server rate 0.05 on the aggregate.
-        strategy={"name": "fedadam", "server_lr": 0.05, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3},
+        strategy=_ONE_STEP_FEDADAM,
         run={"rounds": 80, "local_epochs": 1, "learning_rate": 1.0, "max_grad_norm": 0.5},
-        site={
-            "training.optimizer": "sgd",
-            "training.batch_size": "at least the site's training patients (sample rate 1)",
-        },
+        site=_ONE_FULL_BATCH_SGD_STEP,
         source="benchmarks/README.md, Utility: federated DP / centralised Dice 0.68-0.85 "
         "(mean 0.79 over 11 runs) at epsilon 8, 3 sites x 19 training patients at 32^3",
     ),
@@ -175,19 +185,12 @@ PRESETS: Final[Mapping[str, Preset]] = {
         # FedAdam's server rate decaying along a cosine to a tenth of itself, over 160 rounds
         # (the schedule lets more, noisier rounds help, where a constant rate lost at 120).
         strategy={
-            "name": "fedadam",
-            "server_lr": 0.05,
-            "beta1": 0.9,
-            "beta2": 0.99,
-            "tau": 1e-3,
+            **_ONE_STEP_FEDADAM,
             "server_lr_schedule": "cosine",
             "server_lr_final": 0.1,
         },
         run={"rounds": 160, "local_epochs": 1, "learning_rate": 1.0, "max_grad_norm": 0.5},
-        site={
-            "training.optimizer": "sgd",
-            "training.batch_size": "at least the site's training patients (sample rate 1)",
-        },
+        site=_ONE_FULL_BATCH_SGD_STEP,
         source="benchmarks/README.md, Utility: federated DP / centralised Dice 0.73-0.89 "
         "(mean 0.845 over 6 runs) at epsilon 8, 3 sites x 19 training patients at 32^3",
     ),
