@@ -158,6 +158,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--runs and --augmentation-multiplicity must be at least 1")
     if args.distributed_noise and (args.local_epochs != 1 or args.sites < 2):
         parser.error("--distributed-noise takes one local epoch and at least 2 sites")
+    if args.server_lr_schedule != "constant" and args.strategy != "fedadam":
+        parser.error("--server-lr-schedule sets FedAdam's server rate: use --strategy fedadam")
     return args
 
 
@@ -170,7 +172,7 @@ def recipe(args: argparse.Namespace) -> str:
         parts.append("adaptive-clip")
     if args.distributed_noise:
         parts.append(f"distributed-noise-{args.sites}")
-    if args.strategy == "fedadam" and args.server_lr_schedule != "constant":
+    if args.server_lr_schedule != "constant":
         parts.append(f"{args.server_lr_schedule}-server-lr-{args.server_lr_final:g}")
     return "+".join(parts)
 
@@ -418,11 +420,6 @@ def report(
         f"lr {args.lr} ({args.optimizer}), clip {args.clip}, noise {noise}, "
         f"channels {args.channels}, {args.strategy}"
         + (f" (server lr {args.server_lr})" if args.strategy == "fedadam" else "")
-        + (
-            f", {args.server_lr_schedule} to {args.server_lr_final:g} of it"
-            if args.strategy == "fedadam" and args.server_lr_schedule != "constant"
-            else ""
-        )
     )
     if args.task != "shapes" or recipe(args) != "dp-sgd":
         print(f"task {args.task}, recipe {recipe(args)}, seed {args.seed}")

@@ -129,7 +129,7 @@ class DiceEstimate:
     measured_at: str  # the measured setting it comes from
     source: str
     distance: float  # from the measured setting (log2 of patients and epsilon)
-    recipe: str = RECOMMENDED_PRESET  # the recipe that was measured
+    recipe: str  # the recipe that was measured
 
     @property
     def note(self) -> str:

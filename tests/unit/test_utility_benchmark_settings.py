@@ -41,3 +41,12 @@ def test_the_cosine_flags_reach_fedadam_and_name_the_recipe() -> None:
     plain = utility.parse_args([])
     assert utility.run_settings(plain, base, 5.71).strategy.server_lr_schedule == "constant"
     assert utility.recipe(plain) == "dp-sgd"
+
+
+def test_a_schedule_without_fedadam_is_refused_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        _module().parse_args(["--strategy", "fedavg", "--server-lr-schedule", "cosine"])
+    assert stopped.value.code == 2
+    assert "use --strategy fedadam" in capsys.readouterr().err
